@@ -1,0 +1,90 @@
+"""Argument validation: the one place that raises gradtx's clear errors.
+
+Every message names the argument, the value it got and what is allowed. Checks run in
+Python at construction time; values that are only known inside ``jit`` (tracers,
+schedules, arrays injected by ``optax.inject_hyperparams``) are left alone, because a
+traced value cannot raise.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def concrete_scalar(value: Any) -> float | None:
+  """The value as a Python float if it is a concrete number, else ``None``.
+
+  Schedules (callables), tracers and non-scalar arrays give ``None``: they are checked
+  where they are evaluated, not here.
+  """
+  if isinstance(value, bool):
+    return float(value)
+  if isinstance(value, numbers.Real):
+    return float(value)
+  if isinstance(value, jax.core.Tracer) or callable(value):
+    return None
+  if isinstance(value, (np.ndarray, np.generic, jax.Array)) and np.ndim(value) == 0:
+    return float(value)
+  return None
+
+
+def check_positive(name: str, value: Any, *, allow_schedule: bool = True) -> None:
+  """``value`` > 0 (and finite) when it is a concrete number."""
+  if callable(value) and not allow_schedule:
+    raise TypeError(f"{name} must be a number, not a schedule, got {value!r}")
+  x = concrete_scalar(value)
+  if x is not None and not (x > 0 and math.isfinite(x)):
+    raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_in_interval(
+    name: str,
+    value: Any,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+  """``value`` lies in the interval ``[low, high]`` (ends open as requested)."""
+  x = concrete_scalar(value)
+  if x is None:
+    return
+  above = x > low if low_open else x >= low
+  below = x < high if high_open else x <= high
+  if not (above and below and math.isfinite(x)):
+    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    raise ValueError(f"{name} must be in {interval}, got {value!r}")
+
+
+def check_int(name: str, value: Any, *, minimum: int) -> None:
+  """``value`` is an integer (not bool) >= ``minimum``.
+
+  A 0-d integer array counts (``optax.inject_hyperparams`` passes those); a tracer is
+  left alone.
+  """
+  if isinstance(value, jax.core.Tracer):
+    return
+  is_int_array = (
+      isinstance(value, (np.ndarray, np.generic, jax.Array))
+      and np.ndim(value) == 0
+      and np.issubdtype(np.asarray(value).dtype, np.integer)
+  )
+  if isinstance(value, bool) or not (isinstance(value, numbers.Integral) or is_int_array):
+    raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
+  if int(value) < minimum:
+    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
+  """``value`` is one of ``choices``."""
+  choices = tuple(choices)
+  if value not in choices:
+    allowed = ", ".join(repr(c) for c in choices)
+    raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

@@ -1,0 +1,324 @@
+"""Layer-wise learning rates and per-path transformations, chosen by parameter path.
+
+Su's "free gradient" view (TECHNIQUES.md §5): reparametrise ``θ = λφ``. Plain SGD on φ
+moves θ by ``-λ² η ∇_θ L``, so it *is* SGD on θ with learning rate ``λ² η``; Adam and
+RMSProp divide by the gradient's scale, which cancels one λ, so Adam on φ is Adam on θ
+with learning rate ``λ η`` (eps negligible). A per-layer learning rate is therefore a
+per-leaf multiplier on the update, picked by the leaf's path — which is what
+:func:`scale_by_path` and :func:`layerwise_lr_decay` do, and :func:`by_path`
+generalises to any transformation per path (freezing, per-layer clipping, a different
+optimizer for the head).
+
+Paths are "/"-joined (see :func:`gradtx.tree_paths`); rules are ordered
+``{regex: value}``, matched with ``re.fullmatch``, first match wins. A leaf that no rule
+covers (without a default) and a rule that covers no leaf are both errors that list
+the paths, so a typo never silently leaves a layer at the wrong learning rate.
+
+References:
+  Su Jianlin, "Layer-wise learning rates and free gradients", kexue.fm/archives/6418.
+  Clark, Luong, Le, Manning, "ELECTRA: Pre-training text encoders as discriminators
+  rather than generators", ICLR 2020, arXiv:2003.10555 (layer-wise LR decay).
+  Bao, Dong, Piao, Wei, "BEiT: BERT pre-training of image transformers", ICLR 2022,
+  arXiv:2106.08254.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from gradtx import _checks, _tree
+
+_NO_DEFAULT = object()
+
+
+def path_labels(params: Any, rules: Any, *, default: Any = None) -> Any:
+  """Labels every leaf of ``params`` with the value of the first rule matching its path.
+
+  Args:
+    params: a pytree (dict, Flax linen params, ``nnx.State``, lists, NamedTuples).
+    rules: ordered ``{regex: label}`` (or a sequence of pairs); a regex must match the
+      whole "/"-joined path.
+    default: label for leaves no rule matches. ``None`` (the default) makes such leaves
+      an error.
+
+  Returns:
+    A pytree shaped like ``params`` holding the labels, ready for ``optax.partition``.
+
+  Raises:
+    ValueError: a leaf matches no rule and there is no default (the paths are listed);
+      a rule matches no leaf, or only leaves an earlier rule took (the rule is named).
+
+  Example:
+    >>> import jax.numpy as jnp, gradtx
+    >>> params = {"encoder": {"kernel": jnp.ones(2)}, "head": {"kernel": jnp.ones(2)}}
+    >>> gradtx.path_labels(params, {"encoder/.*": "body", "head/.*": "head"})
+    {'encoder': {'kernel': 'body'}, 'head': {'kernel': 'head'}}
+  """
+  labels, _, _ = _tree.map_by_rules(
+      params, rules, argname="rules", default=default, has_default=default is not None
+  )
+  return labels
+
+
+class ScaleByPathState(NamedTuple):
+  """State of :func:`scale_by_path`: the step ``count`` that drives schedule multipliers."""
+
+  count: chex.Array
+
+
+def _multiplier_value(multiplier: optax.ScalarOrSchedule, count: chex.Array) -> jax.Array:
+  return jnp.asarray(multiplier(count) if callable(multiplier) else multiplier, jnp.float32)
+
+
+def _scale_leaf(update: jax.Array, multiplier: jax.Array) -> jax.Array:
+  return (update * multiplier).astype(update.dtype)
+
+
+def scale_by_path(rules: Any, *, default: optax.ScalarOrSchedule = 1.0
+                  ) -> optax.GradientTransformation:
+  r"""Multiplies each leaf's update by a multiplier chosen by its path.
+
+  .. math:: u_\ell = m(\text{path}_\ell) \, g_\ell
+
+  Placed after the optimizer's scaling (``optax.chain(optax.adam(η), scale_by_path(...))``)
+  a multiplier ``m`` is a learning-rate multiplier: the leaf trains at ``m η``. Before
+  an adaptive optimizer it would be cancelled by the normalisation; that is why it
+  goes after. By the reparametrisation ``θ = λφ``, ``m = λ²`` under SGD and ``m = λ``
+  under Adam reproduce training φ instead of θ.
+
+  Args:
+    rules: ordered ``{regex: multiplier}``; a multiplier is a number or a schedule
+      ``count -> multiplier``.
+    default: multiplier for leaves no rule matches (1.0: leave them alone). Pass
+      ``default=None`` to make unmatched leaves an error.
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`ScaleByPathState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, gradtx
+    >>> params = {"body": jnp.ones(2), "head": jnp.ones(2)}
+    >>> tx = optax.chain(optax.sgd(1.0), gradtx.scale_by_path({"head": 10.0}))
+    >>> u, _ = tx.update(params, tx.init(params))
+    >>> u["body"].tolist(), u["head"].tolist()
+    ([-1.0, -1.0], [-10.0, -10.0])
+  """
+  compiled = _tree.compile_rules(rules, argname="rules")
+  for pattern, multiplier in compiled:
+    if not callable(multiplier) and _checks.concrete_scalar(multiplier) is None:
+      raise TypeError(
+          f"rules: the multiplier for {pattern.pattern!r} must be a number or a schedule, "
+          f"got {multiplier!r}"
+      )
+  has_default = default is not None
+
+  def multipliers_for(tree):
+    values, _, _ = _tree.map_by_rules(
+        tree, rules, argname="rules", default=_NO_DEFAULT, has_default=has_default
+    )
+    return values
+
+  def init_fn(params):
+    multipliers_for(params)  # report bad rules at init, not at the first step
+    return ScaleByPathState(count=jnp.zeros((), jnp.int32))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    per_leaf = multipliers_for(updates)
+    cache = {}
+
+    def value_of(rule_value):
+      chosen = default if rule_value is _NO_DEFAULT else rule_value
+      if id(chosen) not in cache:
+        cache[id(chosen)] = _multiplier_value(chosen, state.count)
+      return cache[id(chosen)]
+
+    scaled = jax.tree.map(
+        lambda u, m: _scale_leaf(u, value_of(m)), updates, per_leaf,
+        is_leaf=lambda x: x is _NO_DEFAULT,
+    )
+    return scaled, ScaleByPathState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def layer_depths(params: Any, *, num_layers: int, depth_rules: Any,
+                 default_depth: int | None = None) -> Any:
+  """The depth of every leaf under ``depth_rules``, as a pytree of ints.
+
+  A rule's value is the depth itself; if the regex captures a group, the captured
+  integer is *added* to it, so ``{r"encoder/layer_(\\d+)/.*": 1}`` gives 0-indexed
+  ``layer_i`` the depth ``i + 1``. Depths must lie in ``[0, num_layers + 1]``.
+
+  Example:
+    >>> import jax.numpy as jnp, gradtx
+    >>> p = {"embed": jnp.ones(1), "layer_0": jnp.ones(1), "layer_1": jnp.ones(1),
+    ...      "head": jnp.ones(1)}
+    >>> gradtx.layer_depths(p, num_layers=2,
+    ...                     depth_rules={"embed": 0, r"layer_(\\d+)": 1, "head": 3})
+    {'embed': 0, 'head': 3, 'layer_0': 1, 'layer_1': 2}
+  """
+  _checks.check_int("num_layers", num_layers, minimum=0)
+  if default_depth is not None:
+    _check_depth("default_depth", default_depth, num_layers)
+  compiled = _tree.compile_rules(depth_rules, argname="depth_rules")
+  for pattern, depth in compiled:
+    if isinstance(depth, bool) or not isinstance(depth, int):
+      raise TypeError(
+          f"depth_rules: the depth for {pattern.pattern!r} must be an int, got {depth!r}"
+      )
+  _, matches, paths = _tree.map_by_rules(
+      params, depth_rules, argname="depth_rules", has_default=default_depth is not None,
+      default_name="default_depth",
+  )
+  depths = []
+  for path, match in zip(paths, matches, strict=True):
+    if match is None:
+      depth = default_depth
+    else:
+      depth = match.value + sum(int(g) for g in match.match.groups() if g is not None)
+      _check_depth(f"depth of {path!r} (rule {match.match.re.pattern!r})", depth, num_layers)
+    depths.append(depth)
+  return jax.tree.unflatten(jax.tree.structure(params), depths)
+
+
+def _check_depth(name: str, depth: int, num_layers: int) -> None:
+  if not 0 <= depth <= num_layers + 1:
+    raise ValueError(
+        f"{name} must be in [0, num_layers + 1] = [0, {num_layers + 1}], got {depth}"
+    )
+
+
+class LayerwiseLrDecayState(NamedTuple):
+  """State of :func:`layerwise_lr_decay`: ``count`` drives a ``decay`` schedule."""
+
+  count: chex.Array
+
+
+def layerwise_lr_decay(
+    decay: optax.ScalarOrSchedule,
+    *,
+    num_layers: int,
+    depth_rules: Any,
+    default_depth: int | None = None,
+) -> optax.GradientTransformation:
+  r"""Layer-wise learning-rate decay: deeper-from-the-top layers train slower.
+
+  .. math:: u_\ell = \text{decay}^{\,(L + 1 - d_\ell)} \; g_\ell
+
+  with ``L = num_layers`` and ``d_ℓ`` the leaf's depth: embeddings 0, transformer
+  block ``i`` (0-indexed) ``i + 1``, the head ``L + 1`` (multiplier 1). Chain it after
+  the optimizer, as with :func:`scale_by_path`.
+
+  The convention is BEiT's (and the one ELECTRA's paper states): the top block gets
+  ``decay¹``. ELECTRA's released code assigns the task head depth ``L + 2`` and uses
+  the exponent ``L + 2 - d``, which leaves the top block at ``decay²`` and no layer at
+  ``decay¹`` — the off-by-one discussed in its issue tracker. To reproduce that code
+  exactly, pass ``num_layers=L + 1`` and give the head depth ``L + 2``.
+
+  Args:
+    decay: the per-layer factor (typically 0.6-0.95), a number or a schedule.
+    num_layers: L, the number of blocks between embeddings and head.
+    depth_rules: ordered ``{regex: depth}``; with a captured group the captured
+      integer is added to the depth (see :func:`layer_depths`).
+    default_depth: depth of leaves no rule matches; ``None`` makes them an error.
+      ``num_layers + 1`` treats them as part of the head (ELECTRA's choice).
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`LayerwiseLrDecayState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, gradtx
+    >>> p = {"embed": jnp.ones(1), "layer_0": jnp.ones(1), "layer_1": jnp.ones(1),
+    ...      "head": jnp.ones(1)}
+    >>> tx = gradtx.layerwise_lr_decay(0.5, num_layers=2,
+    ...     depth_rules={"embed": 0, r"layer_(\d+)": 1, "head": 3})
+    >>> u, _ = tx.update(p, tx.init(p))
+    >>> {k: float(v[0]) for k, v in u.items()}
+    {'embed': 0.125, 'head': 1.0, 'layer_0': 0.25, 'layer_1': 0.5}
+
+  References:
+    Clark et al., "ELECTRA", ICLR 2020, arXiv:2003.10555; Bao et al., "BEiT", ICLR 2022,
+    arXiv:2106.08254.
+  """
+  _checks.check_positive("decay", decay)
+  _checks.check_int("num_layers", num_layers, minimum=0)
+  # Validate the rules' form now; their fit to the params is checked at init.
+  _tree.compile_rules(depth_rules, argname="depth_rules")
+
+  def depths_for(tree):
+    return layer_depths(tree, num_layers=num_layers, depth_rules=depth_rules,
+                        default_depth=default_depth)
+
+  def init_fn(params):
+    depths_for(params)
+    return LayerwiseLrDecayState(count=jnp.zeros((), jnp.int32))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    base = _multiplier_value(decay, state.count)
+    depths = depths_for(updates)
+    scaled = jax.tree.map(
+        lambda u, d: _scale_leaf(u, base ** (num_layers + 1 - d)), updates, depths
+    )
+    return scaled, LayerwiseLrDecayState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+_DEFAULT_LABEL = "__default__"
+
+
+def by_path(rules: Any, *, default: optax.GradientTransformation | None = None
+            ) -> optax.GradientTransformation:
+  """Applies a different transformation to each group of leaves, chosen by path.
+
+  Built on ``optax.partition``: each transformation sees only its own leaves (the
+  others are ``optax.MaskedNode``) and keeps its own state.
+
+  Args:
+    rules: ordered ``{regex: GradientTransformation}``; first match wins.
+    default: the transformation for leaves no rule matches; ``None`` makes such leaves
+      an error. ``optax.identity()`` passes them through; ``optax.set_to_zero()``
+      freezes them.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` (extra args reach every inner one).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, gradtx
+    >>> params = {"body": jnp.array([3.0, 4.0]), "head": jnp.array([3.0, 4.0])}
+    >>> tx = gradtx.by_path({"body": gradtx.clip_by_global_norm(1.0),
+    ...                      "head": optax.set_to_zero()})
+    >>> u, _ = tx.update(params, tx.init(params))
+    >>> u["body"].tolist(), u["head"].tolist()
+    ([0.6000000238418579, 0.800000011920929], [0.0, 0.0])
+  """
+  compiled = _tree.compile_rules(rules, argname="rules")
+  for pattern, tx in compiled:
+    if not isinstance(tx, optax.GradientTransformation):
+      raise TypeError(
+          f"rules: the value for {pattern.pattern!r} must be an "
+          f"optax.GradientTransformation, got {type(tx).__name__}"
+      )
+  if default is not None and not isinstance(default, optax.GradientTransformation):
+    raise TypeError(
+        f"default must be an optax.GradientTransformation or None, got {default!r}"
+    )
+  # Labels are rule positions, so two rules may share a regex-equal transformation.
+  labels = [f"rule_{i}:{pattern.pattern}" for i, (pattern, _) in enumerate(compiled)]
+  transforms = {label: tx for label, (_, tx) in zip(labels, compiled, strict=True)}
+  labels_of_rules = [(p.pattern, lab) for (p, _), lab in zip(compiled, labels, strict=True)]
+  if default is not None:
+    transforms[_DEFAULT_LABEL] = default
+
+  def labels_for(tree):
+    return path_labels(tree, labels_of_rules,
+                       default=_DEFAULT_LABEL if default is not None else None)
+
+  return optax.partition(transforms, labels_for)
