@@ -88,7 +88,8 @@ def compile_rules(rules: Any, *, argname: str) -> list[tuple[re.Pattern, Any]]:
   if isinstance(rules, Mapping):
     items = list(rules.items())
   elif isinstance(rules, Sequence) and not isinstance(rules, str) and all(
-      isinstance(item, Sequence) and len(item) == 2 for item in rules
+      isinstance(item, Sequence) and not isinstance(item, str) and len(item) == 2
+      for item in rules
   ):
     items = [tuple(item) for item in rules]
   else:

@@ -14,7 +14,8 @@ Every state carries the pre-clip ``grad_norm`` and the applied ``clip_scale`` fo
 logging (``optax.tree_utils.tree_get(state, "grad_norm")``).
 
 NaN/inf gradients: the norm is NaN/inf, the returned updates are NaN (the fault
-propagates visibly, it is never hidden), ``grad_norm`` records the non-finite value,
+propagates visibly, it is never hidden; per-leaf clipping marks only the faulty
+leaves), ``grad_norm`` records the non-finite value,
 and the adaptive rules do *not* record it in their statistics, so one bad step never
 poisons later thresholds.
 
@@ -72,12 +73,15 @@ def clip_scale(norm: jax.Array, max_norm: jax.Array, mode: str) -> jax.Array:
   """The factor that clipping multiplies a gradient of norm ``norm`` by.
 
   hard: ``γ / max(‖g‖, γ)`` (= ``min(1, γ/‖g‖)``, written so that ‖g‖ = 0 gives 1 with
-  finite derivatives); soft: ``γ / (‖g‖ + γ)``.
+  finite derivatives); soft: ``γ / (‖g‖ + γ)``. ``‖g‖ = γ = 0`` (a zero gradient under
+  AutoClip's zero threshold) gives 1, not 0/0. A non-finite ``‖g‖`` gives NaN (not 0 for
+  inf), so every entry of the clipped gradient shows the fault.
   """
   max_norm = jnp.asarray(max_norm, norm.dtype)
-  if mode == "hard":
-    return max_norm / jnp.maximum(norm, max_norm)
-  return max_norm / (norm + max_norm)
+  denominator = jnp.maximum(norm, max_norm) if mode == "hard" else norm + max_norm
+  positive = denominator > 0
+  scale = jnp.where(positive, max_norm / jnp.where(positive, denominator, 1.0), 1.0)
+  return jnp.where(jnp.isfinite(norm), scale, jnp.nan)
 
 
 def _scale_tree(updates: Any, scale: Any) -> Any:
@@ -267,7 +271,7 @@ def auto_clip(
 
   As in Seetharaman et al.'s reference code, the current norm is recorded *before*
   the threshold is computed, so the first step's history is ``[‖g_1‖]``, its threshold
-  ``γ_1 = ‖g_1‖`` and it is never clipped; over the first few steps the threshold is a
+  ``γ_1 = ‖g_1‖`` and (in hard mode) it is never clipped; over the first few steps the threshold is a
   percentile of only a handful of norms. The history is a ring buffer of the last
   ``history`` finite norms (the paper keeps all of them: ``history >= num_steps``
   reproduces it exactly). Non-finite norms are not recorded.

@@ -165,6 +165,7 @@ def layer_depths(params: Any, *, num_layers: int, depth_rules: Any,
   """
   _checks.check_int("num_layers", num_layers, minimum=0)
   if default_depth is not None:
+    _checks.check_int("default_depth", default_depth, minimum=0)
     _check_depth("default_depth", default_depth, num_layers)
   compiled = _tree.compile_rules(depth_rules, argname="depth_rules")
   for pattern, depth in compiled:
@@ -181,7 +182,14 @@ def layer_depths(params: Any, *, num_layers: int, depth_rules: Any,
     if match is None:
       depth = default_depth
     else:
-      depth = match.value + sum(int(g) for g in match.match.groups() if g is not None)
+      captured = [g for g in match.match.groups() if g is not None]
+      if not all(g.isdecimal() for g in captured):
+        raise ValueError(
+            f"depth_rules: rule {match.match.re.pattern!r} captured {captured!r} from "
+            f"{path!r}; captured groups must be layer indices (digits). Use (?:...) for "
+            "groups that are not."
+        )
+      depth = match.value + sum(int(g) for g in captured)
       _check_depth(f"depth of {path!r} (rule {match.match.re.pattern!r})", depth, num_layers)
     depths.append(depth)
   return jax.tree.unflatten(jax.tree.structure(params), depths)
