@@ -195,10 +195,13 @@ def layer_depths(params: Any, *, num_layers: int, depth_rules: Any,
   return jax.tree.unflatten(jax.tree.structure(params), depths)
 
 
-def _check_depth(name: str, depth: int, num_layers: int) -> None:
+def _check_depth(name: str, depth: Any, num_layers: Any) -> None:
+  depth, num_layers = _checks.concrete_scalar(depth), _checks.concrete_scalar(num_layers)
+  if depth is None or num_layers is None:
+    return  # traced by optax.inject_hyperparams: checked at init, where it is concrete
   if not 0 <= depth <= num_layers + 1:
     raise ValueError(
-        f"{name} must be in [0, num_layers + 1] = [0, {num_layers + 1}], got {depth}"
+        f"{name} must be in [0, num_layers + 1] = [0, {num_layers + 1:g}], got {depth:g}"
     )
 
 

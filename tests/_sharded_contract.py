@@ -1,0 +1,76 @@
+"""Sharded part of ``test_contract.py``: every entry with params sharded over 4 CPU devices.
+
+Run as ``python tests/_sharded_contract.py`` (``test_contract.py`` does, once per session):
+``XLA_FLAGS=--xla_force_host_platform_device_count=4`` must be set before jax is
+imported, so this needs a process of its own. For every entry of
+``test_contract.TRANSFORMATIONS`` it runs jitted steps of ``optax.chain(tx, optax.sgd)``
+on params and gradients sharded along their leading dim over a 4-device mesh and on
+unsharded ones, and prints one JSON line ``{"name", "ok", "error"}``: the updates must
+agree (rtol 1e-6) and keep the params' sharding.
+"""
+
+import importlib.util
+import json
+import os
+import sys
+import traceback
+
+
+def _load_contract():
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_contract.py")
+  spec = importlib.util.spec_from_file_location("_gradtx_test_contract", path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up here
+  spec.loader.exec_module(module)
+  return module
+
+
+def _check_entry(contract, entry, mesh):
+  import jax
+  import optax
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  tx = optax.chain(entry.make(), optax.sgd(contract.LR))
+  step = jax.jit(contract.make_step(tx))
+  params = contract.params_tree()
+  shardings = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec("data")), params)
+  sharded = jax.device_put(params, shardings)
+  for x in jax.tree.leaves(sharded):
+    assert len(x.sharding.device_set) == 4 and not x.is_fully_replicated, x.sharding
+  init = jax.jit(tx.init)
+  p, s, reference = params, init(params), []
+  for _ in range(3):
+    p, s, u = step(p, s)
+    reference.append(u)
+  with jax.set_mesh(mesh):  # the state's scalars live on the mesh: no second compile
+    ps, ss = sharded, init(sharded)
+    for i, u in enumerate(reference):
+      ps, ss, us = step(ps, ss)
+      contract.assert_trees_close(us, u, rtol=1e-6, atol=1e-7, msg=f"updates, step {i}")
+      for name, leaf in us.items():
+        assert leaf.sharding.is_equivalent_to(shardings[name], leaf.ndim), (
+            f"step {i}: update {name!r} has sharding {leaf.sharding}, params "
+            f"{shardings[name]}")
+  contract.assert_trees_close(ps, p, rtol=1e-6, atol=1e-7, msg="params after 3 steps")
+
+
+def main():
+  flag = "--xla_force_host_platform_device_count=4"
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  contract = _load_contract()
+  import jax
+
+  assert jax.device_count() == 4, jax.devices()
+  mesh = jax.make_mesh((4,), ("data",))
+  for entry in contract.TRANSFORMATIONS:
+    try:
+      _check_entry(contract, entry, mesh)
+      record = {"name": entry.name, "ok": True, "error": ""}
+    except Exception:  # noqa: BLE001 - reported per entry to the pytest side
+      record = {"name": entry.name, "ok": False, "error": traceback.format_exc()}
+    print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+  main()
