@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
@@ -99,9 +100,26 @@ class MLP(nn.Module):
 MLP_DEPTH_RULES = {"params/embed/.*": 0, r"params/layer_(\d+)/.*": 1, "params/head/.*": 4}
 
 
-def init_params(model: nn.Module, keys: jax.Array) -> Any:
-  """One set of parameters per key, stacked along a leading axis."""
+# The programs here are tiny: LLVM's optimisation passes cost far more than they save
+# (initialisers and PRNG code compile ~10x faster without them); the runs are short.
+_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
+def run_compiled(fn: Callable, *args: Any) -> Any:
+  """``jax.jit(fn)(*args)``, compiled with XLA's backend optimisations off."""
+  return jax.jit(fn, compiler_options=_COMPILER_OPTIONS)(*args)
+
+
+def _init_params(model: nn.Module, keys: jax.Array) -> Any:
   return jax.vmap(lambda k: model.init(k, jnp.zeros((1, 64), jnp.float32)))(keys)
+
+
+_init_params_jit = jax.jit(_init_params, static_argnums=0, compiler_options=_COMPILER_OPTIONS)
+
+
+def init_params(model: nn.Module, keys: jax.Array) -> Any:
+  """One set of parameters per key, stacked along a leading axis (compiled once per model)."""
+  return _init_params_jit(model, keys)
 
 
 # --------------------------------------------------------------------------------------
@@ -122,6 +140,7 @@ class Runs:
     train_loss: ``[R]`` full-batch loss on each run's training set after the last step.
     test_acc: ``[R]`` accuracy on the test split after the last step.
     params: the final parameters, stacked over runs.
+    test_curve: ``[R, steps]`` test accuracy after every step (``track_test=True``).
   """
 
   loss: np.ndarray
@@ -130,6 +149,7 @@ class Runs:
   train_loss: np.ndarray
   test_acc: np.ndarray
   params: Any
+  test_curve: np.ndarray | None = None
 
   def clipped(self) -> np.ndarray:
     """``[R, steps]`` bool: the steps whose gradient was scaled down by clipping."""
@@ -154,6 +174,24 @@ def min_clip_scale(opt_state: Any) -> jax.Array:
   return jnp.min(jnp.stack(scales)).astype(jnp.float32)
 
 
+def _accuracy(apply_fn: Callable, params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
+  return jnp.mean(jnp.argmax(apply_fn(params, x), -1) == y)
+
+
+def _evaluate(apply_fn: Callable, params: Any, x: jax.Array, y: jax.Array, x_test: jax.Array,
+              y_test: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per run: full-batch training loss and test accuracy (runs on the leading axis)."""
+
+  def one(p, x, y):
+    return _cross_entropy(apply_fn, p, x, y), _accuracy(apply_fn, p, x_test, y_test)
+
+  return jax.vmap(one)(params, x, y)
+
+
+# Compiled once per model (``apply_fn`` is static), shared by every transformation.
+_evaluate_jit = jax.jit(_evaluate, static_argnums=0, compiler_options=_COMPILER_OPTIONS)
+
+
 def train(
     apply_fn: Callable,
     tx: optax.GradientTransformation,
@@ -166,6 +204,7 @@ def train(
     train_idx: Any = None,
     spike_factor: Any = None,
     spike_every: int = 0,
+    track_test: bool = False,
 ) -> Runs:
   """Trains ``R`` runs of one transformation in a single jit-compiled program.
 
@@ -185,58 +224,64 @@ def train(
     spike_factor: ``[R]`` gradient multipliers injected every ``spike_every`` steps
       (steps ``spike_every - 1``, ``2 * spike_every - 1``, ...); 1 means no spikes.
     spike_every: spike period; 0 disables spikes.
+    track_test: also record the test accuracy after every step (costs a test-set
+      forward pass per step).
 
   Returns:
     :class:`Runs` with numpy arrays.
   """
   num_runs = keys.shape[0]
   if train_idx is None:
-    train_idx = jnp.arange(data.x_train.shape[0])
-  train_idx = jnp.broadcast_to(jnp.asarray(train_idx, jnp.int32),
-                               (num_runs, jnp.shape(train_idx)[-1]))
+    train_idx = np.arange(data.x_train.shape[0])
+  train_idx = np.broadcast_to(np.asarray(train_idx), (num_runs, np.shape(train_idx)[-1]))
+  x = jnp.asarray(np.asarray(data.x_train)[train_idx])
+  y = jnp.asarray(np.asarray(data.y_train)[train_idx])
   if spike_factor is None:
-    spike_factor = jnp.ones((num_runs,), jnp.float32)
+    spike_factor = np.ones((num_runs,), np.float32)
   spike_factor = jnp.asarray(spike_factor, jnp.float32)
   loss_fn = lambda p, x, y: _cross_entropy(apply_fn, p, x, y)
 
-  def one_run(params, key, idx, factor):
-    x, y = data.x_train[idx], data.y_train[idx]
-
+  def one_run(params, key, x, y, factor):
     def step(carry, inputs):
       params, opt_state = carry
       t, step_key = inputs
-      batch = jax.random.randint(step_key, (batch_size,), 0, idx.shape[0])
+      batch = jax.random.randint(step_key, (batch_size,), 0, x.shape[0])
       loss, grads = jax.value_and_grad(loss_fn)(params, x[batch], y[batch])
       if spike_every:
-        spike = (t + 1) % spike_every == 0
-        scale = jnp.where(spike, factor, 1.0)
+        scale = jnp.where((t + 1) % spike_every == 0, factor, 1.0)
         grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
       grad_norm = gradtx.global_norm(grads)
       updates, opt_state = tx.update(grads, opt_state, params)
       params = optax.apply_updates(params, updates)
-      return (params, opt_state), (loss, grad_norm, min_clip_scale(opt_state))
+      logs = (loss, grad_norm, min_clip_scale(opt_state))
+      if track_test:
+        logs += (_accuracy(apply_fn, params, data.x_test, data.y_test),)
+      return (params, opt_state), logs
 
     inputs = (jnp.arange(steps), jax.random.split(key, steps))
-    (params, _), (loss, grad_norm, clip) = jax.lax.scan(step, (params, tx.init(params)), inputs)
-    train_loss = loss_fn(params, x, y)
-    test_acc = jnp.mean(jnp.argmax(apply_fn(params, data.x_test), -1) == data.y_test)
-    return loss, grad_norm, clip, train_loss, test_acc, params
+    (params, _), logs = jax.lax.scan(step, (params, tx.init(params)), inputs)
+    return params, logs
 
-  out = jax.device_get(jax.jit(jax.vmap(one_run))(params, keys, train_idx, spike_factor))
-  return Runs(*(np.asarray(a) for a in out[:5]), params=out[5])
+  args = (params, keys, x, y, spike_factor)
+  params, logs = run_compiled(jax.vmap(one_run), *args)
+  train_loss, test_acc = _evaluate_jit(apply_fn, params, x, y, data.x_test, data.y_test)
+  logs, train_loss, test_acc = jax.device_get((logs, train_loss, test_acc))
+  loss, grad_norm, clip = (np.asarray(a) for a in logs[:3])
+  test_curve = np.asarray(logs[3]) if track_test else None
+  return Runs(loss, grad_norm, clip, np.asarray(train_loss), np.asarray(test_acc), params,
+              test_curve)
 
 
 # --------------------------------------------------------------------------------------
 # Parts: registry, results, context
 # --------------------------------------------------------------------------------------
 
-
 _SPIKE_EVERY = 50
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Sizes of the tour; ``quick`` shrinks every part to run in under a minute."""
+  """Sizes of the tour; ``quick`` shrinks every part to run in well under a minute."""
 
   quick: bool = False
   seeds: int = 3
@@ -245,22 +290,23 @@ class Config:
   finetune_steps: int = 400
   batch_size: int = 64
   spike_every: int = _SPIKE_EVERY
+  optimizers: tuple[str, ...] = ("sgd", "adam")
 
   @classmethod
   def make(cls, quick: bool, seeds: int | None = None) -> Config:
     if quick:
       return cls(quick=True, seeds=seeds or 2, steps=300, pretrain_steps=300,
-                 finetune_steps=150)
+                 finetune_steps=150, optimizers=("sgd",))
     return cls(seeds=seeds or 3)
 
 
 @dataclasses.dataclass
 class Row:
-  """One line of a results table: means over seeds (``*_std``: their spread).
+  """One line of a results table: means over seeds (``test_acc_std``: their spread).
 
   ``clipped_steps`` is the mean number of steps with ``clip_scale < 1`` (``None`` when
   the transformation has no ``clip_scale``); ``clean`` says whether the run saw only
-  the plain task (no injected faults), ``chance`` is the accuracy of guessing.
+  the plain task (no injected faults); ``chance`` is the accuracy of guessing.
   ``extras`` are more columns, shown in the part's own table in ``report.md``.
   """
 
@@ -278,18 +324,25 @@ class Row:
 
 @dataclasses.dataclass
 class Panel:
-  """One axes of a figure: named curves over steps (``[steps]`` arrays)."""
+  """One axes of a figure: named curves, over steps unless ``x`` is given."""
 
   title: str
   curves: dict[str, np.ndarray]
   ylabel: str = "loss"
   logy: bool = True
   vlines: Sequence[float] = ()
+  x: Sequence[float] | None = None
+  xlabel: str = "step"
+  xticklabels: Sequence[str] | None = None
+  ymax: float | None = None
 
 
 @dataclasses.dataclass
 class Figure:
-  """A PNG: ``name`` is the file stem; panels are laid out in a row."""
+  """A PNG: ``name`` is the file stem; panels are laid out in a row.
+
+  A label keeps its colour across the panels of a figure.
+  """
 
   name: str
   title: str
@@ -314,11 +367,11 @@ class Context:
   progress: bool = True
   part_name: str = ""
 
-  def track(self, items: Sequence[Any], unit: str = "run") -> Iterable[Any]:
+  def track(self, items: Sequence[Any]) -> Iterable[Any]:
     """``tqdm`` over the part's runs (silent with ``--no-progress``)."""
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=self.part_name, unit=unit, disable=not self.progress,
+    return tqdm(items, desc=self.part_name, unit="run", disable=not self.progress,
                 leave=False)
 
 
@@ -386,28 +439,47 @@ def smooth(curve: np.ndarray, window: int) -> np.ndarray:
   return (cumsum[idx] - cumsum[start]) / (idx - start)
 
 
-def _loss_curve(runs: Runs, sel: Any, steps: int) -> np.ndarray:
-  """The minibatch loss averaged over the selected runs, smoothed over ~2% of the steps."""
-  return smooth(np.mean(runs.loss[sel], axis=0), max(1, steps // 50))
+def _mean_curve(curves: np.ndarray, sel: Any = slice(None)) -> np.ndarray:
+  """A ``[R, steps]`` log averaged over the selected runs, smoothed over 2% of the steps."""
+  curves = np.asarray(curves)[sel]
+  return smooth(np.mean(curves, axis=0), max(1, curves.shape[-1] // 50))
 
 
 # --------------------------------------------------------------------------------------
 # Part: layer-wise learning rates
 # --------------------------------------------------------------------------------------
 
-_LAYERWISE_ABOUT = """
-Su's "free gradient" view: reparametrising ``θ = λφ`` turns Adam's learning rate into
-``λη`` for that layer, so a per-layer learning rate is a per-leaf multiplier on the
-update, chosen by the parameter's path. The natural use is fine-tuning: keep what a
-pretrained body knows while a fresh head learns. Setting: an MLP (``embed``, 3 hidden
-``layer_i``, ``head``) is pretrained on 10-class digits using half of the training
-split; then a new head is fitted on a *different* task, the parity of the digit, from
-only a few labelled images per digit taken from the other half, with Adam (lr 3e-3).
-Compared: training from scratch, plain fine-tuning, ``gradtx.layerwise_lr_decay(0.5)``
-(ELECTRA/BEiT; depth rules ``params/layer_(\\d+)/.*`` by path: head ×1, layer_2 ×0.5,
-..., embed ×0.0625) and ``gradtx.scale_by_path`` (body ×0.1, head ×1; and body ×0, a
-linear probe). Test accuracy is parity accuracy on the whole test split (chance 0.5).
+_LAYERS = ("embed", "layer_0", "layer_1", "layer_2", "head")
+_SHOTS = 5  # labelled images per digit for fine-tuning
+_FINETUNE_LR = 3e-3
+
+_LAYERWISE_ABOUT = f"""
+Su's "free gradient" view: reparametrising `θ = λφ` turns Adam's learning rate into
+`λη` for that layer, so a per-layer learning rate is a per-leaf multiplier on the
+update, chosen by the parameter's path. Its classic use is fine-tuning: keep what a
+pretrained body knows while a fresh head learns. Setting: an MLP (`embed`, hidden
+`layer_0..2`, `head`, width 64) is pretrained with Adam on the 10-digit task using half
+of the training split; then a fresh head is fitted to a *different* task, the parity of
+the digit, from only {_SHOTS} labelled images per digit taken from the other half, with
+Adam (lr {_FINETUNE_LR:g}). Compared: training from scratch, plain fine-tuning,
+`gradtx.layerwise_lr_decay(0.5)` (ELECTRA/BEiT; depth by path,
+`params/layer_(\\d+)/.*` → 1 + i: head ×1, layer_2 ×0.5, layer_1 ×0.25, layer_0 ×0.125,
+embed ×0.0625) and `gradtx.scale_by_path` (body ×0.1, head ×1; and body ×0, which
+is a linear probe). Test accuracy is parity accuracy on the whole test split (chance
+0.5). The right panel shows how far each layer's kernel moved from where fine-tuning
+started, `‖W − W₀‖ / ‖W₀‖`.
 """
+
+
+def _relative_change(start: Any, end: Any) -> np.ndarray:
+  """``[R, layers]``: ‖W − W₀‖ / ‖W₀‖ of each layer's kernel."""
+  out = []
+  for layer in _LAYERS:
+    w0 = np.asarray(start["params"][layer]["kernel"])
+    w1 = np.asarray(end["params"][layer]["kernel"])
+    axes = tuple(range(1, w0.ndim))
+    out.append(np.sqrt(((w1 - w0) ** 2).sum(axes) / (w0 ** 2).sum(axes)))
+  return np.stack(out, axis=-1)
 
 
 @part("layerwise", "Layer-wise learning rates for fine-tuning", _LAYERWISE_ABOUT)
@@ -416,67 +488,70 @@ def _layerwise(ctx: Context) -> PartResult:
   model = MLP()
   n_train = int(data.x_train.shape[0])
   y_train = np.asarray(data.y_train)
-  seeds = np.arange(cfg.seeds)
-  shots = 5
-  lr = 3e-3
 
-  # Upstream half (pretraining) and downstream half (few-shot fine-tuning), per seed.
+  # Per seed: an upstream half (pretraining) and a few-shot subset of the other half.
   upstream, subsets = [], []
-  for seed in seeds:
+  for seed in range(cfg.seeds):
     rng = np.random.default_rng(1000 + seed)
     perm = rng.permutation(n_train)
     up, down = perm[: n_train // 2], perm[n_train // 2:]
     upstream.append(up)
     subsets.append(np.concatenate(
-        [rng.choice(down[y_train[down] == c], shots, replace=False) for c in range(10)]
-    ))
-  upstream, subsets = np.stack(upstream), np.stack(subsets)
+        [rng.choice(down[y_train[down] == c], _SHOTS, replace=False) for c in range(10)]))
   parity = data._replace(y_train=data.y_train % 2, y_test=data.y_test % 2)
 
   keys = jax.random.split(jax.random.key(0), (4, cfg.seeds))
-  init = init_params(model, keys[0])
   fresh = init_params(model, keys[1])
-
   body = "params/(embed|layer_.*)/.*"
+  lr = _FINETUNE_LR
   methods = [
-      ("adam, from scratch", fresh, optax.adam(lr)),
-      ("adam, fine-tune", None, optax.adam(lr)),
-      ("layerwise_lr_decay(0.5)", None, optax.chain(
+      ("adam, from scratch", optax.adam(lr)),
+      ("adam, fine-tune", optax.adam(lr)),
+      ("layerwise_lr_decay(0.5)", optax.chain(
           optax.adam(lr),
           gradtx.layerwise_lr_decay(0.5, num_layers=3, depth_rules=MLP_DEPTH_RULES))),
-      ("scale_by_path(body ×0.1)", None, optax.chain(
+      ("scale_by_path(body ×0.1)", optax.chain(
           optax.adam(lr), gradtx.scale_by_path({body: 0.1}))),
-      ("scale_by_path(body ×0): probe", None, optax.chain(
+      ("scale_by_path(body ×0): probe", optax.chain(
           optax.adam(lr), gradtx.scale_by_path({body: 0.0}))),
   ]
-  jobs = [("pretrain", None, optax.adam(1e-3))] + methods
-  rows, curves, pretrained = [], {}, None
-  for name, start, tx in ctx.track(jobs):
+  rows, losses, accs, moved = [], {}, {}, {}
+  pretrained = None
+  for name, tx in ctx.track([("pretrain", optax.adam(1e-3))] + methods):
     if name == "pretrain":
-      runs = train(model.apply, tx, init, data, steps=cfg.pretrain_steps, keys=keys[2],
-                   batch_size=cfg.batch_size, train_idx=upstream)
-      pretrained = runs.params
-      pre_acc, pre_std = _mean_std(runs.test_acc)
+      runs = train(model.apply, tx, init_params(model, keys[0]), data,
+                   steps=cfg.pretrain_steps, keys=keys[2], batch_size=cfg.batch_size,
+                   train_idx=np.stack(upstream))
+      pretrained, (pre_acc, pre_std) = runs.params, _mean_std(runs.test_acc)
       continue
-    if start is None:  # the pretrained body under a fresh head
-      start = {"params": dict(pretrained["params"], head=fresh["params"]["head"])}
+    start = fresh if "scratch" in name else {
+        "params": dict(pretrained["params"], head=fresh["params"]["head"])}
     runs = train(model.apply, tx, start, parity, steps=cfg.finetune_steps, keys=keys[3],
-                 batch_size=cfg.batch_size, train_idx=subsets)
-    rows.append(_row(name, f"parity, {shots * 10} shots", runs, chance=0.5))
-    curves[name] = _loss_curve(runs, slice(None), cfg.finetune_steps)
+                 batch_size=cfg.batch_size, train_idx=np.stack(subsets), track_test=True)
+    change = _relative_change(start, runs.params).mean(0)
+    rows.append(_row(name, f"parity, {_SHOTS * 10} shots", runs, chance=0.5, extras={
+        "Δembed": f"{change[0]:.2f}", "Δhead": f"{change[-1]:.2f}"}))
+    losses[name] = _mean_curve(runs.loss)
+    accs[name] = _mean_curve(runs.test_curve)
+    moved[name] = change
 
-  best = max(rows, key=lambda r: r.test_acc)
   scratch, plain = rows[0], rows[1]
+  best = max(rows, key=lambda r: r.test_acc)
   findings = (
-      f"Pretraining (10 digits, {upstream.shape[1]} images, {cfg.pretrain_steps} steps) "
-      f"reaches test accuracy {pre_acc:.3f} ± {pre_std:.3f}. On the few-shot parity task "
-      f"plain fine-tuning scores {plain.test_acc:.3f} against {scratch.test_acc:.3f} from "
-      f"scratch; the best is {best.technique} at {best.test_acc:.3f}. Slowing the body "
-      "down trades fit to the few labelled images (higher train loss) for keeping the "
-      "pretrained features (higher test accuracy)."
+      f"Pretraining (10 digits, {len(upstream[0])} images, {cfg.pretrain_steps} steps) "
+      f"reaches test accuracy {pre_acc:.3f} ± {pre_std:.3f}. On few-shot parity, plain "
+      f"fine-tuning scores {plain.test_acc:.3f} and training from scratch "
+      f"{scratch.test_acc:.3f}; the best is {best.technique} ({best.test_acc:.3f}). The "
+      "smaller the body's learning rate, the less its layers move (Δ columns: relative "
+      "change of the embed and head kernels) and the higher the final training loss on "
+      "the 50 images: the body's features are kept instead of fitted to the few labels."
   )
-  figure = Figure("layerwise", "Few-shot fine-tuning: minibatch loss (mean over seeds)",
-                  [Panel("fine-tuning on parity", curves)])
+  figure = Figure("layerwise", "Few-shot fine-tuning on parity (mean over seeds)", [
+      Panel("minibatch loss", losses),
+      Panel("test accuracy (parity)", accs, ylabel="accuracy", logy=False),
+      Panel("how far each layer moved", moved, ylabel="‖W − W₀‖ / ‖W₀‖", logy=False,
+            x=range(len(_LAYERS)), xlabel="layer", xticklabels=_LAYERS),
+  ])
   return PartResult(rows, [figure], findings)
 
 
@@ -485,25 +560,30 @@ def _layerwise(ctx: Context) -> PartResult:
 # --------------------------------------------------------------------------------------
 
 _CLIP_MAX_NORM = 1.0
-_NUM_LEAVES = 10  # MLP with 5 Dense layers: a kernel and a bias each.
+_NUM_LEAVES = 10  # the MLP's 5 Dense layers, a kernel and a bias each
 _SPIKE_FACTORS = {"sgd": 100.0, "adam": 1000.0}
+_OPTIMIZERS = {
+    "sgd": lambda: optax.sgd(0.05, momentum=0.9),
+    "adam": lambda: optax.adam(1e-3),
+}
 
 _CLIPPING_ABOUT = f"""
-Zhang et al. (ICLR 2020): under (L0, L1)-smoothness the best step shrinks as the gradient
-grows, ``η* = 1/(L0 + L1‖g‖)``, which is what clipping does. Setting: the MLP on the
-10-class task, trained by SGD (lr 0.05, momentum 0.9) and by Adam (lr 1e-3) with each
-clipping rule chained in front of the optimizer: none; ``gradtx.clip_by_global_norm``
-hard and soft (γ = {_CLIP_MAX_NORM}); ``gradtx.clip_by_leaf_norm`` (γ = {_CLIP_MAX_NORM}/√10
-per tensor); ``gradtx.auto_clip`` (10th percentile of all past norms) and
-``gradtx.zscore_clip`` (ZClip defaults). Every run is trained twice from the same
-initialisation and minibatches: on clean gradients, and with *injected gradient
-spikes* — every {_SPIKE_EVERY}th gradient multiplied by {_SPIKE_FACTORS["sgd"]:g} (SGD) or
-{_SPIKE_FACTORS["adam"]:g} (Adam), a stand-in for a corrupted batch or a loss spike.
-"Clipped steps" counts the steps with ``clip_scale < 1``, read from the optimizer state
-with ``optax.tree_utils``; "spike ×" is the size of a spiked step after clipping
-relative to a typical step (the median over spike steps of ``‖g‖·clip_scale`` divided
-by its median over the other steps): without clipping it is roughly the spike factor,
-a rule that neutralises spikes brings it near 1.
+Zhang et al. (ICLR 2020): under (L0, L1)-smoothness the best step shrinks as the
+gradient grows, `η* = 1/(L0 + L1‖g‖)`, which is what clipping does. Setting: the MLP
+on the 10-digit task, trained by SGD (lr 0.05, momentum 0.9) and, in full mode, by
+Adam (lr 1e-3), with each clipping rule chained in front of the optimizer: none;
+`gradtx.clip_by_global_norm` hard and soft (γ = {_CLIP_MAX_NORM:g});
+`gradtx.clip_by_leaf_norm` (γ = {_CLIP_MAX_NORM:g}/√{_NUM_LEAVES} per tensor);
+`gradtx.auto_clip` (10th percentile of all past norms) and `gradtx.zscore_clip` (ZClip
+defaults). Every run is trained twice from the same initialisation and minibatches:
+on clean gradients, and with *injected gradient spikes*: every {_SPIKE_EVERY}th gradient
+is multiplied by {_SPIKE_FACTORS["sgd"]:g} (SGD) or {_SPIKE_FACTORS["adam"]:g} (Adam),
+a stand-in for a corrupted batch. "Clipped steps" counts the steps with
+`clip_scale < 1`, read from the optimizer state with `optax.tree_utils`; "spikes
+clipped" counts the spiked steps among them; "spike ×" is how much larger a spiked
+step was than a typical one after clipping (median of `‖g‖·clip_scale` over spike steps
+divided by its median over the others): about the spike factor without clipping, near 1
+when a rule neutralises spikes.
 """
 
 
@@ -518,13 +598,16 @@ def _clip_rules(steps: int) -> list[tuple[str, optax.GradientTransformation | No
   ]
 
 
-def _spike_gain(runs: Runs, sel: Any, every: int) -> float:
-  """Median post-clip norm on spike steps over its median on the other steps."""
-  scale = np.nan_to_num(runs.clip_scale[sel], nan=1.0)
-  applied = runs.grad_norm[sel] * scale
-  spike = (np.arange(applied.shape[-1]) + 1) % every == 0
-  gains = np.median(applied[:, spike], axis=1) / np.median(applied[:, ~spike], axis=1)
-  return float(np.mean(gains))
+def _spike_stats(runs: Runs, sel: Any, every: int) -> dict[str, str]:
+  """Extras for a spiked row: spiked steps clipped, and the residual spike size."""
+  steps = runs.loss.shape[-1]
+  spike = (np.arange(steps) + 1) % every == 0
+  applied = runs.grad_norm[sel] * np.nan_to_num(runs.clip_scale[sel], nan=1.0)
+  gain = np.mean(np.median(applied[:, spike], 1) / np.median(applied[:, ~spike], 1))
+  caught = runs.clipped()[sel][:, spike].sum(-1).mean()
+  has_clip = not np.all(np.isnan(runs.clip_scale[sel]))
+  return {"spikes clipped": f"{caught:.0f}/{spike.sum()}" if has_clip else "-",
+          "spike ×": f"{gain:.3g}"}
 
 
 @part("clipping", "Gradient clipping, clean and with injected spikes", _CLIPPING_ABOUT)
@@ -533,57 +616,60 @@ def _clipping(ctx: Context) -> PartResult:
   model = MLP()
   seeds, steps, every = cfg.seeds, cfg.steps, cfg.spike_every
   keys = jax.random.split(jax.random.key(1), (2, seeds))
-  # Runs [clean seeds..., spiked seeds...]: same init and minibatches, paired.
-  init = init_params(model, jnp.concatenate([keys[0], keys[0]]))
+  # Runs are [clean seeds..., spiked seeds...]: same init and minibatches, paired.
+  init = jax.tree.map(lambda a: jnp.concatenate([a, a]), init_params(model, keys[0]))
   batch_keys = jnp.concatenate([keys[1], keys[1]])
   clean, spiked = slice(0, seeds), slice(seeds, 2 * seeds)
-  optimizers = {"sgd": lambda: optax.sgd(0.05, momentum=0.9), "adam": lambda: optax.adam(1e-3)}
 
-  jobs = [(opt, name, clip) for opt in optimizers for name, clip in _clip_rules(steps)]
-  rows, figures = [], []
-  curves = {(opt, kind): {} for opt in optimizers for kind in ("clean", "spikes", "clipped")}
+  jobs = [(opt, name, clip) for opt in cfg.optimizers for name, clip in _clip_rules(steps)]
+  rows, curves = [], {}
   for opt, name, clip in ctx.track(jobs):
-    tx = optimizers[opt]() if clip is None else optax.chain(clip, optimizers[opt]())
+    tx = _OPTIMIZERS[opt]() if clip is None else optax.chain(clip, _OPTIMIZERS[opt]())
     factor = _SPIKE_FACTORS[opt]
-    factors = jnp.concatenate([jnp.ones(seeds), jnp.full(seeds, factor)])
+    factors = np.concatenate([np.ones(seeds), np.full(seeds, factor)])
     runs = train(model.apply, tx, init, data, steps=steps, keys=batch_keys,
                  batch_size=cfg.batch_size, spike_factor=factors, spike_every=every)
-    gain = f"{_spike_gain(runs, spiked, every):.3g}"
-    rows.append(_row(name, f"{opt}, clean", runs, clean, extras={"spike ×": "-"}))
+    rows.append(_row(name, f"{opt}, clean", runs, clean))
     rows.append(_row(name, f"{opt}, spikes ×{factor:g}", runs, spiked, clean=False,
-                     extras={"spike ×": gain}))
-    curves[opt, "clean"][name] = _loss_curve(runs, clean, steps)
-    curves[opt, "spikes"][name] = _loss_curve(runs, spiked, steps)
+                     extras=_spike_stats(runs, spiked, every)))
+    curves.setdefault((opt, "clean"), {})[name] = _mean_curve(runs.loss, clean)
+    curves.setdefault((opt, "spikes"), {})[name] = _mean_curve(runs.loss, spiked)
     if clip is not None:
-      curves[opt, "clipped"][name] = np.cumsum(runs.clipped()[spiked].mean(0))
+      curves.setdefault((opt, "clipped"), {})[name] = np.cumsum(runs.clipped()[spiked].mean(0))
 
   spike_steps = [s for s in range(steps) if (s + 1) % every == 0]
-  for opt in optimizers:
+  figures, lines = [], []
+  for opt in cfg.optimizers:
+    factor = _SPIKE_FACTORS[opt]
     figures.append(Figure(f"clipping_{opt}", f"{opt}: minibatch loss (mean over seeds) and "
-                          "clipped steps", [
+                          "clipped steps; grey lines mark the spikes", [
         Panel(f"{opt}, clean gradients", curves[opt, "clean"]),
-        Panel(f"{opt}, spikes ×{_SPIKE_FACTORS[opt]:g} every {every} steps",
-              curves[opt, "spikes"], vlines=spike_steps),
+        Panel(f"{opt}, spikes ×{factor:g} every {every} steps", curves[opt, "spikes"],
+              vlines=spike_steps, ymax=20.0),
         Panel(f"{opt}, spikes: cumulative clipped steps", curves[opt, "clipped"],
               ylabel="clipped steps", logy=False, vlines=spike_steps),
     ]))
-
-  lines = []
-  for opt in optimizers:
-    by = {(r.technique, r.clean): r for r in rows if r.setting.startswith(opt)}
+    by = {(r.technique, r.clean): r for r in rows if r.setting.startswith(opt + ",")}
     base, base_clean = by["none", False], by["none", True]
-    clipped_spiked = [r for (t, c), r in by.items() if not c and t != "none"]
-    worst = max(clipped_spiked, key=lambda r: _finite(r.train_loss))
-    lines.append(
-        f"- {opt}: spikes take the unclipped run from train loss {base_clean.train_loss:.3g} "
-        f"(test acc {base_clean.test_acc:.3f}) to {base.train_loss:.3g} (test acc "
-        f"{base.test_acc:.3f}); with clipping the worst spiked run ends at "
-        f"{worst.train_loss:.3g} ({worst.technique}, test acc {worst.test_acc:.3f})."
-    )
+    clipped = [r for (t, c), r in by.items() if not c and t != "none"]
+    worst = max(clipped, key=lambda r: _finite(r.train_loss))
+    counts = ", ".join(f"{r.technique} {r.clipped_steps:.0f} ({r.extras['spikes clipped']} "
+                       "spikes)" for r in clipped)
+    lines += [
+        f"- {opt}: spikes ×{factor:g} take the unclipped run from train loss "
+        f"{_fmt_loss(base_clean.train_loss)} (test acc {base_clean.test_acc:.3f}) to "
+        f"{_fmt_loss(base.train_loss)} (test acc {base.test_acc:.3f}); with any clipping "
+        f"rule the worst spiked run ends at {_fmt_loss(worst.train_loss)} "
+        f"({worst.technique}, test acc {worst.test_acc:.3f}).",
+        f"- {opt}, clipped steps out of {steps} with spikes: {counts}.",
+    ]
   lines.append(
-      "- The fixed thresholds clip the large early gradients as well as the spikes; soft "
-      "clipping scales every step; AutoClip clips ~90% of steps by construction (10th "
-      "percentile); ZClip clips (almost) only the spikes, after its 25-step warm-up."
+      "- A fixed γ cannot tell a spike from a large gradient: it clips the large gradients "
+      "of early training, and lets through late spikes of gradients that have shrunk "
+      "(harmless here: the damaging spike is the first, early one). Soft clipping scales "
+      "every step; AutoClip clips whatever exceeds the 10th percentile of past norms (most "
+      "steps, spikes included); ZClip, after its 25-step warm-up, clips the spikes and "
+      "little else."
   )
   return PartResult(rows, figures, "\n".join(lines))
 
@@ -598,7 +684,7 @@ def _finite(x: float) -> float:
 
 
 def _fmt_loss(x: float) -> str:
-  return f"{x:.4g}" if math.isfinite(x) else "nan (diverged)"
+  return f"{x:.3g}" if math.isfinite(x) else "nan (diverged)"
 
 
 def _fmt_clipped(row: Row) -> str:
@@ -624,7 +710,7 @@ def format_table(rows: Sequence[Row], *, part_names: Sequence[str] | None = None
     cells = ([part_names[i]] if part_names else []) + [
         row.technique, row.setting, _fmt_loss(row.train_loss),
         f"{row.test_acc:.3f} ± {row.test_acc_std:.3f}", _fmt_clipped(row),
-    ] + [row.extras.get(k, "") for k in extra_keys]
+    ] + [row.extras.get(k, "-") for k in extra_keys]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -634,20 +720,32 @@ def _plot(figure: Figure, path: str) -> None:
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure as MplFigure
 
+  labels = list(dict.fromkeys(label for p in figure.panels for label in p.curves))
+  colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
   n = len(figure.panels)
   fig = MplFigure(figsize=(5.2 * n, 4.2), layout="constrained")
   FigureCanvasAgg(fig)
   axes = fig.subplots(1, n, squeeze=False)[0]
   for ax, panel in zip(axes, figure.panels, strict=True):
     for x in panel.vlines:
-      ax.axvline(x, color="0.85", lw=0.6, zorder=0)
-    for i, (label, curve) in enumerate(panel.curves.items()):
-      style = "--" if i >= 10 else "-"
-      ax.plot(np.arange(len(curve)), curve, style, lw=1.3, label=label)
+      ax.axvline(x, color="0.88", lw=0.6, zorder=0)
+    for label, curve in panel.curves.items():
+      curve = np.asarray(curve, np.float64)
+      xs = np.arange(len(curve)) if panel.x is None else np.asarray(panel.x)
+      text = label
+      if panel.ymax is not None and np.any(~(curve <= panel.ymax)):
+        first = int(np.argmax(~(curve <= panel.ymax)))
+        text = f"{label} (off the chart from {panel.xlabel} {xs[first]:g})"
+      style = "-" if panel.x is None else "o-"
+      ax.plot(xs, curve, style, lw=1.3, ms=4, label=text, color=colours[label])
     if panel.logy:
       ax.set_yscale("log")
+    if panel.ymax is not None:
+      ax.set_ylim(top=panel.ymax)
+    if panel.xticklabels is not None:
+      ax.set_xticks(np.asarray(panel.x), list(panel.xticklabels))
     ax.set_title(panel.title, fontsize=10)
-    ax.set_xlabel("step")
+    ax.set_xlabel(panel.xlabel)
     ax.set_ylabel(panel.ylabel)
     ax.grid(alpha=0.3)
     if panel.curves:
@@ -658,9 +756,7 @@ def _plot(figure: Figure, path: str) -> None:
 
 def write_report(out: str, config: Config, results: dict[str, PartResult],
                  seconds: dict[str, float], data: Dataset) -> None:
-  """Writes ``report.md``, ``results.json`` and the PNGs into ``out``."""
-  import os
-
+  """Writes ``report.md``, ``results.json`` (non-finite numbers as ``null``) and the PNGs."""
   os.makedirs(out, exist_ok=True)
   mode = "quick" if config.quick else "full"
   md = [
@@ -671,12 +767,15 @@ def write_report(out: str, config: Config, results: dict[str, PartResult],
       f"optax {optax.__version__}). Data: `sklearn.datasets.load_digits`, "
       f"{data.x_train.shape[0]} training / {data.x_test.shape[0]} test images, standardised. "
       "Numbers are means over seeds (test accuracy ± its standard deviation); train loss "
-      "is the full-batch loss on the run's training set after the last step.",
+      "is the full-batch loss on the run's training set after the last step."
+      + (" Quick mode trains fewer steps and seeds, and only SGD in the clipping part."
+         if config.quick else ""),
       "",
   ]
   for name, result in results.items():
     p = PARTS[name]
-    md += [f"## {p.title} (`--only {name}`, {seconds[name]:.0f} s)", "", p.about, "", format_table(result.rows, extras=True), ""]
+    md += [f"## {p.title} (`--only {name}`, {seconds[name]:.0f} s)", "", p.about, "",
+           format_table(result.rows, extras=True), ""]
     if result.findings:
       md += [result.findings, ""]
     for figure in result.figures:
@@ -689,12 +788,21 @@ def write_report(out: str, config: Config, results: dict[str, PartResult],
       "parts": {
           name: {"seconds": seconds[name], "findings": result.findings,
                  "figures": [f"{fig.name}.png" for fig in result.figures],
-                 "rows": [dataclasses.asdict(r) for r in result.rows]}
+                 "rows": [_finite_or_none(dataclasses.asdict(r)) for r in result.rows]}
           for name, result in results.items()
       },
   }
   with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump(payload, f, indent=1, allow_nan=True)
+    json.dump(payload, f, indent=1, allow_nan=False)
+
+
+def _finite_or_none(tree: Any) -> Any:
+  """Replaces NaN/inf floats in nested dicts by ``None`` (strict JSON)."""
+  if isinstance(tree, dict):
+    return {k: _finite_or_none(v) for k, v in tree.items()}
+  if isinstance(tree, float) and not math.isfinite(tree):
+    return None
+  return tree
 
 
 # --------------------------------------------------------------------------------------
@@ -726,7 +834,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, PartResult]:
     return {}
   names = list(PARTS)
   if args.only:
-    names = [n.strip() for item in args.only for n in item.split(",") if n.strip()]
+    names = list(dict.fromkeys(
+        n.strip() for item in args.only for n in item.split(",") if n.strip()))
     unknown = [n for n in names if n not in PARTS]
     if unknown:
       raise SystemExit(f"--only: unknown part(s) {unknown}; the parts are {list(PARTS)}")

@@ -1,0 +1,123 @@
+"""The tour (`python -m gradtx.tour --quick`) runs end to end and says what it should."""
+
+import contextlib
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gradtx import tour
+
+# Every gradtx transformation the tour demonstrates, as it names it in the tables.
+TECHNIQUES = (
+    "layerwise_lr_decay",
+    "scale_by_path",
+    "clip_by_global_norm hard",
+    "clip_by_global_norm soft",
+    "clip_by_leaf_norm",
+    "auto_clip",
+    "zscore_clip",
+)
+
+
+@pytest.fixture(scope="module")
+def quick_tour(tmp_path_factory):
+  out = tmp_path_factory.mktemp("tour_report")
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    results = tour.main(["--quick", "--out", str(out), "--no-progress"])
+  with open(out / "results.json") as f:
+    payload = json.load(f)
+  return out, results, payload, printed.getvalue()
+
+
+def _rows(payload):
+  return [row for part in payload["parts"].values() for row in part["rows"]]
+
+
+def _loss(row):
+  """The final train loss; a diverged run (null in the JSON) counts as infinite."""
+  loss = row["train_loss"]
+  return math.inf if loss is None or not math.isfinite(loss) else loss
+
+
+def test_writes_report_and_pngs(quick_tour):
+  out, results, payload, _ = quick_tour
+  assert set(payload["parts"]) == set(tour.PARTS) == set(results)
+  report = (out / "report.md").read_text()
+  pngs = [name for part in payload["parts"].values() for name in part["figures"]]
+  assert {"layerwise.png", "clipping_sgd.png"} <= set(pngs)
+  for name in pngs:
+    with open(out / name, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+    assert f"]({name})" in report
+  for p in tour.PARTS.values():
+    assert p.title in report
+
+
+def test_table_contains_every_technique(quick_tour):
+  out, _, payload, printed = quick_tour
+  report = (out / "report.md").read_text()
+  names = [row["technique"] for row in _rows(payload)]
+  for technique in TECHNIQUES:
+    assert any(technique in name for name in names), technique
+    assert technique in report, technique
+  # The printed table has one line per row, naming the part and the technique.
+  table = [line for line in printed.splitlines() if line.startswith("| ")]
+  assert len(table) == 1 + len(names)
+  for name, row in zip(names, table[1:], strict=True):
+    assert f"| {name} |" in row
+
+
+def test_clean_runs_learn(quick_tour):
+  _, _, payload, _ = quick_tour
+  clean = [row for row in _rows(payload) if row["clean"]]
+  assert len(clean) >= 11
+  for row in clean:
+    assert row["test_acc"] > max(0.8, row["chance"] + 0.25), row
+    assert _loss(row) < 0.5, row
+
+
+def test_clipping_recovers_from_spikes(quick_tour):
+  _, _, payload, _ = quick_tour
+  rows = payload["parts"]["clipping"]["rows"]
+  spiked = [row for row in rows if not row["clean"]]
+  settings = {row["setting"] for row in spiked}
+  assert settings, "no spike runs"
+  for setting in settings:
+    by_name = {row["technique"]: row for row in spiked if row["setting"] == setting}
+    baseline = by_name.pop("none")
+    clean_baseline = next(r for r in rows if r["technique"] == "none" and r["clean"]
+                          and r["setting"].split(",")[0] == setting.split(",")[0])
+    # The spikes hurt the unclipped run...
+    assert _loss(baseline) > 10 * _loss(clean_baseline)
+    assert len(by_name) == 5
+    for name, row in by_name.items():
+      # ...and every clipping rule recovers: far lower loss, clean-run accuracy.
+      assert _loss(row) < 0.1 * _loss(baseline), (setting, name)
+      assert row["test_acc"] > 0.9, (setting, name)
+      assert row["clipped_steps"] >= 1, (setting, name)
+
+
+def test_command_line_options(capsys):
+  tour.main(["--list"])
+  listed = capsys.readouterr().out
+  for name in tour.PARTS:
+    assert name in listed
+  with pytest.raises(SystemExit, match="unknown part"):
+    tour.main(["--only", "no_such_part"])
+
+
+def test_import_has_no_side_effects(tmp_path):
+  code = (
+      "import sys, gradtx.tour\n"
+      "assert not {'sklearn', 'matplotlib'} & set(sys.modules)\n"
+      "assert list(gradtx.tour.PARTS)\n"
+  )
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, env=env, timeout=120)
+  assert list(tmp_path.iterdir()) == []
