@@ -271,8 +271,8 @@ def auto_clip(
 
   As in Seetharaman et al.'s reference code, the current norm is recorded *before*
   the threshold is computed, so the first step's history is ``[‖g_1‖]``, its threshold
-  ``γ_1 = ‖g_1‖`` and (in hard mode) it is never clipped; over the first few steps the threshold is a
-  percentile of only a handful of norms. The history is a ring buffer of the last
+  ``γ_1 = ‖g_1‖`` and (in hard mode) it is never clipped; over the first few steps the
+  threshold is a percentile of only a handful of norms. The history is a ring buffer of the last
   ``history`` finite norms (the paper keeps all of them: ``history >= num_steps``
   reproduces it exactly). Non-finite norms are not recorded.
 
