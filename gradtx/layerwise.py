@@ -14,6 +14,11 @@ Paths are "/"-joined (see :func:`gradtx.tree_paths`); rules are ordered
 covers (without a default) and a rule that covers no leaf are both errors that list
 the paths, so a typo never silently leaves a layer at the wrong learning rate.
 
+NaN/inf gradients: the multipliers are plain products, so a non-finite entry stays
+where it is and shows in the update (propagated, never hidden); the states hold only a
+step count, which a bad gradient cannot poison. :func:`by_path` inherits the behaviour
+of the transformations it applies.
+
 References:
   Su Jianlin, "Layer-wise learning rates and free gradients", kexue.fm/archives/6418.
   Clark, Luong, Le, Manning, "ELECTRA: Pre-training text encoders as discriminators

@@ -546,3 +546,27 @@ def test_su_adam_on_phi_is_adam_on_theta_with_lambda(digits_problem):
   tx = optax.chain(optax.adam(lr, eps=eps), gradtx.scale_by_path(_lambda_rules(2), default=None))
   _, thetas, lam_phis = _trajectories(digits_problem, tx, adam_phi)
   assert _worst_relative_gap(thetas, lam_phis) > 1e-2
+
+
+# --------------------------------------------------------------------------------------
+# NaN/inf gradients: the multipliers are plain products, so a fault stays in its leaf and
+# shows in the update; the state (a step count) is never touched by it.
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize(
+    "make_tx",
+    [
+        lambda: gradtx.scale_by_path({"a": 2.0}, default=0.5),
+        lambda: gradtx.layerwise_lr_decay(0.5, num_layers=0, depth_rules={"a": 0, "b": 1}),
+    ],
+    ids=["scale_by_path", "layerwise_lr_decay"],
+)
+def test_nonfinite_gradient_propagates_in_its_leaf_only(make_tx, bad):
+  tx = make_tx()
+  grads = {"a": jnp.array([1.0, bad]), "b": jnp.array([4.0])}
+  updates, state = tx.update(grads, tx.init(grads))
+  a = np.asarray(updates["a"])
+  assert np.isfinite(a[0]) and not np.isfinite(a[1])
+  assert np.isfinite(np.asarray(updates["b"])).all()
+  assert int(state.count) == 1
