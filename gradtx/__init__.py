@@ -15,6 +15,15 @@ from gradtx.clipping import (
     global_norm,
     zscore_clip,
 )
+from gradtx.contrastive import (
+    cached_value_and_grad,
+    info_nce,
+    l2_normalize,
+    nt_xent,
+    representation_grad,
+    supervised_contrastive,
+    surrogate_loss,
+)
 from gradtx.layerwise import (
     LayerwiseLrDecayState,
     ScaleByPathState,
@@ -36,13 +45,20 @@ __all__ = (
     "ZScoreClipState",
     "auto_clip",
     "by_path",
+    "cached_value_and_grad",
     "clip_by_global_norm",
     "clip_by_leaf_norm",
     "global_norm",
+    "info_nce",
+    "l2_normalize",
     "layer_depths",
     "layerwise_lr_decay",
+    "nt_xent",
     "path_labels",
+    "representation_grad",
     "scale_by_path",
+    "supervised_contrastive",
+    "surrogate_loss",
     "tree_paths",
     "zscore_clip",
 )

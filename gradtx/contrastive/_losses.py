@@ -1,0 +1,254 @@
+"""Contrastive losses: InfoNCE / CLIP, SimCLR's NT-Xent and supervised contrastive.
+
+All three are one loss over a similarity matrix ``s_ij = <q_i, k_j> / τ`` with a set of
+*allowed* columns ``A(i)`` (everything but, where ``q`` and ``k`` are the same samples,
+the anchor itself) and a set of *positive* columns ``P(i) ⊆ A(i)`` (same label):
+
+.. math::
+  \\ell_i = \\log \\sum_{j \\in A(i)} e^{s_{ij}} - \\frac{1}{|P(i)|} \\sum_{j \\in P(i)} s_{ij},
+  \\qquad L = \\frac{1}{|\\{i : P(i) \\neq \\emptyset\\}|} \\sum_{i : P(i) \\neq \\emptyset} \\ell_i
+
+Su's form of it, ``L = -Σ t_ij s_ij + Σ_i log Σ_j e^{s_ij}``, is the case of one positive
+per row. The log-sum-exp is the stable one (max subtracted). With ``block_size`` the
+loss is computed tile by tile with a streaming log-sum-exp and a custom VJP, so the
+B × B matrix never exists (see ``_blockwise.py``).
+
+References:
+  van den Oord, Li, Vinyals, "Representation learning with contrastive predictive
+  coding", 2018, arXiv:1807.03748 (InfoNCE).
+  Radford et al., "Learning transferable visual models from natural language
+  supervision", 2021, arXiv:2103.00020 (CLIP's symmetric loss).
+  Chen, Kornblith, Norouzi, Hinton, "A simple framework for contrastive learning of
+  visual representations", 2020, arXiv:2002.05709 (NT-Xent).
+  Khosla et al., "Supervised contrastive learning", 2020, arXiv:2004.11362 (L_out).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from gradtx import _checks
+
+
+def _compute_dtype(x: jax.Array) -> jnp.dtype:
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """Rows scaled to unit L2 norm (in at least float32); zero rows stay zero."""
+  x = x.astype(_compute_dtype(x))
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
+
+def dense_row_losses(q, k, q_labels, k_labels, inv_temperature, *, exclude_self):
+  """Per-row loss ``ℓ_i`` and whether row i has a positive, from the dense B × B matrix."""
+  s = (q @ k.T) * inv_temperature
+  allowed = jnp.ones(s.shape, bool)
+  if exclude_self:
+    allowed = ~jnp.eye(s.shape[0], s.shape[1], dtype=bool)
+  positive = (q_labels[:, None] == k_labels[None, :]) & allowed
+  lse = jax.nn.logsumexp(jnp.where(allowed, s, -jnp.inf), axis=1)
+  num_positives = positive.sum(axis=1)
+  has_positive = num_positives > 0
+  positive_mean = jnp.where(positive, s, 0.0).sum(axis=1) / jnp.maximum(num_positives, 1)
+  return jnp.where(has_positive, lse - positive_mean, 0.0), has_positive
+
+
+def _row_losses(q, k, q_labels, k_labels, temperature, *, exclude_self, block_size):
+  dtype = jnp.promote_types(_compute_dtype(q), _compute_dtype(k))
+  q, k = q.astype(dtype), k.astype(dtype)
+  inv_temperature = 1.0 / jnp.asarray(temperature, dtype)
+  if block_size is None:
+    return dense_row_losses(q, k, q_labels, k_labels, inv_temperature,
+                            exclude_self=exclude_self)
+  from gradtx.contrastive import _blockwise  # only the blockwise path needs it
+
+  return _blockwise.blockwise_row_losses(
+      q, k, q_labels, k_labels, inv_temperature,
+      exclude_self=exclude_self, block_size=block_size,
+  )
+
+
+def _mean_over_anchors(row_loss: jax.Array, has_positive: jax.Array) -> jax.Array:
+  count = jnp.maximum(has_positive.sum(), 1)
+  return jnp.sum(jnp.where(has_positive, row_loss, 0.0)) / count
+
+
+def _check_representations(name: str, x: Any) -> None:
+  if not hasattr(x, "ndim") or x.ndim != 2:
+    shape = getattr(x, "shape", type(x).__name__)
+    raise ValueError(f"{name} must be a 2-D array (batch, features), got shape {shape}")
+
+
+def _check_common(temperature: Any, block_size: Any) -> None:
+  _checks.check_positive("temperature", temperature, allow_schedule=False)
+  if block_size is not None:
+    _checks.check_int("block_size", block_size, minimum=1)
+
+
+def _check_labels(labels: Any, batch: int, name: str = "labels") -> jax.Array:
+  labels = jnp.asarray(labels)
+  if labels.shape != (batch,) or not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(
+        f"{name} must be an integer array of shape ({batch},), got "
+        f"{labels.dtype} array of shape {labels.shape}"
+    )
+  return labels
+
+
+def info_nce(
+    a: jax.Array,
+    b: jax.Array,
+    *,
+    temperature: Any,
+    symmetric: bool = True,
+    labels: jax.Array | None = None,
+    normalize: bool = True,
+    block_size: int | None = None,
+) -> jax.Array:
+  r"""InfoNCE between two towers; with ``symmetric=True``, CLIP's loss.
+
+  Row i of ``a`` is paired with row i of ``b`` (or, with ``labels``, with every row of
+  ``b`` of the same label). With ``s_ij = <a_i, b_j> / τ``:
+
+  .. math::
+    L_{a \to b} = \frac{1}{B} \sum_i \Big[\log \sum_j e^{s_{ij}}
+      - \frac{1}{|P(i)|} \sum_{j \in P(i)} s_{ij}\Big], \qquad
+    L = \tfrac12 (L_{a \to b} + L_{b \to a}) \text{ if symmetric}
+
+  Args:
+    a: (B, d) representations of the first tower (the anchors).
+    b: (B, d) representations of the second tower.
+    temperature: τ > 0: a Python float or an array — a learnable parameter gets its
+      gradient (e.g. ``jnp.exp(log_tau)``).
+    symmetric: average the a→b and b→a directions (CLIP).
+    labels: optional (B,) integer labels; positives are all pairs with equal labels.
+    normalize: use cosine similarity (rows scaled to unit norm first), as CLIP does.
+    block_size: compute the loss in tiles of this many rows/columns without forming
+      the B × B matrix (streaming log-sum-exp, custom VJP); ``None`` = dense.
+
+  Returns:
+    The scalar loss, float32 (float64 for float64 inputs).
+
+  Example:
+    >>> import jax.numpy as jnp, gradtx
+    >>> a = jnp.eye(3)
+    >>> round(float(gradtx.info_nce(a, a, temperature=1.0)), 4)  # log(1 + 2e^-1) ...
+    0.5514
+
+  References:
+    van den Oord et al., 2018, arXiv:1807.03748; Radford et al., 2021, arXiv:2103.00020.
+  """
+  _check_representations("a", a)
+  _check_representations("b", b)
+  if a.shape[0] != b.shape[0]:
+    raise ValueError(
+        f"a and b must have the same batch size (towers are paired row by row), got "
+        f"a.shape={a.shape} and b.shape={b.shape}"
+    )
+  if a.shape[1] != b.shape[1]:
+    raise ValueError(f"a and b must have the same feature size, got {a.shape} and {b.shape}")
+  _check_common(temperature, block_size)
+  batch = a.shape[0]
+  labels = jnp.arange(batch) if labels is None else _check_labels(labels, batch)
+  if normalize:
+    a, b = l2_normalize(a), l2_normalize(b)
+
+  def direction(q, k):
+    rows, has_positive = _row_losses(q, k, labels, labels, temperature,
+                                     exclude_self=False, block_size=block_size)
+    return _mean_over_anchors(rows, has_positive)
+
+  loss = direction(a, b)
+  if symmetric:
+    loss = 0.5 * (loss + direction(b, a))
+  return loss
+
+
+def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature: Any,
+            block_size: int | None = None) -> jax.Array:
+  r"""SimCLR's NT-Xent: one tower, two augmented views of each of B samples.
+
+  The 2B rows ``z = [z1; z2]`` are L2-normalised; each row's positive is the other view
+  of the same sample, its negatives the other 2B - 2 rows:
+
+  .. math::
+    L = \frac{1}{2B} \sum_{i=1}^{2B} -\log
+      \frac{e^{s_{i, i \pm B}}}{\sum_{j \neq i} e^{s_{ij}}}, \qquad
+    s_{ij} = \frac{\langle z_i, z_j \rangle}{\tau \|z_i\| \|z_j\|}
+
+  Args:
+    z1: (B, d) representations of the first views.
+    z2: (B, d) representations of the second views.
+    temperature: τ > 0, a Python float or a (learnable) array.
+    block_size: tile size for the blockwise loss; ``None`` = dense.
+
+  Returns:
+    The scalar loss.
+
+  Example:
+    >>> import jax.numpy as jnp, gradtx
+    >>> z = jnp.eye(2)
+    >>> round(float(gradtx.nt_xent(z, z, temperature=1.0)), 4)  # -log(e / (e + 2))
+    0.5514
+
+  References:
+    Chen, Kornblith, Norouzi, Hinton, "SimCLR", ICML 2020, arXiv:2002.05709.
+  """
+  _check_representations("z1", z1)
+  _check_representations("z2", z2)
+  if z1.shape != z2.shape:
+    raise ValueError(
+        f"z1 and z2 must have the same shape (two views of the same samples), got "
+        f"{z1.shape} and {z2.shape}"
+    )
+  _check_common(temperature, block_size)
+  z = l2_normalize(jnp.concatenate([z1, z2], axis=0))
+  labels = jnp.tile(jnp.arange(z1.shape[0]), 2)
+  rows, has_positive = _row_losses(z, z, labels, labels, temperature,
+                                   exclude_self=True, block_size=block_size)
+  return _mean_over_anchors(rows, has_positive)
+
+
+def supervised_contrastive(z: jax.Array, labels: jax.Array, *, temperature: Any,
+                           block_size: int | None = None) -> jax.Array:
+  r"""Supervised contrastive loss (Khosla et al.'s :math:`L^{sup}_{out}`).
+
+  Rows are L2-normalised; the positives of anchor i are the other rows with its label:
+
+  .. math::
+    L = \frac{1}{|I^+|} \sum_{i \in I^+} \frac{-1}{|P(i)|} \sum_{p \in P(i)}
+      \log \frac{e^{s_{ip}}}{\sum_{a \neq i} e^{s_{ia}}}
+
+  Anchors whose label occurs only once have no positive; they are left out of the mean
+  (``I^+`` are the anchors with at least one positive), and a batch with none gives 0.
+
+  Args:
+    z: (N, d) representations (stack the views of each sample as separate rows).
+    labels: (N,) integer class labels.
+    temperature: τ > 0, a Python float or a (learnable) array.
+    block_size: tile size for the blockwise loss; ``None`` = dense.
+
+  Returns:
+    The scalar loss.
+
+  Example:
+    >>> import jax.numpy as jnp, gradtx
+    >>> z = jnp.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    >>> loss = gradtx.supervised_contrastive(z, jnp.array([0, 0, 1]), temperature=1.0)
+    >>> round(float(loss), 4)  # -log(e / (e + 1)): the two anchors of class 0
+    0.3133
+
+  References:
+    Khosla et al., "Supervised contrastive learning", NeurIPS 2020, arXiv:2004.11362.
+  """
+  _check_representations("z", z)
+  _check_common(temperature, block_size)
+  labels = _check_labels(labels, z.shape[0])
+  z = l2_normalize(z)
+  rows, has_positive = _row_losses(z, z, labels, labels, temperature,
+                                   exclude_self=True, block_size=block_size)
+  return _mean_over_anchors(rows, has_positive)
