@@ -21,6 +21,7 @@ from gradtx.contrastive import (
     l2_normalize,
     nt_xent,
     representation_grad,
+    sharded_cached_value_and_grad,
     supervised_contrastive,
     surrogate_loss,
 )
@@ -57,6 +58,7 @@ __all__ = (
     "path_labels",
     "representation_grad",
     "scale_by_path",
+    "sharded_cached_value_and_grad",
     "supervised_contrastive",
     "surrogate_loss",
     "tree_paths",

@@ -7,14 +7,35 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
+BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+
+
 def test_readme_example_runs(capsys):
-  blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
-  assert blocks, "README has no python example"
   namespace = {}
-  exec(compile(blocks[0], "README.md", "exec"), namespace)  # noqa: S102
+  exec(compile(BLOCKS[0], "README.md", "exec"), namespace)  # noqa: S102
   printed = capsys.readouterr().out
   assert "params/layers_0/kernel" in printed
   assert float(namespace["loss"]) > 0
+
+
+def test_readme_contrastive_example_is_the_full_batch_gradient():
+  import jax
+
+  namespace = {}
+  exec(compile(BLOCKS[1], "README.md", "exec"), namespace)  # noqa: S102
+  ns = namespace
+  # The reference: plain autodiff over the concatenated chunks, same per-chunk keys.
+  def reference(params):
+    chunks = [ns["batch"][i:i + 128] for i in range(0, 1000, 128)]
+    reps = [ns["encode_fn"](params, c, jax.random.fold_in(jax.random.key(2), i))
+            for i, c in enumerate(chunks)]
+    return ns["loss_fn"](params, jax.numpy.concatenate(reps))
+
+  ref_loss, ref_grads = jax.value_and_grad(reference)(ns["params"])
+  assert abs(float(ns["loss"]) - float(ref_loss)) < 1e-5 * abs(float(ref_loss))
+  for key in ("w", "log_tau"):
+    scale = float(abs(ref_grads[key]).max())
+    assert float(abs(ns["grads"][key] - ref_grads[key]).max()) < 1e-5 * scale
 
 
 def test_readme_gives_the_two_commands_and_ci_runs_the_test_one():

@@ -15,6 +15,7 @@ from gradtx.contrastive._cached import (
     surrogate_loss,
 )
 from gradtx.contrastive._losses import info_nce, l2_normalize, nt_xent, supervised_contrastive
+from gradtx.contrastive._sharded import sharded_cached_value_and_grad
 
 __all__ = (
     "cached_value_and_grad",
@@ -22,6 +23,7 @@ __all__ = (
     "l2_normalize",
     "nt_xent",
     "representation_grad",
+    "sharded_cached_value_and_grad",
     "supervised_contrastive",
     "surrogate_loss",
 )

@@ -66,14 +66,22 @@ def _concat(full: Any, rest: Any) -> Any:
   )
 
 
-def _encode_all(encode_fn, params, full, rest, num_full, rng, encode=None):
-  """Representations of every chunk, chunk i encoded with key ``fold_in(rng, i)``."""
+def _has_rows(rest: Any) -> bool:
+  return bool(jax.tree.leaves(rest)) and jax.tree.leaves(rest)[0].shape[0] > 0
+
+
+def _encode_all(encode_fn, params, full, rest, num_full, rng, encode=None, first_index=0):
+  """Representations of every chunk, chunk i encoded with key ``fold_in(rng, first_index + i)``.
+
+  ``first_index`` (possibly traced) numbers the chunks globally when this is one shard
+  of a larger batch (``_sharded.py``); it is 0 for a whole batch.
+  """
   encode = encode or encode_fn
-  indices = jnp.arange(num_full)
+  indices = first_index + jnp.arange(num_full)
   reps_full = jax.lax.map(lambda c: encode(params, c[0], _chunk_key(rng, c[1])),
                           (full, indices))
-  if jax.tree.leaves(rest) and jax.tree.leaves(rest)[0].shape[0] > 0:
-    reps_rest = encode(params, rest, _chunk_key(rng, num_full))
+  if _has_rows(rest):
+    reps_rest = encode(params, rest, _chunk_key(rng, first_index + num_full))
   else:
     reps_rest = jax.tree.map(lambda r: r[:0].reshape(0, *r.shape[2:]), reps_full)
   return reps_full, reps_rest
@@ -220,7 +228,18 @@ def _two_pass(encode_fn, loss_fn, has_aux, params, full, rest, num_full, rng):
 
   value, reps_grad, grads = representation_grad(loss_fn, params, reps, has_aux=has_aux)
 
-  # Pass 2: re-encode each chunk with its key and pull back its rows of G.
+  grads = _pull_back_all(encode_fn, params, full, rest, num_full, rng, reps_grad, reps_full,
+                         grads)
+  return value, grads
+
+
+def _pull_back_all(encode_fn, params, full, rest, num_full, rng, reps_grad, reps_full, grads,
+                   first_index=0):
+  """Pass 2: re-encodes each chunk with its key and adds ``vjp(G rows)`` to ``grads``.
+
+  ``reps_grad`` holds the rows of ``G`` of these inputs only (in ``_concat`` order);
+  ``first_index`` numbers the chunks as in :func:`_encode_all`.
+  """
   grad_full, grad_rest = _split_like(reps_grad, full=reps_full)
 
   def pull_back(acc, chunk):
@@ -228,11 +247,13 @@ def _two_pass(encode_fn, loss_fn, has_aux, params, full, rest, num_full, rng):
     _, vjp = jax.vjp(lambda p: encode_fn(p, inputs_chunk, _chunk_key(rng, index)), params)
     return jax.tree.map(jnp.add, acc, vjp(g_chunk)[0]), None
 
-  grads, _ = jax.lax.scan(pull_back, grads, (full, grad_full, jnp.arange(num_full)))
-  if jax.tree.leaves(rest) and jax.tree.leaves(rest)[0].shape[0] > 0:
-    _, vjp = jax.vjp(lambda p: encode_fn(p, rest, _chunk_key(rng, num_full)), params)
+  grads, _ = jax.lax.scan(pull_back, grads,
+                          (full, grad_full, first_index + jnp.arange(num_full)))
+  if _has_rows(rest):
+    _, vjp = jax.vjp(lambda p: encode_fn(p, rest, _chunk_key(rng, first_index + num_full)),
+                     params)
     grads = jax.tree.map(jnp.add, grads, vjp(grad_rest)[0])
-  return value, grads
+  return grads
 
 
 def _split_like(reps_grad: Any, *, full: Any) -> tuple[Any, Any]:

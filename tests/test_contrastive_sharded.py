@@ -1,0 +1,62 @@
+"""``sharded_cached_value_and_grad`` on 4 CPU devices equals single-device autodiff.
+
+``XLA_FLAGS=--xla_force_host_platform_device_count=4`` must be set before jax is
+imported, so the checks run in one subprocess (``tests/_sharded_contrastive.py``), once
+per module; each of its cases is asserted here as a test of its own:
+
+- InfoNCE with two towers, a dropout encoder and a learnable temperature (no outer jit);
+- NT-Xent, one tower and two views, a local batch not divisible by the chunk size;
+- supervised contrastive with global labels, dropout, a temperature and ``has_aux``;
+- each device encodes only its own rows, each row twice (pass 1 and pass 2);
+- only (B, d) representations are all-gathered;
+- clear errors: local batch not divisible by chunk_size with rng, batch not divisible
+  by the devices, an unknown mesh axis.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sharded_contrastive.py")
+CASES = (
+    "info_nce_dropout_temperature",
+    "nt_xent_one_tower_two_views",
+    "supervised_contrastive",
+    "each_device_encodes_only_its_rows",
+    "only_representations_are_gathered",
+    "local_batch_not_divisible_by_chunk_with_rng",
+    "batch_not_divisible_by_devices",
+    "unknown_batch_axis",
+)
+
+
+@pytest.fixture(scope="module")
+def results():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  try:
+    proc = subprocess.run([sys.executable, HELPER], capture_output=True, text=True, env=env,
+                          timeout=600)
+  except subprocess.TimeoutExpired as e:
+    pytest.fail(f"{HELPER} timed out: {e}")
+  records = {}
+  for line in proc.stdout.splitlines():
+    if line.startswith("{"):
+      record = json.loads(line)
+      records[record["name"]] = record
+  return records, f"rc={proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+
+
+def test_helper_runs_every_case(results):
+  records, log = results
+  assert sorted(records) == sorted(CASES), log
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_case(name, results):
+  records, log = results
+  if name not in records:
+    pytest.fail(f"no result for {name} from {HELPER}: {log}")
+  assert records[name]["ok"], records[name]["error"]
