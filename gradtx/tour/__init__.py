@@ -24,7 +24,7 @@ The package, one job per module:
 - ``_report``: rows and curves from runs (``_row``, :func:`smooth`), the tables
   (:func:`format_table`), the PNGs and :func:`write_report`.
 - ``_cli``: the command line, :func:`main`.
-- one module per part: ``layerwise``, ``clipping``.
+- one module per part: ``layerwise``, ``clipping``, ``contrastive``.
 
 Adding a technique to the tour means adding one module, ``gradtx/tour/my_technique.py``::
 
@@ -62,6 +62,7 @@ from gradtx.tour._training import Runs, init_params, min_clip_scale, run_compile
 # isort: off
 from gradtx.tour import layerwise  # noqa: F401
 from gradtx.tour import clipping  # noqa: F401
+from gradtx.tour import contrastive  # noqa: F401
 # isort: on
 
 __all__ = (
