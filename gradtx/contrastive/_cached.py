@@ -35,11 +35,19 @@ _METHODS = ("two_pass", "remat")
 
 
 def _batch_size(inputs: Any) -> int:
-  sizes = {x.shape[0] for x in jax.tree.leaves(inputs)}
+  leaves = jax.tree_util.tree_flatten_with_path(inputs)[0]
+  for path, x in leaves:
+    if jnp.ndim(x) == 0:
+      raise ValueError(
+          f"every leaf of inputs must have a batch axis (axis 0); the leaf at "
+          f"{jax.tree_util.keystr(path)} is a scalar"
+      )
+  sizes = {x.shape[0] for _, x in leaves}
   if len(sizes) != 1:
+    by_leaf = ", ".join(f"{jax.tree_util.keystr(p)}: {x.shape[0]}" for p, x in leaves)
     raise ValueError(
         f"every leaf of inputs must have the same batch size (axis 0), got sizes "
-        f"{sorted(sizes)}"
+        f"{sorted(sizes)} ({by_leaf})"
     )
   return sizes.pop()
 
@@ -80,8 +88,11 @@ def _encode_all(encode_fn, params, full, rest, num_full, rng, encode=None, first
   indices = first_index + jnp.arange(num_full)
   reps_full = jax.lax.map(lambda c: encode(params, c[0], _chunk_key(rng, c[1])),
                           (full, indices))
+  # One chunk's leaves, before concatenation (which fails obscurely on a scalar leaf).
+  _check_reps(jax.tree.map(lambda r: jax.ShapeDtypeStruct(r.shape[1:], r.dtype), reps_full))
   if _has_rows(rest):
     reps_rest = encode(params, rest, _chunk_key(rng, first_index + num_full))
+    _check_reps(reps_rest)
   else:
     reps_rest = jax.tree.map(lambda r: r[:0].reshape(0, *r.shape[2:]), reps_full)
   return reps_full, reps_rest
