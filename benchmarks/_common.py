@@ -30,13 +30,20 @@ import numpy as np
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def parse_args(description: str) -> argparse.Namespace:
-  """``--quick`` (small sizes, few repeats: under a minute) and ``--out DIR``."""
+def parse_args(description: str,
+               configure: Callable[[argparse.ArgumentParser], None] | None = None,
+               ) -> argparse.Namespace:
+  """``--quick`` (small sizes, few repeats: under a minute) and ``--out DIR``.
+
+  ``configure(parser)``, if given, adds a benchmark's own options.
+  """
   parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--quick", action="store_true",
                       help="small sizes and few repeats (finishes in under a minute)")
   parser.add_argument("--out", type=Path, default=RESULTS_DIR,
                       help=f"directory for the .json/.md/.png results (default {RESULTS_DIR})")
+  if configure is not None:
+    configure(parser)
   return parser.parse_args()
 
 

@@ -36,17 +36,31 @@ both (65536, 128) representations of ``info_nce(a, b, temperature=0.1,
 block_size=1024)``, next to the dense loss's (also compile-only: never executed at this
 size) and the 16 GiB of one dense float32 similarity matrix.
 
+Transformer towers (compile-only): the MLP above is small enough that the dense loss's
+B × B temporaries dominate its step's memory, so a second section repeats the memory
+measurement (``memory_analysis`` only: nothing is executed or timed) with CLIP-style
+towers that are small transformers (Flax linen): an input of shape (32, 64) — 32 tokens
+of 64 features — embedded to width 128 (plus learned position embeddings), 2 pre-LN
+blocks (4-head self-attention, MLP 128 → 512 → 128, GELU), final LayerNorm, mean-pool,
+projection to 128; the same three methods, dense and blockwise loss, batches and chunks.
+
 ``--quick``: B in {256, 1024}, chunks of 64, ``block_size=256``, 3 rounds: a smoke run
 (the memory figures are exact; the time ratios of such small steps mean little).
+
+``--section transformer``: measure only the transformer section; the MLP section (and
+the loss-alone figures) are read from the existing ``<out>/contrastive_memory.json``,
+so the results are rewritten complete without re-timing the MLP.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import time
 from typing import Any
 
 import _common
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,6 +83,9 @@ METHODS = ("full", "two_pass", "remat")
 FULL = {"batches": (1024, 4096, 16384), "chunk": 256, "block": 1024,
         # B -> (warm-up rounds, recorded rounds): a dense step at B = 16384 takes ~30 s here.
         "rounds": {1024: (2, 15), 4096: (1, 6), 16384: (1, 2)}}
+# Transformer towers (compile-only section).
+SEQ_LEN, TOKEN_DIM, WIDTH, HEADS, MLP_DIM, LAYERS, OUT_DIM = 32, 64, 128, 4, 512, 2, 128
+
 QUICK = {"batches": (256, 1024), "chunk": 64, "block": 256,
          "rounds": {256: (1, 3), 1024: (1, 3)}}
 # (The blockwise loss is measured where B > block_size: 4096 and 16384; 1024 in --quick.)
@@ -99,6 +116,39 @@ def encode(params, inputs, rng):
   return {"a": tower(params["a"], inputs["a"]), "b": tower(params["b"], inputs["b"])}
 
 
+class Block(nn.Module):
+  """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.LayerNorm()(x)
+    x = x + nn.MultiHeadDotProductAttention(num_heads=HEADS, qkv_features=WIDTH)(y, y)
+    y = nn.LayerNorm()(x)
+    y = nn.Dense(WIDTH)(jax.nn.gelu(nn.Dense(MLP_DIM)(y)))
+    return x + y
+
+
+class TransformerTower(nn.Module):
+  """(B, SEQ_LEN, TOKEN_DIM) → token embedding + positions → blocks → LN → mean → proj."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(WIDTH)(x)
+    x = x + self.param("pos", nn.initializers.normal(0.02), (SEQ_LEN, WIDTH))
+    for _ in range(LAYERS):
+      x = Block()(x)
+    return nn.Dense(OUT_DIM)(nn.LayerNorm()(x).mean(axis=1))
+
+
+TRANSFORMER = TransformerTower()
+
+
+def transformer_encode(params, inputs, rng):
+  del rng  # no dropout
+  return {"a": TRANSFORMER.apply(params["a"], inputs["a"]),
+          "b": TRANSFORMER.apply(params["b"], inputs["b"])}
+
+
 def make_loss(block_size: int | None):
   def loss_fn(params, reps):
     del params  # fixed temperature: no loss-side parameters
@@ -107,7 +157,7 @@ def make_loss(block_size: int | None):
   return loss_fn
 
 
-def make_step(method: str, block_size: int | None, chunk: int):
+def make_step(method: str, block_size: int | None, chunk: int, encode=encode):
   """``step(params, inputs) -> (params - lr · grad, loss)``, not yet jit-compiled."""
   loss_fn = make_loss(block_size)
   if method == "full":
@@ -239,6 +289,46 @@ def measure_loss_only(blockwise_reason: str | None) -> dict[str, Any]:
   return result
 
 
+def transformer_params_shape():
+  x = jnp.zeros((1, SEQ_LEN, TOKEN_DIM))
+  return jax.eval_shape(
+      lambda: {"a": TRANSFORMER.init(jax.random.PRNGKey(1), x),
+               "b": TRANSFORMER.init(jax.random.PRNGKey(2), x)})
+
+
+def measure_transformer(config, blockwise, bar) -> dict[str, Any]:
+  """Compile-only temporaries of the transformer-tower steps (nothing is executed)."""
+  params = transformer_params_shape()
+  num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+  chunk, block = config["chunk"], config["block"]
+  rows = []
+  for batch in config["batches"]:
+    x = jax.ShapeDtypeStruct((batch, SEQ_LEN, TOKEN_DIM), jnp.float32)
+    inputs = {"a": x, "b": x}
+    for method, loss_label, block_size in variants(batch, blockwise, block):
+      bar.set_postfix_str(f"transformer B={batch} {method}/{loss_label} (compile-only)")
+      start = time.perf_counter()
+      step = make_step(method, block_size, chunk, encode=transformer_encode)
+      compiled = jax.jit(step).lower(params, inputs).compile()
+      rows.append({"batch": batch, "chunk": chunk, "num_chunks": -(-batch // chunk),
+                   "method": method, "loss": loss_label, "block_size": block_size,
+                   "memory": memory(compiled), "compile_s": time.perf_counter() - start})
+  for row in rows:
+    same = [r for r in rows if r["batch"] == row["batch"] and r["method"] == "full"]
+    baseline = next(r for r in same if r["loss"] == row["loss"])
+    dense_full = next(r for r in same if r["loss"] == "dense")
+    row["memory_vs_full"] = row["memory"]["temp"] / baseline["memory"]["temp"]
+    row["memory_vs_full_dense"] = row["memory"]["temp"] / dense_full["memory"]["temp"]
+    applies = row["method"] != "full" and row["num_chunks"] >= MIN_CHUNKS
+    row["memory_target_met"] = row["memory_vs_full"] <= MEMORY_TARGET if applies else None
+  return {"config": {"seq_len": SEQ_LEN, "token_dim": TOKEN_DIM, "width": WIDTH,
+                     "heads": HEADS, "mlp_dim": MLP_DIM, "layers": LAYERS,
+                     "out_dim": OUT_DIM, "num_params": num_params, "towers": 2,
+                     "batches": list(config["batches"]), "chunk": chunk,
+                     "block_size": block},
+          "rows": rows}
+
+
 # ------------------------------------------------------------------------- reporting
 
 
@@ -273,6 +363,45 @@ def table(rows) -> str:
        f"temp ≤ {MEMORY_TARGET:.0%}", f"time ≤ {TIME_TARGET}"], body)
 
 
+def transformer_table(rows) -> str:
+  body = []
+  for row in rows:
+    cached = row["method"] != "full"
+    body.append([
+        row["batch"], row["num_chunks"], row["loss"], row["method"],
+        mib(row["memory"]["temp"]),
+        f"{row['memory_vs_full']:.3f}", f"{row['memory_vs_full_dense']:.3f}",
+        verdict(row["memory_target_met"]) if cached else "—",
+    ])
+  return _common.markdown_table(
+      ["B", "B / chunk", "loss", "method", "temp MiB", "temp / full", "temp / full dense",
+       f"temp ≤ {MEMORY_TARGET:.0%}"], body)
+
+
+def transformer_lines(transformer) -> list[str]:
+  cfg, rows = transformer["config"], transformer["rows"]
+  checked = [r for r in rows if r["memory_target_met"] is not None]
+  return [
+      "## Transformer towers (compile-only memory)",
+      "",
+      f"Two towers, each a pre-LN transformer: input ({cfg['seq_len']} tokens × "
+      f"{cfg['token_dim']} features) → token embedding to width {cfg['width']} + learned "
+      f"positions → {cfg['layers']} blocks ({cfg['heads']}-head self-attention, MLP "
+      f"{cfg['width']} → {cfg['mlp_dim']} → {cfg['width']}, GELU) → LayerNorm → mean-pool → "
+      f"projection to {cfg['out_dim']} ({cfg['num_params'] / 1e6:.2f}M parameters in all); "
+      f"same loss, train step, methods and chunks of {cfg['chunk']} rows, blockwise loss "
+      f"with `block_size={cfg['block_size']}` where B > block_size. Memory here is "
+      "compile-time `memory_analysis().temp_size_in_bytes` only: these steps are compiled, "
+      "never executed; step time is measured on the MLP configuration only, because "
+      "full-batch transformer steps at large B do not fit this machine's 24 GiB of memory.",
+      "",
+      transformer_table(rows),
+      "",
+      f"Memory target met in {sum(r['memory_target_met'] for r in checked)}/{len(checked)} "
+      "applicable rows.",
+  ]
+
+
 def loss_only_lines(loss_only) -> list[str]:
   b, d = loss_only["batch"], loss_only["dim"]
   lines = [
@@ -296,9 +425,9 @@ def loss_only_lines(loss_only) -> list[str]:
   return lines
 
 
-def plot(rows, loss_only, config, out_dir):
+def plot(rows, loss_only, config, transformer, out_dir):
   plt = _common.pyplot()
-  fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(13, 5))
+  fig, (ax_mem, ax_time, ax_tf) = plt.subplots(1, 3, figsize=(19, 5))
   styles = {"full": ("tab:gray", "o"), "two_pass": ("tab:blue", "s"),
             "remat": ("tab:orange", "^")}
   losses = list(dict.fromkeys(row["loss"] for row in rows))
@@ -343,40 +472,75 @@ def plot(rows, loss_only, config, out_dir):
   ax_time.set_ylabel("step time / full-batch step time (median; 95% CI)")
   ax_time.set_title("Step-time ratio vs full batch with the same loss")
   ax_time.legend(fontsize=7)
-  fig.suptitle("Exact large-batch contrastive gradients: two-tower MLP, symmetric InfoNCE")
+  rows_tf = transformer["rows"]
+  for loss in dict.fromkeys(row["loss"] for row in rows_tf):
+    line = "-" if loss == "dense" else "--"
+    for method, (color, marker) in styles.items():
+      sel = [r for r in rows_tf if r["loss"] == loss and r["method"] == method]
+      ax_tf.plot([r["batch"] for r in sel], [r["memory"]["temp"] / 2**20 for r in sel], line,
+                 color=color, marker=marker,
+                 markerfacecolor="none" if method == "remat" else color,
+                 markersize=9 if method == "remat" else 6, label=f"{method}, {loss} loss")
+  ax_tf.set_xscale("log", base=2)
+  ax_tf.set_yscale("log")
+  ax_tf.set_xlabel("batch size B")
+  ax_tf.set_ylabel("compiled temporaries (MiB)")
+  ax_tf.set_title(f"Transformer towers: temporaries, compile-only "
+                  f"(chunk {transformer['config']['chunk']})")
+  ax_tf.legend(fontsize=7, loc="upper left")
+  fig.suptitle("Exact large-batch contrastive gradients, symmetric InfoNCE: two-tower MLP "
+               "(left, middle), two-tower transformer (right)")
   _common.save_figure(fig, out_dir, NAME)
 
 
-def main():
-  args = _common.parse_args(__doc__.splitlines()[0])
-  config = QUICK if args.quick else FULL
-  start = time.perf_counter()
-  reason = blockwise_status()
+def add_options(parser):
+  parser.add_argument(
+      "--section", choices=("all", "transformer"), default="all",
+      help="'transformer': measure only the (compile-only) transformer section and read the "
+           "MLP section from the existing <out>/contrastive_memory.json")
+
+
+def measure_mlp(config, reason, bar) -> dict[str, Any]:
+  """The MLP section (memory, timing, agreement) and the loss-alone figures."""
   key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
   params = {"a": init_tower(key_a), "b": init_tower(key_b)}
   num_params = sum(p.size for p in jax.tree.leaves(params))
-
-  total = sum(sum(config["rounds"][b]) for b in config["batches"])
   rows = []
-  with tqdm(total=total, desc=NAME, unit="round") as bar:
-    for batch in config["batches"]:
-      rows += measure_batch(batch, config, reason is None, params, bar)
-    bar.set_postfix_str(f"loss alone, B={LOSS_ONLY_BATCH} (compile-only)")
-    loss_only = measure_loss_only(reason)
+  for batch in config["batches"]:
+    rows += measure_batch(batch, config, reason is None, params, bar)
+  bar.set_postfix_str(f"loss alone, B={LOSS_ONLY_BATCH} (compile-only)")
+  loss_only = measure_loss_only(reason)
+  return {
+      "config": {"dims": DIMS, "num_params": num_params, "temperature": TEMPERATURE,
+                 "learning_rate": LEARNING_RATE, "batches": config["batches"],
+                 "chunk": config["chunk"], "block_size": config["block"],
+                 "rounds": {str(b): list(r) for b, r in config["rounds"].items()},
+                 "max_executed_temp": MAX_EXECUTED_TEMP},
+      "target": {"memory_vs_full_max": MEMORY_TARGET, "min_chunks": MIN_CHUNKS,
+                 "time_vs_full_max": TIME_TARGET, "loss_only_temp_max": LOSS_ONLY_TARGET},
+      "blockwise_available": reason is None,
+      "blockwise_note": reason or "",
+      "rows": rows,
+      "loss_only": loss_only,
+  }
 
+
+def render(payload, quick: bool, device: str) -> str:
+  cfg, rows, loss_only = payload["config"], payload["rows"], payload["loss_only"]
+  reason = payload["blockwise_note"]
   cached = [r for r in rows if r["method"] != "full"]
   memory_checked = [r for r in cached if r["memory_target_met"] is not None]
   time_checked = [r for r in cached if r["time_target_met"] is not None]
-  rounds = ", ".join(f"B={b}: {w}+{n}" for b, (w, n) in config["rounds"].items())
-  quick = " (quick)" if args.quick else ""
-  markdown = "\n".join([
-      f"# Memory and time of exact large-batch contrastive gradients{quick}",
+  rounds = ", ".join(f"B={b}: {w}+{n}" for b, (w, n) in cfg["rounds"].items())
+  return "\n".join([
+      f"# Memory and time of exact large-batch contrastive gradients{' (quick)' if quick else ''}",
       "",
-      f"Two towers, each an MLP {' → '.join(map(str, DIMS))} (GELU; {num_params / 1e6:.2f}M "
+      f"Two towers, each an MLP {' → '.join(map(str, cfg['dims']))} (GELU; "
+      f"{cfg['num_params'] / 1e6:.2f}M "
       f"parameters in all), symmetric InfoNCE at temperature {TEMPERATURE}; train step = "
-      f"value_and_grad + SGD, jit-compiled, on {_common.environment()['device']} "
-      f"({jax.default_backend()}). Chunks of {config['chunk']} rows; blockwise loss with "
-      f"`block_size={config['block']}` where B > block_size (below, it is one tile: the "
+      f"value_and_grad + SGD, jit-compiled, on {device}. Chunks of {cfg['chunk']} rows; "
+      f"blockwise loss with "
+      f"`block_size={cfg['block_size']}` where B > block_size (below, it is one tile: the "
       "dense loss). *temp*: compiled temporaries "
       "(`memory_analysis().temp_size_in_bytes`, deterministic); *temp / full*: vs the "
       "full-batch step with the same loss. *time / full*: median over interleaved rounds "
@@ -393,23 +557,44 @@ def main():
       *[f"B={r['batch']} {r['method']} ({r['loss']}): {r['note']}." for r in rows if r["note"]],
       "",
       *loss_only_lines(loss_only),
+      "",
+      *transformer_lines(payload["transformer"]),
   ])
+
+
+def main():
+  args = _common.parse_args(__doc__.splitlines()[0], add_options)
+  config = QUICK if args.quick else FULL
+  start = time.perf_counter()
+  reason = blockwise_status()
+  device = f"{_common.environment()['device']} ({jax.default_backend()})"
+  if args.section == "transformer":
+    previous = json.loads((args.out / f"{NAME}.json").read_text())
+    if previous["quick"] != args.quick:
+      raise SystemExit(f"{args.out / NAME}.json has quick={previous['quick']}, "
+                       f"but this run has quick={args.quick}")
+    env = previous["environment"]
+    device = f"{env['device']} ({env['backend']})"  # where the MLP section was measured
+    keys = ("config", "target", "blockwise_available", "blockwise_note", "rows",
+            "loss_only")
+    payload = {key: previous[key] for key in keys}
+    payload["mlp_wall_s"] = previous.get("mlp_wall_s", previous["wall_s"])
+    total = 0
+  else:
+    total = sum(sum(config["rounds"][b]) for b in config["batches"])
+  with tqdm(total=total, desc=NAME, unit="round") as bar:
+    if args.section != "transformer":
+      payload = measure_mlp(config, reason, bar)
+      payload["mlp_wall_s"] = time.perf_counter() - start
+    transformer_start = time.perf_counter()
+    payload["transformer"] = measure_transformer(config, reason is None, bar)
+    payload["transformer"]["wall_s"] = time.perf_counter() - transformer_start
+
+  markdown = render(payload, args.quick, device)
   _common.write_results(args.out, NAME, markdown=markdown, payload={
-      "quick": args.quick,
-      "config": {"dims": DIMS, "num_params": num_params, "temperature": TEMPERATURE,
-                 "learning_rate": LEARNING_RATE, "batches": config["batches"],
-                 "chunk": config["chunk"], "block_size": config["block"],
-                 "rounds": {str(b): list(r) for b, r in config["rounds"].items()},
-                 "max_executed_temp": MAX_EXECUTED_TEMP},
-      "target": {"memory_vs_full_max": MEMORY_TARGET, "min_chunks": MIN_CHUNKS,
-                 "time_vs_full_max": TIME_TARGET, "loss_only_temp_max": LOSS_ONLY_TARGET},
-      "blockwise_available": reason is None,
-      "blockwise_note": reason or "",
-      "rows": rows,
-      "loss_only": loss_only,
-      "wall_s": time.perf_counter() - start,
-  })
-  plot(rows, loss_only, config, args.out)
+      "quick": args.quick, **payload, "wall_s": time.perf_counter() - start})
+  plot(payload["rows"], payload["loss_only"], {"chunk": payload["config"]["chunk"]},
+       payload["transformer"], args.out)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,11 @@ BENCHMARKS = ROOT / "benchmarks"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _run_quick(name, out_dir):
+def _run_quick(name, out_dir, *extra_args):
   env = dict(os.environ, MPLBACKEND="Agg", JAX_PLATFORMS="cpu")
   result = subprocess.run(
-      [sys.executable, str(BENCHMARKS / f"{name}.py"), "--quick", "--out", str(out_dir)],
+      [sys.executable, str(BENCHMARKS / f"{name}.py"), "--quick", "--out", str(out_dir),
+       *extra_args],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
   )
   assert result.returncode == 0, result.stderr[-4000:]
@@ -36,11 +37,21 @@ def _check_common(name, out_dir, stdout):
   assert data["rows"], "no result rows"
   assert data["environment"]["jax"]
   markdown = (out_dir / f"{name}.md").read_text()
-  table = [line for line in markdown.splitlines() if line.startswith("|")]
-  assert len(table) == 2 + len(data["rows"]), "one table line per row, plus the header"
-  cells = {len(re.findall(r"(?<!\\)\|", line)) for line in table}  # "\|" is not a border
-  assert len(cells) == 1, "ragged markdown table"
-  assert table[0] in stdout, "the script prints its table"
+  tables = [[]]  # runs of consecutive "|" lines
+  for line in markdown.splitlines():
+    if line.startswith("|"):
+      tables[-1].append(line)
+    elif tables[-1]:
+      tables.append([])
+  tables = [table for table in tables if table]
+  # One table of data["rows"], then one per extra section that has rows of its own.
+  sections = [data["rows"]] + [data[key]["rows"] for key in ("transformer",) if key in data]
+  assert len(tables) == len(sections), "one markdown table per section"
+  for table, rows in zip(tables, sections, strict=True):
+    assert len(table) == 2 + len(rows), "one table line per row, plus the header"
+    cells = {len(re.findall(r"(?<!\\)\|", line)) for line in table}  # "\|" is not a border
+    assert len(cells) == 1, "ragged markdown table"
+    assert table[0] in stdout, "the script prints its table"
   assert (out_dir / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
   return data
 
@@ -93,3 +104,24 @@ def test_quick_run_writes_results(name, tmp_path):
     loss_only = data["loss_only"]
     assert loss_only["available"], loss_only["note"]
     assert loss_only["blockwise"]["temp"] < 2**30 < loss_only["dense_matrix_bytes"]
+    # Transformer towers (compile-only): activations dominate, so caching saves memory.
+    transformer = data["transformer"]["rows"]
+    assert {r["method"] for r in transformer} == {"full", "two_pass", "remat"}
+    for row in transformer:
+      assert row["memory"]["temp"] > 0
+      if row["method"] == "two_pass":
+        full = next(r for r in transformer if r["batch"] == row["batch"]
+                    and r["loss"] == row["loss"] and r["method"] == "full")
+        assert row["memory"]["temp"] < full["memory"]["temp"], row
+
+
+def test_contrastive_memory_transformer_section_keeps_mlp_results(tmp_path):
+  """``--section transformer`` re-measures only the transformer rows; MLP rows are kept."""
+  _run_quick("contrastive_memory", tmp_path)
+  before = json.loads((tmp_path / "contrastive_memory.json").read_text())
+  stdout = _run_quick("contrastive_memory", tmp_path, "--section", "transformer")
+  after = _check_common("contrastive_memory", tmp_path, stdout)
+  for key in ("config", "target", "rows", "loss_only", "mlp_wall_s"):
+    assert after[key] == before[key], key
+  assert [r["memory"] for r in after["transformer"]["rows"]] == [
+      r["memory"] for r in before["transformer"]["rows"]]  # compiled memory is deterministic
