@@ -4,6 +4,7 @@ Every public name is re-exported here; import ``gradtx`` and use ``gradtx.<name>
 """
 
 from gradtx._tree import tree_paths
+from gradtx.attribution import expected_gradients, integrated_gradients
 from gradtx.clipping import (
     AutoClipState,
     ClipByGlobalNormState,
@@ -49,8 +50,10 @@ __all__ = (
     "cached_value_and_grad",
     "clip_by_global_norm",
     "clip_by_leaf_norm",
+    "expected_gradients",
     "global_norm",
     "info_nce",
+    "integrated_gradients",
     "l2_normalize",
     "layer_depths",
     "layerwise_lr_decay",
