@@ -88,3 +88,29 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
   if value not in choices:
     allowed = ", ".join(repr(c) for c in choices)
     raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def common_leading_size(argname: str, named_leaves: Iterable[tuple[str, Any]], *,
+                        what: str = "batch size") -> int:
+  """The size of axis 0 shared by every leaf, or an error naming the offending leaves.
+
+  Args:
+    argname: the argument the leaves belong to (``"inputs"``).
+    named_leaves: ``(name, leaf)`` pairs; ``name`` is how a message shows the leaf.
+    what: what axis 0 means, for the messages.
+  """
+  named_leaves = list(named_leaves)
+  for name, leaf in named_leaves:
+    if np.ndim(leaf) == 0:
+      raise ValueError(
+          f"every leaf of {argname} must have a batch axis (axis 0); the leaf at {name} is "
+          "a scalar"
+      )
+  sizes = {np.shape(leaf)[0] for _, leaf in named_leaves}
+  if len(sizes) != 1:
+    by_leaf = ", ".join(f"{name}: {np.shape(leaf)[0]}" for name, leaf in named_leaves)
+    raise ValueError(
+        f"every leaf of {argname} must have the same {what} (axis 0), got sizes "
+        f"{sorted(sizes)} ({by_leaf})"
+    )
+  return sizes.pop()

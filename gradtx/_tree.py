@@ -37,7 +37,7 @@ def _key_to_str(key: Any) -> str:
   return str(key)
 
 
-def _leaf_paths_and_treedef(tree: Any) -> tuple[list[str], Any]:
+def leaf_paths_and_treedef(tree: Any) -> tuple[list[str], Any]:
   """Paths of every array leaf, in ``jax.tree.leaves`` order, and the treedef."""
   outer = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_nnx_variable)[0]
   paths = []
@@ -66,12 +66,12 @@ def tree_paths(tree: Any) -> list[str]:
     >>> gradtx.tree_paths({"params": {"Dense_0": {"kernel": jnp.ones(2), "bias": jnp.ones(1)}}})
     ['params/Dense_0/bias', 'params/Dense_0/kernel']
   """
-  return _leaf_paths_and_treedef(tree)[0]
+  return leaf_paths_and_treedef(tree)[0]
 
 
 def path_tree(tree: Any) -> Any:
   """A pytree with the structure of ``tree`` whose leaves are their own paths."""
-  paths, treedef = _leaf_paths_and_treedef(tree)
+  paths, treedef = leaf_paths_and_treedef(tree)
   return jax.tree.unflatten(treedef, paths)
 
 
@@ -176,7 +176,7 @@ def map_by_rules(tree: Any, rules: Any, *, argname: str, default: Any = None,
     ``(values_tree, matches, paths)``: the per-leaf values as a pytree shaped like
     ``tree``, plus the per-leaf matches and paths in leaf order.
   """
-  paths, treedef = _leaf_paths_and_treedef(tree)
+  paths, treedef = leaf_paths_and_treedef(tree)
   matches = match_rules(paths, rules, argname=argname, has_default=has_default,
                         default_name=default_name)
   values = [default if m is None else m.value for m in matches]

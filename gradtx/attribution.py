@@ -84,27 +84,18 @@ def _name(argname: str, path: str) -> str:
 
 def _check_inputs(inputs: Any) -> tuple[list[str], list[jax.Array], Any, int]:
   """Paths, leaves, treedef and the common batch size of ``inputs``."""
-  paths, treedef = _tree._leaf_paths_and_treedef(inputs)
+  paths, treedef = _tree.leaf_paths_and_treedef(inputs)
   leaves = jax.tree.leaves(inputs)
   if not leaves:
     raise ValueError("inputs must hold at least one array, got an empty pytree")
-  batch = None
   for path, leaf in zip(paths, leaves, strict=True):
-    name = _name("inputs", path)
-    if not hasattr(leaf, "shape") or np.ndim(leaf) < 1:
-      raise ValueError(
-          f"{name} must be a batch: an array of shape (N, ...), got {leaf!r}")
-    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+    if not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
       raise TypeError(
-          f"{name} must be a floating-point array (attributions need gradients), got "
-          f"dtype {leaf.dtype}; attribute integer inputs such as token ids at an "
-          f"embedding instead")
-    if batch is None:
-      batch = leaf.shape[0]
-    elif leaf.shape[0] != batch:
-      raise ValueError(
-          f"every leaf of inputs must have the same batch size (leading axis), got {batch} "
-          f"for {_name('inputs', paths[0])} and {leaf.shape[0]} for {name}")
+          f"{_name('inputs', path)} must be a floating-point array (attributions need "
+          f"gradients), got dtype {jnp.asarray(leaf).dtype}; attribute integer inputs such "
+          f"as token ids at an embedding instead")
+  batch = _checks.common_leading_size(
+      "inputs", [(_name("inputs", p), x) for p, x in zip(paths, leaves, strict=True)])
   return paths, leaves, treedef, batch
 
 
@@ -367,19 +358,14 @@ def expected_gradients(
         f"baselines must have the same pytree structure as inputs, got "
         f"{jax.tree.structure(baselines)} for baselines and {treedef} for inputs")
   data = [jnp.asarray(b) for b in jax.tree.leaves(baselines)]
-  num_data = None
   for path, x, b in zip(paths, leaves, data, strict=True):
     if b.ndim != x.ndim or b.shape[1:] != x.shape[1:] or b.shape[0] < 1:
       raise ValueError(
           f"{_name('baselines', path)} must be a batch (M, ...) of the input's "
           f"per-example shape {x.shape[1:]}, got shape {b.shape}")
-    if num_data is None:
-      num_data = b.shape[0]
-    elif b.shape[0] != num_data:
-      raise ValueError(
-          f"every leaf of baselines must have the same number of rows M, got {num_data} "
-          f"for {_name('baselines', paths[0])} and {b.shape[0]} for "
-          f"{_name('baselines', path)}")
+  num_data = _checks.common_leading_size(
+      "baselines", [(_name("baselines", p), b) for p, b in zip(paths, data, strict=True)],
+      what="number of rows M")
   data = [b.astype(x.dtype) for x, b in zip(leaves, data, strict=True)]
   out_shape = jax.eval_shape(fn, inputs).shape
   target = _check_target(target, tuple(out_shape), batch)

@@ -36,20 +36,8 @@ _METHODS = ("two_pass", "remat")
 
 def _batch_size(inputs: Any) -> int:
   leaves = jax.tree_util.tree_flatten_with_path(inputs)[0]
-  for path, x in leaves:
-    if jnp.ndim(x) == 0:
-      raise ValueError(
-          f"every leaf of inputs must have a batch axis (axis 0); the leaf at "
-          f"{jax.tree_util.keystr(path)} is a scalar"
-      )
-  sizes = {x.shape[0] for _, x in leaves}
-  if len(sizes) != 1:
-    by_leaf = ", ".join(f"{jax.tree_util.keystr(p)}: {x.shape[0]}" for p, x in leaves)
-    raise ValueError(
-        f"every leaf of inputs must have the same batch size (axis 0), got sizes "
-        f"{sorted(sizes)} ({by_leaf})"
-    )
-  return sizes.pop()
+  return _checks.common_leading_size(
+      "inputs", [(jax.tree_util.keystr(path), x) for path, x in leaves])
 
 
 def _split(inputs: Any, chunk_size: int) -> tuple[Any, Any, int]:
