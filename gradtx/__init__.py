@@ -4,7 +4,11 @@ Every public name is re-exported here; import ``gradtx`` and use ``gradtx.<name>
 """
 
 from gradtx._tree import tree_paths
-from gradtx.attribution import expected_gradients, integrated_gradients
+from gradtx.attribution import (
+    expected_gradients,
+    integrated_gradients,
+    layer_integrated_gradients,
+)
 from gradtx.clipping import (
     AutoClipState,
     ClipByGlobalNormState,
@@ -56,6 +60,7 @@ __all__ = (
     "integrated_gradients",
     "l2_normalize",
     "layer_depths",
+    "layer_integrated_gradients",
     "layerwise_lr_decay",
     "nt_xent",
     "path_labels",

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import gradtx
-from gradtx import attribution
+from gradtx.attribution import _integrated as attribution
 
 METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid",
            "gausslegendre")
@@ -243,7 +243,7 @@ def test_errors():
     ig(fn, x, method="simpson", target=0)
   with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
     ig(fn, x, batch_size=0, target=0)
-  with pytest.raises(ValueError, match=r"baseline must have the input's.*\(5,\).*\(3,\)"):
+  with pytest.raises(ValueError, match=r"baseline must have the per-example shape.*\(5,\).*\(3,\)"):
     ig(fn, x, baseline=jnp.zeros(3), target=0)
   tree_fn = lambda t: t["a"].sum(1) + t["b"].sum(1)
   with pytest.raises(ValueError, match=r"baseline\['b'\].*got shape \(4,\)"):

@@ -99,21 +99,22 @@ def _check_inputs(inputs: Any) -> tuple[list[str], list[jax.Array], Any, int]:
   return paths, leaves, treedef, batch
 
 
-def _resolve_baseline(baseline: Any, paths, leaves, treedef) -> list[jax.Array]:
-  """Per-leaf baselines broadcast to each input leaf's full (N, ...) shape."""
+def resolve_baseline(baseline: Any, paths, leaves, treedef, *, argname: str = "baseline",
+                     of: str = "inputs") -> list[jax.Array]:
+  """Per-leaf baselines broadcast to each leaf's full (N, ...) shape (``of`` names them)."""
   if baseline is None:
     return [jnp.zeros_like(x) for x in leaves]
   if jax.tree.structure(baseline) != treedef:
     raise ValueError(
-        f"baseline must have the same pytree structure as inputs, got "
-        f"{jax.tree.structure(baseline)} for baseline and {treedef} for inputs")
+        f"{argname} must have the same pytree structure as {of}, got "
+        f"{jax.tree.structure(baseline)} for {argname} and {treedef} for {of}")
   out = []
   for path, x, b in zip(paths, leaves, jax.tree.leaves(baseline), strict=True):
     b = jnp.asarray(b)
     if b.shape not in (x.shape, x.shape[1:], ()):
       raise ValueError(
-          f"{_name('baseline', path)} must have the input's per-example shape "
-          f"{x.shape[1:]}, one per example {x.shape}, or be a scalar, got shape {b.shape}")
+          f"{_name(argname, path)} must have the per-example shape {x.shape[1:]} of "
+          f"{of}, one per example {x.shape}, or be a scalar, got shape {b.shape}")
     out.append(jnp.broadcast_to(b.astype(x.dtype), x.shape))
   return out
 
@@ -269,7 +270,7 @@ def integrated_gradients(
   if batch_size is not None:
     _checks.check_int("batch_size", batch_size, minimum=1)
   paths, leaves, treedef, batch = _check_inputs(inputs)
-  base = _resolve_baseline(baseline, paths, leaves, treedef)
+  base = resolve_baseline(baseline, paths, leaves, treedef)
   out_shape = jax.eval_shape(fn, inputs).shape
   target = _check_target(target, tuple(out_shape), batch)
   scalar = _scalar_fn(fn, treedef, target)

@@ -1,0 +1,267 @@
+r"""Layer Integrated Gradients: attribute to the output of one layer of a Flax model.
+
+A model ``F(x) = g(h(x))`` is cut at a layer ``h`` (named by its module path); the path
+integral runs in the layer's output space, between ``h(x')`` and ``h(x)``:
+
+.. math::
+  \mathrm{LIG}(x) = \big(h(x) - h(x')\big) \odot \int_0^1 \nabla_h\, g\big(h(x') +
+    \alpha\, (h(x) - h(x'))\big)\, d\alpha
+
+This is how token attributions of a text model are computed: token ids are integers,
+so the path runs through the token *embeddings*; summing over the embedding dimension
+gives one score per token. The cut is made without touching the model's code: the
+layer's ``__call__`` is intercepted while ``fn`` runs, once to record ``h`` and then to
+return the interpolated value instead of computing it. Everything else in the model
+sees the real inputs (so an attention mask built from token ids stays that of ``x``).
+
+* Flax linen: through :func:`flax.linen.intercept_methods`; the layer path is the
+  module's scope path inside ``apply`` joined by ``"/"`` (``"Embed_0"``,
+  ``"encoder/layers_1/attn"``).
+* Flax nnx: the layer object is found by its attribute path in the root ``model``
+  (``"embed"``, ``"blocks/0/mlp"``; list indices are path parts) and its class is
+  swapped, for the duration of the call, for a subclass whose ``__call__`` is
+  intercepted. ``Module.perturb`` was not used: it needs a line in the model's code and
+  adds to the value rather than replacing it.
+
+References:
+  Sundararajan, Taly, Yan, "Axiomatic attribution for deep networks", ICML 2017,
+  arXiv:1703.01365.
+  Captum's ``LayerIntegratedGradients`` (same definition, for PyTorch hooks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gradtx import _checks, _tree
+from gradtx.attribution import _integrated
+from gradtx.attribution._integrated import _name, resolve_baseline
+
+REDUCTIONS = (None, "sum")
+
+
+def _path_str(parts: tuple[Any, ...]) -> str:
+  return "/".join(str(p) for p in parts)
+
+
+class _Cut:
+  """What to do when the layer is called: record its output, or replace it."""
+
+  def __init__(self, replacement: Any = None):
+    self.replacement = replacement
+    self.outputs: list[Any] = []
+
+  def __call__(self, compute: Callable[[], Any]) -> Any:
+    if self.replacement is None:
+      out = compute()
+      self.outputs.append(out)
+      return out
+    self.outputs.append(self.replacement)
+    return self.replacement
+
+
+@contextlib.contextmanager
+def _linen_cut(layer: str, cut: _Cut, called: list[str]) -> Iterator[None]:
+  def interceptor(next_fun, args, kwargs, context):
+    if context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    path = _path_str(context.module.path)
+    called.append(path)
+    if path != layer:
+      return next_fun(*args, **kwargs)
+    return cut(lambda: next_fun(*args, **kwargs))
+
+  with nn.intercept_methods(interceptor):
+    yield
+
+
+_NNX_ACTIVE = threading.local()  # the _Cut of the nnx call in progress, per thread
+_NNX_CLASSES: dict[type, type] = {}  # one intercepting subclass per layer class
+
+
+def _intercepting_class(cls: type) -> type:
+  if cls not in _NNX_CLASSES:
+
+    def __call__(self, *args, **kwargs):  # noqa: N807
+      return _NNX_ACTIVE.cut(lambda: cls.__call__(self, *args, **kwargs))
+
+    _NNX_CLASSES[cls] = type(cls.__name__, (cls,), {
+        "__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+  return _NNX_CLASSES[cls]
+
+
+def _nnx_layer(model: nnx.Module, layer: str) -> nnx.Module:
+  paths = {}
+  for parts, module in nnx.iter_modules(model):
+    paths[_path_str(parts)] = module
+  if layer not in paths or not layer:
+    available = sorted(p for p in paths if p)
+    raise ValueError(
+        f"layer must be the path of a submodule of model, got {layer!r}; the submodule "
+        f"paths of {type(model).__name__} are {available}")
+  return paths[layer]
+
+
+@contextlib.contextmanager
+def _nnx_cut(module: nnx.Module, cut: _Cut) -> Iterator[None]:
+  original = type(module)
+  previous = getattr(_NNX_ACTIVE, "cut", None)
+  _NNX_ACTIVE.cut = cut
+  # object.__setattr__: nnx's own __setattr__ guards attribute writes under a trace.
+  object.__setattr__(module, "__class__", _intercepting_class(original))
+  try:
+    yield
+  finally:
+    object.__setattr__(module, "__class__", original)
+    _NNX_ACTIVE.cut = previous
+
+
+def _cut_fn(fn: Callable, layer: str, model: nnx.Module | None) -> Callable:
+  """``run(inputs, replacement)`` -> ``(fn(inputs), layer outputs seen)``."""
+  target = None if model is None else _nnx_layer(model, layer)
+
+  def run(inputs, replacement=None):
+    cut, called = _Cut(replacement), []
+    context = (_linen_cut(layer, cut, called) if target is None
+               else _nnx_cut(target, cut))
+    with context:
+      out = fn(inputs)
+    if len(cut.outputs) != 1:
+      message = (f"layer: fn must call the layer {layer!r} exactly once per call, but it "
+                 f"was called {len(cut.outputs)} times")
+      if target is not None:
+        message += ("; is fn calling model itself (not a copy made by nnx.merge or an nnx "
+                    "transform)?")
+      elif called:
+        message += f"; the linen module paths fn called are {sorted(set(called))}"
+      else:
+        message += "; fn called no linen module (for an nnx model, pass model=)"
+      raise ValueError(message)
+    return out, cut.outputs[0]
+
+  return run
+
+
+def layer_integrated_gradients(
+    fn: Callable[[Any], jax.Array],
+    inputs: Any,
+    layer: str,
+    *,
+    model: nnx.Module | None = None,
+    baseline: Any = None,
+    layer_baseline: Any = None,
+    steps: int = 50,
+    method: str = "gausslegendre",
+    batch_size: int | None = None,
+    target: Any = None,
+    reduce: str | None = None,
+    return_delta: bool = False,
+) -> Any:
+  r"""Integrated Gradients with respect to the output of one layer of a Flax model.
+
+  .. math::
+    \mathrm{LIG}(x) = \big(h(x) - h(x')\big) \odot \sum_{k=1}^{n} w_k\,
+      \nabla_h\, g\big(h(x') + \alpha_k (h(x) - h(x'))\big)
+
+  where ``h`` is the output of ``layer`` and ``g`` is the rest of ``fn`` run on the real
+  ``inputs`` with the layer's output replaced; nodes and weights as in
+  :func:`integrated_gradients`. The completeness delta is
+  ``Σ LIG - (g(h(x)) - g(h(x')))``.
+
+  Args:
+    fn: maps the batch ``inputs`` to (N,) or (N, C) outputs, calling the layer exactly
+      once. For linen, e.g. ``lambda ids: model.apply(variables, ids)``; for nnx, a
+      function calling ``model`` (or ``model`` itself).
+    inputs: the batch (N, ...) or pytree of batches; may be integers (token ids).
+    layer: the layer's module path, parts joined by ``"/"``. Linen: the scope path
+      inside ``apply`` (``"Embed_0"``, ``"encoder/block_1"``); nnx: the attribute path in
+      ``model`` (``"embed"``, ``"blocks/0"``).
+    model: for nnx, the root module that ``layer`` is a path in; ``None`` for linen.
+      When ``fn`` is itself an ``nnx.Module`` it is the default.
+    baseline: input-space baseline ``x'`` whose layer output is ``h(x')`` (as in
+      :func:`integrated_gradients`; ``None`` = zeros, e.g. the padding token id 0).
+    layer_baseline: or the layer-space baseline ``h(x')`` itself: with the layer
+      output's structure, per-example or full shapes, or scalars (``0.0`` = a zero
+      embedding). At most one of ``baseline`` and ``layer_baseline``.
+    steps: number of quadrature nodes.
+    method: quadrature, as in :func:`integrated_gradients`.
+    batch_size: interpolation points evaluated at once; ``None`` = all ``steps``.
+    target: with (N, C) outputs, an int or one int per example.
+    reduce: ``None`` = attributions shaped like the layer output; ``"sum"`` = summed
+      over its last axis (one score per token for an embedding (N, T, D) -> (N, T)).
+    return_delta: also return the per-example completeness delta (N,).
+
+  Returns:
+    Attributions shaped like the layer output (or reduced), and with ``return_delta``
+    the pair ``(attributions, delta)``.
+
+  Example:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, gradtx
+    >>> class Bag(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, ids):
+    ...     h = nn.Embed(10, 4)(ids)                      # (N, T, 4)
+    ...     return nn.Dense(1)(jnp.tanh(h).mean(1))[:, 0]  # (N,)
+    >>> ids = jnp.array([[3, 1, 4, 1]])
+    >>> variables = Bag().init(jax.random.key(0), ids)
+    >>> fn = lambda ids: Bag().apply(variables, ids)
+    >>> scores, delta = gradtx.layer_integrated_gradients(
+    ...     fn, ids, "Embed_0", layer_baseline=0.0, reduce="sum", return_delta=True)
+    >>> scores.shape, bool(abs(delta[0]) < 1e-5)
+    ((1, 4), True)
+
+  References:
+    Sundararajan, Taly, Yan, "Axiomatic attribution for deep networks", ICML 2017,
+    arXiv:1703.01365.
+  """
+  if not isinstance(layer, str):
+    raise TypeError(f"layer must be a module path string such as 'Embed_0', got {layer!r}")
+  _checks.check_choice("reduce", reduce, REDUCTIONS)
+  if baseline is not None and layer_baseline is not None:
+    raise ValueError("pass at most one of baseline (input space) and layer_baseline "
+                     "(layer output space), got both")
+  if model is None and isinstance(fn, nnx.Module):
+    model = fn
+  if model is not None and not isinstance(model, nnx.Module):
+    raise TypeError(f"model must be a flax.nnx.Module (or None for linen), got "
+                    f"{type(model).__name__}")
+  in_paths, in_treedef = _tree.leaf_paths_and_treedef(inputs)
+  in_leaves = jax.tree.leaves(inputs)
+  if not in_leaves:
+    raise ValueError("inputs must hold at least one array, got an empty pytree")
+  batch = _checks.common_leading_size(
+      "inputs", [(_name("inputs", p), x) for p, x in zip(in_paths, in_leaves, strict=True)])
+  run = _cut_fn(fn, layer, model)
+  _, h_x = run(inputs)
+  h_paths, h_treedef = _tree.leaf_paths_and_treedef(h_x)
+  h_leaves = jax.tree.leaves(h_x)
+  for path, h in zip(h_paths, h_leaves, strict=True):
+    where = f"the output of layer {layer!r}" + (f" at {path!r}" if path else "")
+    if not jnp.issubdtype(h.dtype, jnp.floating):
+      raise TypeError(f"{where} must be floating-point to be attributed, got {h.dtype}")
+    if h.shape[:1] != (batch,):
+      raise ValueError(f"{where} must have the batch axis N={batch} first, got shape "
+                       f"{h.shape}")
+  if layer_baseline is None:
+    base_inputs = resolve_baseline(baseline, in_paths, in_leaves, in_treedef)
+    _, layer_baseline = run(jax.tree.unflatten(in_treedef, base_inputs))
+  else:
+    layer_baseline = jax.tree.unflatten(h_treedef, resolve_baseline(
+        layer_baseline, h_paths, h_leaves, h_treedef, argname="layer_baseline",
+        of=f"the output of layer {layer!r}"))
+
+  attrs = _integrated.integrated_gradients(
+      lambda h: run(inputs, h)[0], h_x, baseline=layer_baseline, steps=steps,
+      method=method, batch_size=batch_size, target=target, return_delta=return_delta)
+  if reduce is None:
+    return attrs
+  summed = lambda tree: jax.tree.map(lambda a: jnp.sum(a, axis=-1), tree)  # noqa: E731
+  return (summed(attrs[0]), attrs[1]) if return_delta else summed(attrs)
