@@ -45,3 +45,19 @@ def test_readme_gives_the_two_commands_and_ci_runs_the_test_one():
       'pip install -e ".[dev]" && pytest -x -q',
   ]
   assert commands[1] in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_attribution_example_is_complete():
+  import jax.numpy as jnp
+
+  namespace = {}
+  exec(compile(BLOCKS[2], "README.md", "exec"), namespace)  # noqa: S102
+  ns = namespace
+  assert ns["scores"].shape == (8, 12)
+  # Completeness against the model itself: Σ token scores = F(x)[1] - F(padding)[1].
+  gap = ns["fn"](ns["ids"])[:, 1] - ns["fn"](jnp.zeros_like(ns["ids"]))[:, 1]
+  assert float(jnp.max(jnp.abs(ns["scores"].sum(1) - gap))) < 1e-4
+  assert float(jnp.max(jnp.abs(ns["delta"]))) < 1e-4
+  x = ns["x"]
+  gap = ns["mlp"](x)[:, 0] - ns["mlp"](jnp.zeros_like(x))[:, 0]
+  assert float(jnp.max(jnp.abs(ns["attr"].sum(1) - gap))) < 1e-4
