@@ -9,6 +9,14 @@ from gradtx.attribution import (
     integrated_gradients,
     layer_integrated_gradients,
 )
+from gradtx.child_tuning import (
+    ChildTuningDState,
+    ChildTuningFState,
+    child_tuning_d,
+    child_tuning_f,
+    fisher_information,
+    fisher_mask,
+)
 from gradtx.clipping import (
     AutoClipState,
     ClipByGlobalNormState,
@@ -44,6 +52,8 @@ __version__ = "0.1.0"
 
 __all__ = (
     "AutoClipState",
+    "ChildTuningDState",
+    "ChildTuningFState",
     "ClipByGlobalNormState",
     "ClipByLeafNormState",
     "LayerwiseLrDecayState",
@@ -52,9 +62,13 @@ __all__ = (
     "auto_clip",
     "by_path",
     "cached_value_and_grad",
+    "child_tuning_d",
+    "child_tuning_f",
     "clip_by_global_norm",
     "clip_by_leaf_norm",
     "expected_gradients",
+    "fisher_information",
+    "fisher_mask",
     "global_norm",
     "info_nce",
     "integrated_gradients",

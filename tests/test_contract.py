@@ -58,6 +58,8 @@ class Entry:
     fields: state fields a user logs, read with ``optax.tree_utils.tree_get``.
     needs: params paths (keys of ``SHAPES``) the entry's rules must see; the masked
       and partition checks never mask them out.
+    trains: for a transformation that by design never moves some coordinates (a fixed
+      mask), ``{path: bool array}`` of those it moves; convergence is measured on them.
   """
 
   name: str
@@ -66,6 +68,7 @@ class Entry:
   static_args: tuple[str, ...] = ()
   fields: tuple[str, ...] = ()
   needs: tuple[str, ...] = ()
+  trains: dict[str, Any] | None = None
 
   def make(self) -> optax.GradientTransformation:
     return self.factory(**self.kwargs)
@@ -76,6 +79,7 @@ class Entry:
 
 _CLIP = ("grad_norm", "clip_scale")
 _SCHEDULE = optax.linear_schedule(2.0, 0.5, transition_steps=20)
+_FIXED_MASK = {k: np.arange(np.prod(s)).reshape(s) % 3 != 1 for k, s in SHAPES.items()}
 
 TRANSFORMATIONS = (
     Entry("clip_by_global_norm-hard", gradtx.clip_by_global_norm, dict(max_norm=1.0),
@@ -96,6 +100,13 @@ TRANSFORMATIONS = (
           dict(decay=0.5, num_layers=2, depth_rules={r"w(\d)": 0, "b": 3}), needs=("b",)),
     Entry("by_path", gradtx.by_path,
           dict(rules={"w.*": gradtx.clip_by_global_norm(1.0)}, default=optax.identity())),
+    Entry("child_tuning_f", gradtx.child_tuning_f, dict(reserve_p=0.5, key=jax.random.key(0)),
+          static_args=("key",), fields=("mask_density",)),
+    Entry("child_tuning_f-jax-prng-schedule", gradtx.child_tuning_f,
+          dict(reserve_p=optax.linear_schedule(0.9, 0.5, 10), key=jax.random.key(1),
+               rescale=False, prng="jax"), static_args=("key",), fields=("mask_density",)),
+    Entry("child_tuning_d", gradtx.child_tuning_d, dict(mask=_FIXED_MASK),
+          fields=("mask_density",), trains=_FIXED_MASK),
 )
 
 each_entry = pytest.mark.parametrize("entry", TRANSFORMATIONS, ids=lambda e: e.name)
@@ -380,9 +391,14 @@ def test_converges_inside_scan(entry):
     return params, state, losses
 
   params = params_tree()
-  initial = float(loss(params))
-  _, state, losses = run(params)
+  final_params, state, losses = run(params)
   assert all_finite(state) and all_finite(losses)
+  if entry.trains is not None:  # measure on the coordinates the entry moves
+    trained = lambda p: {k: jnp.where(entry.trains[k], p[k], _TARGET[k]) for k in SHAPES}  # noqa: E731
+    losses = [loss(trained(params)), loss(trained(final_params))]
+    frozen = {k: np.asarray(final_params[k])[~entry.trains[k]] for k in SHAPES}
+    assert_trees_equal(frozen, {k: np.asarray(params[k])[~entry.trains[k]] for k in SHAPES})
+  initial = float(loss(params)) if entry.trains is None else float(losses[0])
   assert float(losses[-1]) < 0.01 * initial, (initial, np.asarray(losses).tolist())
 
 

@@ -1,0 +1,500 @@
+r"""ChildTuning: train a random or Fisher-chosen "child" subset of the parameters.
+
+ChildTuning fine-tunes a large pretrained model by letting only some coordinates move:
+
+* **ChildTuning-F** (task-free): every step, an independent Bernoulli(p) mask per
+  element, ``u = g ⊙ M / p`` (unbiased: ``E[u] = g``).
+* **ChildTuning-D** (task-driven): one fixed mask, the coordinates whose empirical
+  Fisher information ``F = mean_b(g_b²)`` is in the top ``p`` fraction; ``u = g ⊙ M``.
+
+Both are gradient transformations, so where they sit in an ``optax.chain`` decides what
+they mask: before the optimizer they mask the *gradient* (the paper, which patches
+AdamW: ``chain(child_tuning_f(p, key=k), optax.adamw(lr))``); after it they mask the
+*update* (Su's "incre drop": ``chain(optax.adamw(lr), child_tuning_f(p, key=k))``).
+Su's analysis of the first placement: Adam's moments keep the masked coordinates moving,
+and in the long run gradient dropout acts on Adam like a learning rate times ``√p``.
+
+The F masks need ``numel(params)`` random bits every step. On CPU, JAX's threefry
+generator costs about six AdamW steps for the same number of parameters, so the default
+``prng="hash"`` draws them from a counter-based integer hash instead: per element,
+two rounds of Wellons' ``lowbias32`` mixer over ``(index, 64 seed bits)``, the seed coming
+from the state's key, the step and the leaf's path. That is a few fused integer ops per
+element, far below an optimizer step's memory traffic, and statistically fine for masks
+(the tests check density, independence across leaves and steps, and unbiasedness);
+``prng="jax"`` uses ``jax.random.bernoulli`` with the key's own implementation (pass a
+``jax.random.key(seed, impl="rbg")`` key for the faster XLA generator on accelerators).
+
+References:
+  Xu, Luo, Zhang, Tan, Chang, Huang, Huang, "Raise a child in large language model:
+  towards effective and generalizable fine-tuning", EMNLP 2021, arXiv:2109.05687.
+  Su, "ChildTuning: dropout on gradients", kexue.fm/archives/8764, 2021.
+  Wellons, "Hash function prospector" (lowbias32), 2018.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gradtx import _checks, _tree
+
+PRNGS = ("hash", "jax")
+SCOPES = ("global", "per_leaf")
+
+# --------------------------------------------------------------------------------------
+# Random masks.
+
+
+def _lowbias32(x: jax.Array) -> jax.Array:
+  """Wellons' lowbias32 integer mixer (a bijection of uint32 with low avalanche bias)."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def _hash_uniform(seed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Uniform [0, 1) float32 per element from a counter hash keyed by two uint32 words."""
+  index = jax.lax.iota(jnp.uint32, max(int(np.prod(shape)), 1))[:int(np.prod(shape))]
+  bits = _lowbias32(_lowbias32(index * jnp.uint32(0x9E3779B9) + seed[0]) ^ seed[1])
+  return ((bits >> 8).astype(jnp.float32) * (2.0**-24)).reshape(shape)
+
+
+def _path_id(path: str) -> int:
+  return zlib.crc32(path.encode()) & 0x7FFFFFFF
+
+
+def _bernoulli_masks(step_key: jax.Array, tree: Any, p: jax.Array, prng: str) -> Any:
+  """One Bernoulli(p) mask per leaf; a leaf's mask depends on the key and its path only."""
+  paths, treedef = _tree.leaf_paths_and_treedef(tree)
+  masks = []
+  for path, leaf in zip(paths, jax.tree.leaves(tree), strict=True):
+    leaf_key = jax.random.fold_in(step_key, _path_id(path))
+    if prng == "hash":
+      seed = jax.random.key_data(leaf_key).reshape(-1)[:2].astype(jnp.uint32)
+      masks.append(_hash_uniform(seed, jnp.shape(leaf)) < p)
+    else:
+      masks.append(jax.random.bernoulli(leaf_key, p, jnp.shape(leaf)))
+  return jax.tree.unflatten(treedef, masks)
+
+
+def _as_key(key: Any) -> jax.Array:
+  """A typed key array from a typed key or a raw ``PRNGKey`` (uint32) array."""
+  if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    if key.shape != ():
+      raise ValueError(f"key must be a single key (shape ()), got shape {key.shape}")
+    return key
+  arr = jnp.asarray(key) if isinstance(key, (jax.Array, np.ndarray)) else None
+  if arr is None or arr.dtype != jnp.uint32 or arr.ndim != 1:
+    raise TypeError(f"key must be a jax.random key (jax.random.key(seed) or "
+                    f"jax.random.PRNGKey(seed)), got {key!r}")
+  return jax.random.wrap_key_data(arr)
+
+
+def _masked_count_and_size(masks: Any) -> tuple[jax.Array, int]:
+  leaves = jax.tree.leaves(masks)
+  kept = sum((jnp.sum(m, dtype=jnp.float32) for m in leaves), jnp.zeros((), jnp.float32))
+  return kept, sum(int(np.size(m)) for m in leaves)
+
+
+def _density(masks: Any) -> jax.Array:
+  kept, size = _masked_count_and_size(masks)
+  return kept / max(size, 1)
+
+
+def _sharded_like(x: jax.Array, ref: Any) -> jax.Array:
+  """``x`` with the sharding of ``ref`` (under an explicit mesh, or for concrete arrays)."""
+  if isinstance(ref, jax.Array) and not isinstance(ref, jax.core.Tracer):
+    return jax.device_put(x, ref.sharding)
+  sharding = jax.typeof(ref).sharding
+  if sharding.mesh.empty or not sharding.mesh.are_all_axes_explicit:
+    return x  # the compiler propagates shardings itself
+  return jax.sharding.reshard(x, sharding.spec)
+
+
+def _apply_mask(updates: Any, masks: Any, scale: jax.Array | None) -> Any:
+  def leaf(u, m):
+    kept = u if scale is None else (u * scale).astype(u.dtype)
+    return jnp.where(_sharded_like(m, u), kept, jnp.zeros_like(u))
+
+  return jax.tree.map(leaf, updates, masks)
+
+
+class ChildTuningFState(NamedTuple):
+  """State of :func:`child_tuning_f`.
+
+  Attributes:
+    count: number of updates so far (drives a ``reserve_p`` schedule).
+    rng_key: the raw key data (uint32) the next step's masks are drawn from.
+    mask_density: the fraction of coordinates the last mask kept (≈ ``reserve_p``).
+  """
+
+  count: chex.Array
+  rng_key: chex.Array
+  mask_density: chex.Array
+
+
+def child_tuning_f(
+    reserve_p: optax.ScalarOrSchedule,
+    *,
+    key: jax.Array,
+    rescale: bool = True,
+    prng: str = "hash",
+) -> optax.GradientTransformation:
+  r"""ChildTuning-F: a fresh Bernoulli(p) mask on every coordinate, every step.
+
+  .. math::
+    u = \frac{g \odot M}{p}, \qquad M_{ij} \sim \mathrm{Bernoulli}(p)
+    \text{ i.i.d. over elements, leaves and steps}
+
+  so ``E[u] = g`` (with ``rescale=False``, ``u = g ⊙ M``). Chain it before the optimizer
+  to mask the gradient, as the paper does, or after it to mask the update (Su).
+
+  The masks are reproducible: the same ``key`` gives the same masks, and a leaf's mask
+  depends only on the key, the step and the leaf's path (so wrapping the transformation
+  in ``optax.masked`` does not change the masks of the leaves it still sees).
+  A NaN/inf gradient entry stays NaN/inf where the mask keeps it and becomes 0 where it
+  drops it; the state holds no gradient statistics, so nothing is poisoned.
+
+  Args:
+    reserve_p: the keep probability ``p`` in (0, 1], or a schedule ``count -> p``.
+    key: a ``jax.random`` key; the state carries it forward, split every step. Under
+      ``optax.inject_hyperparams`` list ``"key"`` in ``static_args``.
+    rescale: divide kept coordinates by ``p`` (the paper's unbiased estimator).
+    prng: ``"hash"`` (default: a counter-based hash, cheap enough to hide in an AdamW
+      step; see the module docstring) or ``"jax"`` (``jax.random.bernoulli`` with the
+      key's implementation).
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is :class:`ChildTuningFState`
+    (``mask_density`` for logging).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, gradtx
+    >>> tx = optax.chain(gradtx.child_tuning_f(0.3, key=jax.random.key(0)),
+    ...                  optax.adamw(1e-3))
+    >>> params = {"w": jnp.ones((100, 100))}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+    >>> density = optax.tree_utils.tree_get(state, "mask_density")
+    >>> bool(abs(density - 0.3) < 0.02)
+    True
+
+  References:
+    Xu et al., "Raise a child in large language model: towards effective and
+    generalizable fine-tuning", EMNLP 2021, arXiv:2109.05687.
+  """
+  _checks.check_in_interval("reserve_p", reserve_p, 0.0, 1.0, low_open=True)
+  _checks.check_choice("prng", prng, PRNGS)
+  if not isinstance(rescale, bool):
+    raise TypeError(f"rescale must be a bool, got {rescale!r}")
+  typed_key = _as_key(key)
+  impl = jax.random.key_impl(typed_key)
+
+  def init_fn(params):
+    del params
+    return ChildTuningFState(
+        count=jnp.zeros((), jnp.int32),
+        rng_key=jax.random.key_data(typed_key),
+        mask_density=jnp.ones((), jnp.float32),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    p = jnp.asarray(reserve_p(state.count) if callable(reserve_p) else reserve_p,
+                    jnp.float32)
+    next_key, step_key = jax.random.split(jax.random.wrap_key_data(state.rng_key, impl=impl))
+    masks = _bernoulli_masks(step_key, updates, p, prng)
+    new_updates = _apply_mask(updates, masks, 1.0 / p if rescale else None)
+    new_state = ChildTuningFState(
+        count=optax.safe_increment(state.count),
+        rng_key=jax.random.key_data(next_key),
+        mask_density=_density(masks),
+    )
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------------------
+# Fisher information and the fixed mask.
+
+
+def _clip(grads: Any, clip_norm: float | None, clip_scope: str) -> Any:
+  if clip_norm is None:
+    return grads
+
+  def scale(norm):
+    return jnp.minimum(1.0, clip_norm / jnp.maximum(norm, jnp.finfo(norm.dtype).tiny))
+
+  if clip_scope == "global":
+    factor = scale(optax.global_norm(grads))
+    return jax.tree.map(lambda g: g * factor.astype(g.dtype), grads)
+  return jax.tree.map(lambda g: g * scale(jnp.linalg.norm(g.ravel())).astype(g.dtype), grads)
+
+
+def _is_sequence_of_batches(batches: Any) -> bool:
+  if isinstance(batches, list):
+    return True
+  if isinstance(batches, (tuple, Mapping, jax.Array, np.ndarray)):
+    return False
+  return isinstance(batches, Iterable)
+
+
+def fisher_information(
+    loss_fn: Callable[[Any, Any], jax.Array],
+    params: Any,
+    batches: Any,
+    *,
+    clip_norm: float | None = None,
+    clip_scope: str = "per_leaf",
+    per_example: bool = False,
+) -> Any:
+  r"""The empirical Fisher information (diagonal): mean squared gradient per coordinate.
+
+  .. math::
+    F = \frac{1}{B} \sum_{b=1}^{B} \mathrm{clip}(\nabla_\theta L(\theta; b))^{\odot 2}
+
+  over batches ``b`` (the ChildTuning-D recipe), or with ``per_example=True`` over the
+  examples of every batch, each with its own gradient (``vmap``; the textbook empirical
+  Fisher).
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar``; with ``per_example=True`` it is called
+      on batches of one example (leading axis 1).
+    params: the pytree to differentiate.
+    batches: a ``list`` or any iterable that is not a pytree (a generator, a data
+      loader) of batches, accumulated one jit-compiled step at a time; or a *stacked*
+      pytree (array, dict, tuple) whose leaves share a leading axis of batches, reduced
+      inside one ``lax.scan``.
+    clip_norm: clip each gradient (per batch, or per example) to this L2 norm before
+      squaring; ``None`` = no clipping.
+    clip_scope: ``"per_leaf"`` (the original code clips every tensor by its own norm) or
+      ``"global"`` (the norm of the whole gradient pytree).
+    per_example: average over examples rather than batches.
+
+  Returns:
+    A pytree like ``params`` (float32 or wider) of non-negative Fisher values.
+
+  Example:
+    >>> import jax.numpy as jnp, gradtx
+    >>> loss = lambda p, b: jnp.sum(p["w"] * b)
+    >>> batches = jnp.array([[1.0, 2.0], [3.0, 0.0]])     # 2 batches
+    >>> gradtx.fisher_information(loss, {"w": jnp.zeros(2)}, batches)["w"].tolist()
+    [5.0, 2.0]
+
+  References:
+    Xu et al., EMNLP 2021, arXiv:2109.05687 (ChildTuning-D's Fisher pass).
+  """
+  if clip_norm is not None:
+    _checks.check_positive("clip_norm", clip_norm, allow_schedule=False)
+  _checks.check_choice("clip_scope", clip_scope, ("per_leaf", "global"))
+  if not isinstance(per_example, bool):
+    raise TypeError(f"per_example must be a bool, got {per_example!r}")
+  if not callable(loss_fn):
+    raise TypeError(f"loss_fn must be callable as loss_fn(params, batch), got {loss_fn!r}")
+  acc_dtype = lambda x: jnp.promote_types(jnp.result_type(x), jnp.float32)  # noqa: E731
+  grad = jax.grad(loss_fn)
+
+  def squared(batch):
+    """(sum of squared clipped gradients, number of terms) of one batch."""
+    if not per_example:
+      g = _clip(grad(params, batch), clip_norm, clip_scope)
+      return jax.tree.map(lambda x: jnp.square(x.astype(acc_dtype(x))), g), 1.0
+    one = lambda example: _clip(  # noqa: E731
+        grad(params, jax.tree.map(lambda a: a[None], example)), clip_norm, clip_scope)
+    per = jax.vmap(one)(batch)
+    n = jax.tree.leaves(batch)[0].shape[0]
+    return jax.tree.map(lambda x: jnp.sum(jnp.square(x.astype(acc_dtype(x))), 0), per), n
+
+  zero = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), acc_dtype(p)), params)
+
+  @jax.jit
+  def add(total, count, batch):
+    sq, n = squared(batch)
+    return jax.tree.map(jnp.add, total, sq), count + n
+
+  if _is_sequence_of_batches(batches):
+    total, count = zero, jnp.zeros((), jnp.float32)
+    for batch in batches:
+      total, count = add(total, count, batch)
+  else:
+    leaves = jax.tree.leaves(batches)
+    if not leaves:
+      raise ValueError("batches must hold at least one array, got an empty pytree")
+    _checks.common_leading_size("batches", [
+        (p or "batches", x) for p, x in zip(_tree.tree_paths(batches), leaves, strict=True)],
+        what="number of batches")
+
+    @jax.jit
+    def scan(stacked):
+      def body(carry, batch):
+        return add(*carry, batch), None
+
+      return jax.lax.scan(body, (zero, jnp.zeros((), jnp.float32)), stacked)[0]
+
+    total, count = scan(batches)
+  if float(count) == 0:
+    raise ValueError("batches must yield at least one batch, got none")
+  return jax.tree.map(lambda t: t / count.astype(t.dtype), total)
+
+
+def fisher_mask(
+    fisher: Any,
+    reserve_p: float,
+    *,
+    include: str | Iterable[str] | None = None,
+    scope: str = "global",
+) -> Any:
+  r"""ChildTuning-D's mask: keep the coordinates with the largest Fisher information.
+
+  .. math::
+    M = F \ge \mathrm{percentile}_{100 (1 - p)}\big(\{F_i : i \text{ included}\}\big)
+
+  with ``numpy.percentile``'s default (linear) interpolation, computed in float64 on
+  the host, as the original code does. ``scope="global"`` thresholds all included
+  values together (the original); ``"per_leaf"`` thresholds every tensor by itself.
+  Leaves that are not included get an all-True mask (they train freely, as the
+  original's embeddings and head do).
+
+  Args:
+    fisher: a pytree of non-negative arrays (:func:`fisher_information`).
+    reserve_p: the fraction ``p`` in (0, 1] of included coordinates to keep.
+    include: path regexes (``re.fullmatch`` on the paths of ``gradtx.tree_paths``) of
+      the leaves to select among; ``None`` = all leaves. The original selects the
+      encoder layers, e.g. ``r".*layer.*"``. Every regex must match some leaf.
+    scope: ``"global"`` or ``"per_leaf"``.
+
+  Returns:
+    A boolean pytree like ``fisher``, for :func:`child_tuning_d`.
+
+  Example:
+    >>> import jax.numpy as jnp, gradtx
+    >>> fisher = {"head": jnp.array([0.0, 1.0]), "layer": jnp.array([1.0, 4.0, 2.0, 3.0])}
+    >>> mask = gradtx.fisher_mask(fisher, 0.5, include=["layer"])
+    >>> mask["head"].tolist(), mask["layer"].tolist()
+    ([True, True], [False, True, False, True])
+
+  References:
+    Xu et al., EMNLP 2021, arXiv:2109.05687.
+  """
+  _checks.check_in_interval("reserve_p", reserve_p, 0.0, 1.0, low_open=True)
+  if _checks.concrete_scalar(reserve_p) is None:
+    raise TypeError(f"reserve_p must be a number in (0, 1], got {reserve_p!r}")
+  _checks.check_choice("scope", scope, SCOPES)
+  paths, treedef = _tree.leaf_paths_and_treedef(fisher)
+  values = [np.asarray(x, np.float64) for x in jax.tree.leaves(fisher)]
+  if include is None:
+    selected = [True] * len(paths)
+  else:
+    patterns = [include] if isinstance(include, str) else list(include)
+    rules = [(pattern, True) for pattern in patterns]
+    # Every rule must claim a leaf; leaves no rule claims are simply not included.
+    matches = _tree.match_rules(paths, rules, argname="include", has_default=True)
+    selected = [m is not None for m in matches]
+  q = 100.0 * (1.0 - float(reserve_p))
+  if scope == "global":
+    chosen = [v.ravel() for v, s in zip(values, selected, strict=True) if s]
+    pool = np.concatenate(chosen) if chosen else np.zeros(0)
+    threshold = np.percentile(pool, q) if pool.size else np.inf
+    thresholds = [threshold] * len(values)
+  else:
+    thresholds = [np.percentile(v, q) if v.size else np.inf for v in values]
+  masks = [v >= t if s else np.ones(v.shape, bool)
+           for v, t, s in zip(values, thresholds, selected, strict=True)]
+  return jax.tree.unflatten(treedef, [jnp.asarray(m) for m in masks])
+
+
+def _align_mask(mask_by_path: dict[str, np.ndarray], params: Any) -> Any:
+  """The mask laid out like ``params`` (keeping its ``None``/``MaskedNode`` placeholders)."""
+  paths, treedef = _tree.leaf_paths_and_treedef(params)
+  missing, wrong, out = [], [], []
+  for path, leaf in zip(paths, jax.tree.leaves(params), strict=True):
+    if path not in mask_by_path:
+      missing.append(path)
+    elif mask_by_path[path].shape != jnp.shape(leaf):
+      wrong.append(f"{path!r}: mask {mask_by_path[path].shape} vs params {jnp.shape(leaf)}")
+    else:
+      out.append(mask_by_path[path])
+  if missing:
+    raise ValueError(f"mask has no leaf for the params paths {missing}; the mask's paths "
+                     f"are {sorted(mask_by_path)}")
+  if wrong:
+    raise ValueError(f"mask and params shapes differ at {', '.join(wrong)}")
+  return jax.tree.unflatten(treedef, out)
+
+
+class ChildTuningDState(NamedTuple):
+  """State of :func:`child_tuning_d`.
+
+  Attributes:
+    mask: the fixed boolean mask, laid out like the params (an input of the compiled
+      step, not a constant baked into it; shardable like the params).
+    mask_density: the fraction of the params' coordinates the mask keeps.
+  """
+
+  mask: Any
+  mask_density: chex.Array
+
+
+def child_tuning_d(mask: Any, *, rescale: bool = False) -> optax.GradientTransformation:
+  r"""ChildTuning-D: a fixed mask, typically the top-p Fisher coordinates.
+
+  .. math::
+    u = g \odot M \qquad (\text{or } g \odot M / \rho \text{ with } ``rescale``,
+    \ \rho = \text{the fraction of coordinates } M \text{ keeps})
+
+  The original does not rescale. The mask is matched to the params by path at ``init``:
+  every params leaf needs a mask leaf of its shape; mask leaves for paths the params
+  do not have (e.g. leaves ``optax.masked`` hides) are ignored. A NaN/inf gradient entry
+  stays where the mask keeps it and becomes 0 where it drops it.
+
+  Args:
+    mask: a boolean pytree, e.g. from :func:`fisher_mask`.
+    rescale: divide the kept coordinates by the mask's density.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is :class:`ChildTuningDState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, gradtx
+    >>> mask = {"w": jnp.array([True, False, True])}
+    >>> tx = gradtx.child_tuning_d(mask)
+    >>> g = {"w": jnp.array([1.0, 2.0, 3.0])}
+    >>> tx.update(g, tx.init(g))[0]["w"].tolist()
+    [1.0, 0.0, 3.0]
+
+  References:
+    Xu et al., "Raise a child in large language model: towards effective and
+    generalizable fine-tuning", EMNLP 2021, arXiv:2109.05687.
+  """
+  if not isinstance(rescale, bool):
+    raise TypeError(f"rescale must be a bool, got {rescale!r}")
+  paths = _tree.tree_paths(mask)
+  leaves = jax.tree.leaves(mask)
+  not_bool = [f"{p!r} ({jnp.result_type(x)})" for p, x in zip(paths, leaves, strict=True)
+              if jnp.result_type(x) != jnp.bool_]
+  if not_bool:
+    raise TypeError(f"mask must be a pytree of boolean arrays; not boolean: "
+                    f"{', '.join(not_bool)}")
+  mask_by_path = {p: np.asarray(x) for p, x in zip(paths, leaves, strict=True)}
+
+  def init_fn(params):
+    aligned = jax.tree.map(lambda m, p: _sharded_like(jnp.asarray(m), p),
+                           _align_mask(mask_by_path, params), params)
+    return ChildTuningDState(mask=aligned, mask_density=_density(aligned))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    scale = 1.0 / jnp.maximum(state.mask_density, 1e-12) if rescale else None
+    return _apply_mask(updates, state.mask, scale), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
