@@ -113,7 +113,9 @@ def _density(masks: Any) -> jax.Array:
 def _sharded_like(x: jax.Array, ref: Any) -> jax.Array:
   """``x`` with the sharding of ``ref`` (under an explicit mesh, or for concrete arrays)."""
   if isinstance(ref, jax.Array) and not isinstance(ref, jax.core.Tracer):
-    return jax.device_put(x, ref.sharding)
+    # Only a multi-device layout is copied: committing to one device would change how
+    # jit caches the step (its first call would see committed and uncommitted inputs).
+    return jax.device_put(x, ref.sharding) if len(ref.sharding.device_set) > 1 else x
   sharding = jax.typeof(ref).sharding
   if sharding.mesh.empty or not sharding.mesh.are_all_axes_explicit:
     return x  # the compiler propagates shardings itself
