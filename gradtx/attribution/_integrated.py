@@ -171,7 +171,9 @@ def _sum_over_steps(step_fn: Callable, step_args: Any, num_steps: int,
   """``Σ_k step_fn(step_args[k])``, evaluating at most ``batch_size`` steps at once.
 
   Full chunks run under ``lax.scan`` (one chunk of vmapped steps live at a time); a
-  remainder that does not fill a chunk runs once more, vmapped, after the scan.
+  remainder that does not fill a chunk runs once more, vmapped, after the scan. The scan
+  starts from the first chunk's sum rather than from zeros, so its carry has the sums'
+  exact type (inside ``shard_map`` they vary over the mesh axis; zeros would not).
   """
   vstep = jax.vmap(step_fn)
 
@@ -184,13 +186,12 @@ def _sum_over_steps(step_fn: Callable, step_args: Any, num_steps: int,
   full = num_chunks * batch_size
   chunked = jax.tree.map(
       lambda a: a[:full].reshape((num_chunks, batch_size) + a.shape[1:]), step_args)
-  zero = jax.eval_shape(chunk_sum, jax.tree.map(lambda a: a[0], chunked))
-  zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
 
   def body(total, args):
     return jax.tree.map(jnp.add, total, chunk_sum(args)), None
 
-  total, _ = jax.lax.scan(body, zero, chunked)
+  first = chunk_sum(jax.tree.map(lambda a: a[0], chunked))
+  total, _ = jax.lax.scan(body, first, jax.tree.map(lambda a: a[1:], chunked))
   if rest:
     tail = chunk_sum(jax.tree.map(lambda a: a[full:], step_args))
     total = jax.tree.map(jnp.add, total, tail)
@@ -228,7 +229,10 @@ def integrated_gradients(
   mapped to [0, 1].
 
   ``fn`` must treat examples independently (no batch statistics): the gradient of the
-  summed outputs is then every example's own gradient.
+  summed outputs is then every example's own gradient. Sharding: inputs sharded over
+  examples (``jit`` or ``jax.shard_map``) give the one-device result. On a mesh with
+  *Explicit* axes (``jax.make_mesh``'s default), convolutions need ``batch_size=1``:
+  their batching rule would fold several vmapped steps into the sharded batch axis.
 
   Args:
     fn: maps a batch (the structure of ``inputs``, leading axis N) to one scalar per
