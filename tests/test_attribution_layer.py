@@ -462,8 +462,8 @@ def test_errors():
     lig(fn, ids, "Embed_0", target=0, baseline=jnp.zeros_like(ids), layer_baseline=0.0)
   with pytest.raises(ValueError, match=r"layer_baseline must have the per-example shape "
                                        r"\(5, 4\) of the output of layer 'Embed_0'.*"
-                                       r"got shape \(4,\)"):
-    lig(fn, ids, "Embed_0", target=0, layer_baseline=jnp.zeros(DIM))
+                                       r"got shape \(3,\)"):
+    lig(fn, ids, "Embed_0", target=0, layer_baseline=jnp.zeros(DIM - 1))
   with pytest.raises(ValueError, match=r"layer_baseline must have the per-example shape.*"
                                        r"got shape \(2, 5, 4\)"):
     lig(fn, ids, "Embed_0", target=0, layer_baseline=jnp.zeros((2, 5, DIM)))
@@ -498,3 +498,14 @@ def test_nnx_errors():
                                        r"model=\)"):
     lig(lambda i: model(i), ids, "embed", target=0)
   assert type(model.embed) is nnx.Embed
+
+
+def test_one_embedding_vector_as_layer_baseline_broadcasts_over_tokens():
+  """A (D,) layer baseline (say, the padding embedding) is that vector at every token."""
+  fn, p, ids = _text_problem(seed=3)
+  pad = _text_embed(p, 0)
+  h, g = _text_embed(p, ids), _text_rest(p)
+  got = gradtx.layer_integrated_gradients(fn, ids, "Embed_0", target=1, layer_baseline=pad,
+                                          steps=8)
+  want, _ = _reference_lig(g, h, jnp.broadcast_to(pad, h.shape), "gausslegendre", 8, 1)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -99,6 +99,13 @@ def _check_inputs(inputs: Any) -> tuple[list[str], list[jax.Array], Any, int]:
   return paths, leaves, treedef, batch
 
 
+def _broadcasts(shape: tuple[int, ...], to: tuple[int, ...]) -> bool:
+  try:
+    return np.broadcast_shapes(shape, to) == to
+  except ValueError:
+    return False
+
+
 def resolve_baseline(baseline: Any, paths, leaves, treedef, *, argname: str = "baseline",
                      of: str = "inputs") -> list[jax.Array]:
   """Per-leaf baselines broadcast to each leaf's full (N, ...) shape (``of`` names them)."""
@@ -111,10 +118,11 @@ def resolve_baseline(baseline: Any, paths, leaves, treedef, *, argname: str = "b
   out = []
   for path, x, b in zip(paths, leaves, jax.tree.leaves(baseline), strict=True):
     b = jnp.asarray(b)
-    if b.shape not in (x.shape, x.shape[1:], ()):
+    if b.shape != x.shape and not _broadcasts(b.shape, x.shape[1:]):
       raise ValueError(
           f"{_name(argname, path)} must have the per-example shape {x.shape[1:]} of "
-          f"{of}, one per example {x.shape}, or be a scalar, got shape {b.shape}")
+          f"{of} (or a shape that broadcasts to it, e.g. a scalar), or one per example "
+          f"{x.shape}, got shape {b.shape}")
     out.append(jnp.broadcast_to(b.astype(x.dtype), x.shape))
   return out
 
@@ -240,8 +248,8 @@ def integrated_gradients(
     inputs: a floating-point batch (N, ...), or a pytree of such batches sharing N
       (a multi-input model).
     baseline: ``x'``. ``None`` = zeros; else, with the structure of ``inputs``, per
-      leaf an array of the per-example shape (shared by every example), of the full
-      (N, ...) shape (one per example), or a scalar.
+      leaf an array of the per-example shape or one that broadcasts to it (shared by
+      every example; a scalar), or of the full (N, ...) shape (one per example).
     steps: number of quadrature nodes n >= 1 (>= 2 for ``riemann_trapezoid``).
     method: ``"gausslegendre"`` (default), ``"riemann_left"``, ``"riemann_right"``,
       ``"riemann_middle"`` or ``"riemann_trapezoid"``.

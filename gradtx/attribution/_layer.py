@@ -141,7 +141,8 @@ def _cut_fn(fn: Callable, layer: str, model: nnx.Module | None) -> Callable:
         message += ("; is fn calling model itself (not a copy made by nnx.merge or an nnx "
                     "transform)?")
       elif called:
-        message += f"; the linen module paths fn called are {sorted(set(called))}"
+        message += (f"; the linen module paths fn called are "
+                  f"{sorted(set(called) - {''})}")
       else:
         message += "; fn called no linen module (for an nnx model, pass model=)"
       raise ValueError(message)
@@ -176,6 +177,10 @@ def layer_integrated_gradients(
   :func:`integrated_gradients`. The completeness delta is
   ``Σ LIG - (g(h(x)) - g(h(x')))``.
 
+  Put models in inference mode first (``deterministic=True``, ``model.eval()`` for
+  nnx): dropout's random state cannot advance inside the traced path. A layer inside a
+  linen ``nn.scan`` (one module standing for every iteration) is not supported.
+
   Args:
     fn: maps the batch ``inputs`` to (N,) or (N, C) outputs, calling the layer exactly
       once. For linen, e.g. ``lambda ids: model.apply(variables, ids)``; for nnx, a
@@ -189,8 +194,9 @@ def layer_integrated_gradients(
     baseline: input-space baseline ``x'`` whose layer output is ``h(x')`` (as in
       :func:`integrated_gradients`; ``None`` = zeros, e.g. the padding token id 0).
     layer_baseline: or the layer-space baseline ``h(x')`` itself: with the layer
-      output's structure, per-example or full shapes, or scalars (``0.0`` = a zero
-      embedding). At most one of ``baseline`` and ``layer_baseline``.
+      output's structure, per leaf the full shape or one that broadcasts to the
+      per-example shape (``0.0`` = a zero embedding; a (D,) vector = one embedding at
+      every token). At most one of ``baseline`` and ``layer_baseline``.
     steps: number of quadrature nodes.
     method: quadrature, as in :func:`integrated_gradients`.
     batch_size: interpolation points evaluated at once; ``None`` = all ``steps``.
