@@ -61,3 +61,19 @@ def test_readme_attribution_example_is_complete():
   x = ns["x"]
   gap = ns["mlp"](x)[:, 0] - ns["mlp"](jnp.zeros_like(x))[:, 0]
   assert float(jnp.max(jnp.abs(ns["attr"].sum(1) - gap))) < 1e-4
+
+
+def test_readme_child_tuning_example_keeps_the_top_fisher_coordinates():
+  import numpy as np
+
+  namespace = {}
+  exec(compile(BLOCKS[3], "README.md", "exec"), namespace)  # noqa: S102
+  ns = namespace
+  assert bool(np.all(np.asarray(ns["mask"]["head"])))
+  # The encoder's kept fraction is 30% of the included values (ties aside), globally.
+  encoder = np.concatenate([np.asarray(ns["fisher"]["encoder"][k]).ravel()
+                            for k in ("layer_0", "layer_1")])
+  kept = np.concatenate([np.asarray(ns["mask"]["encoder"][k]).ravel()
+                         for k in ("layer_0", "layer_1")])
+  np.testing.assert_array_equal(kept, encoder >= np.percentile(encoder, 70.0))
+  assert float(ns["state"][0].mask_density) > 0.3  # the head trains freely
