@@ -38,6 +38,20 @@ from gradtx.contrastive import (
     supervised_contrastive,
     surrogate_loss,
 )
+from gradtx.curvature import (
+    ScaleByDiagNewtonState,
+    diag_newton,
+    hutchinson_diagonal,
+    scale_by_diag_newton,
+)
+from gradtx.exponentiated import (
+    EGPlusMinusState,
+    ExponentiatedGradientState,
+    NormalizedMultiplicativeState,
+    eg_plus_minus,
+    exponentiated_gradient,
+    normalized_multiplicative,
+)
 from gradtx.layerwise import (
     LayerwiseLrDecayState,
     ScaleByPathState,
@@ -46,6 +60,12 @@ from gradtx.layerwise import (
     layerwise_lr_decay,
     path_labels,
     scale_by_path,
+)
+from gradtx.step_size import (
+    EGStepSizeState,
+    HypergradientDescentState,
+    eg_step_size,
+    hypergradient_descent,
 )
 
 __version__ = "0.1.0"
@@ -56,7 +76,13 @@ __all__ = (
     "ChildTuningFState",
     "ClipByGlobalNormState",
     "ClipByLeafNormState",
+    "EGPlusMinusState",
+    "EGStepSizeState",
+    "ExponentiatedGradientState",
+    "HypergradientDescentState",
     "LayerwiseLrDecayState",
+    "NormalizedMultiplicativeState",
+    "ScaleByDiagNewtonState",
     "ScaleByPathState",
     "ZScoreClipState",
     "auto_clip",
@@ -66,19 +92,27 @@ __all__ = (
     "child_tuning_f",
     "clip_by_global_norm",
     "clip_by_leaf_norm",
+    "diag_newton",
+    "eg_plus_minus",
+    "eg_step_size",
     "expected_gradients",
+    "exponentiated_gradient",
     "fisher_information",
     "fisher_mask",
     "global_norm",
+    "hutchinson_diagonal",
+    "hypergradient_descent",
     "info_nce",
     "integrated_gradients",
     "l2_normalize",
     "layer_depths",
     "layer_integrated_gradients",
     "layerwise_lr_decay",
+    "normalized_multiplicative",
     "nt_xent",
     "path_labels",
     "representation_grad",
+    "scale_by_diag_newton",
     "scale_by_path",
     "sharded_cached_value_and_grad",
     "supervised_contrastive",

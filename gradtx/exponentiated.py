@@ -1,0 +1,315 @@
+r"""Exponentiated (multiplicative) updates for positive, simplex and signed parameters.
+
+Writing a positive parameter as ``θ = e^φ`` and taking a gradient step on ``φ`` gives, to
+first order, the exponentiated-gradient update ``θ ← θ ⊙ exp(-η ∇_θ L)`` (Kivinen &
+Warmuth's EGU): multiplicative, so positivity is kept for free and small coordinates
+move little. Normalising after the step keeps a probability vector on the simplex; EG±
+handles signed parameters as the difference of two positive ones under a total budget.
+
+The same family contains EM: pLSA's M-step ``p ← p ⊙ G / Σ p ⊙ G`` (``G = -∂L/∂p``) is a
+normalised multiplicative update, :func:`normalized_multiplicative`.
+
+These transformations turn an incoming *direction* ``d`` (a gradient, or e.g. Adam's
+``m̂/(√v̂+ε)``, oriented like the gradient) into the update ``u = θ_new - θ``, so they end
+a chain: ``optax.chain(optax.scale_by_adam(), gradtx.exponentiated_gradient(1e-2))``.
+
+References:
+  Kivinen, Warmuth, "Exponentiated gradient versus gradient descent for linear
+  predictors", Information and Computation 132(1), 1997.
+  Su, "Exponentiated gradient and meta-learned step sizes", kexue.fm/archives/8968.
+  Hofmann, "Probabilistic latent semantic analysis", UAI 1999.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gradtx import _checks, _tree
+
+NORMALIZATIONS = (None, "simplex")
+
+
+def _evaluate(value: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
+  return jnp.asarray(value(count) if callable(value) else value, jnp.float32)
+
+
+def _compute_dtype(x: jax.Array) -> jnp.dtype:
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def _axes(params: Any, axis: Any) -> Any:
+  """Per-leaf axis: an int for every leaf, or ``{regex: int}`` path rules."""
+  if isinstance(axis, int) and not isinstance(axis, bool):
+    return jax.tree.map(lambda _: axis, params)
+  return _tree.map_by_rules(params, axis, argname="axis", has_default=False)[0]
+
+
+def _check_axis_value(axis: Any) -> None:
+  if isinstance(axis, int) and not isinstance(axis, bool):
+    return
+  for _, value in _tree.compile_rules(axis, argname="axis"):
+    if not isinstance(value, int) or isinstance(value, bool):
+      raise TypeError(f"axis: every rule value must be an int axis, got {value!r}")
+
+
+def _require_params(params: Any, name: str) -> None:
+  if params is None:
+    raise ValueError(f"{name} needs the params: call update(updates, state, params)")
+
+
+def _check_params(params: Any, name: str, *, strict: bool) -> None:
+  """Positive (``strict``) or non-negative params, checked when they are concrete."""
+  bad = []
+  for path, leaf in zip(_tree.tree_paths(params), jax.tree.leaves(params), strict=True):
+    if isinstance(leaf, jax.core.Tracer) or np.size(leaf) == 0:
+      continue
+    lowest = float(np.min(np.asarray(leaf, np.float64)))
+    if not (lowest > 0 if strict else lowest >= 0) or not np.isfinite(lowest):
+      bad.append(f"{path!r} (min {lowest:g})")
+  if bad:
+    need = "> 0" if strict else ">= 0"
+    raise ValueError(f"{name} needs params {need} everywhere (a multiplicative update "
+                     f"cannot change their sign); got {', '.join(bad)}")
+
+
+class ExponentiatedGradientState(NamedTuple):
+  """State of :func:`exponentiated_gradient`: ``count`` drives a learning-rate schedule."""
+
+  count: chex.Array
+
+
+def exponentiated_gradient(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    normalize: str | None = None,
+    axis: Any = -1,
+) -> optax.GradientTransformation:
+  r"""Exponentiated-gradient update (EGU), optionally normalised onto the simplex.
+
+  .. math::
+    \text{EGU: } u = \theta \odot \big(e^{-\eta d} - 1\big), \qquad
+    \text{simplex: } u = \frac{\theta \odot e^{-\eta d}}
+      {\sum_{\text{axis}} \theta \odot e^{-\eta d}} - \theta
+
+  where ``d`` is the incoming direction (the gradient, or a preconditioned one). The
+  simplex variant is computed as a softmax of ``log θ - η d`` (no overflow for large
+  ``η d``), so after one step every slice along ``axis`` sums to 1 (the initial params
+  need only be positive). A NaN/inf direction gives NaN updates (propagated).
+
+  Args:
+    learning_rate: ``η`` > 0, or a schedule ``count -> η``.
+    normalize: ``None`` (EGU; params must be >= 0, and 0 stays 0) or ``"simplex"``
+      (params must be > 0).
+    axis: for ``"simplex"``, the axis each probability vector lies along: an int for
+      every leaf, or ``{regex: int}`` path rules (``gradtx.tree_paths``).
+
+  Returns:
+    An ``optax.GradientTransformation``; ``update`` needs ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, gradtx
+    >>> tx = gradtx.exponentiated_gradient(1.0, normalize="simplex")
+    >>> theta = {"p": jnp.array([0.25, 0.25, 0.5])}
+    >>> u, _ = tx.update({"p": jnp.array([0.0, 1.0, 0.0])}, tx.init(theta), theta)
+    >>> new = optax.apply_updates(theta, u)["p"]
+    >>> round(float(new.sum()), 6), bool(new[1] < 0.25)
+    (1.0, True)
+
+  References:
+    Kivinen, Warmuth, "Exponentiated gradient versus gradient descent for linear
+    predictors", Information and Computation 132(1), 1997.
+  """
+  _checks.check_positive("learning_rate", learning_rate)
+  _checks.check_choice("normalize", normalize, NORMALIZATIONS)
+  _check_axis_value(axis)
+  strict = normalize == "simplex"
+
+  def init_fn(params):
+    _check_params(params, "exponentiated_gradient", strict=strict)
+    if strict:
+      _axes(params, axis)  # rules must cover every leaf
+    return ExponentiatedGradientState(count=jnp.zeros((), jnp.int32))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    _require_params(params, "exponentiated_gradient")
+    eta = _evaluate(learning_rate, state.count)
+
+    def egu(d, theta):
+      dt = _compute_dtype(theta)
+      theta_c = theta.astype(dt)
+      return (theta_c * jnp.expm1(-eta.astype(dt) * d.astype(dt))).astype(theta.dtype)
+
+    def simplex(d, theta, ax):
+      dt = _compute_dtype(theta)
+      theta_c = theta.astype(dt)
+      logits = jnp.log(theta_c) - eta.astype(dt) * d.astype(dt)
+      return (jax.nn.softmax(logits, axis=ax) - theta_c).astype(theta.dtype)
+
+    if strict:
+      new_updates = jax.tree.map(simplex, updates, params, _axes(params, axis))
+    else:
+      new_updates = jax.tree.map(egu, updates, params)
+    return new_updates, ExponentiatedGradientState(optax.safe_increment(state.count))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class EGPlusMinusState(NamedTuple):
+  """State of :func:`eg_plus_minus`.
+
+  Attributes:
+    count: number of updates so far (drives a learning-rate schedule).
+    theta_plus: ``θ⁺ > 0``, like the params.
+    theta_minus: ``θ⁻ > 0``, like the params; ``θ = θ⁺ - θ⁻``.
+  """
+
+  count: chex.Array
+  theta_plus: Any
+  theta_minus: Any
+
+
+def eg_plus_minus(
+    learning_rate: optax.ScalarOrSchedule, *, total: float
+) -> optax.GradientTransformation:
+  r"""EG± (Kivinen & Warmuth): exponentiated gradient for signed parameters.
+
+  .. math::
+    \theta = \theta^+ - \theta^-,\quad
+    \theta^\pm \leftarrow \frac{U\, \theta^\pm \odot e^{\mp \eta d}}
+      {\sum (\theta^+ \odot e^{-\eta d} + \theta^- \odot e^{\eta d})},\quad
+    u = (\theta^+ - \theta^-)_{\text{new}} - (\theta^+ - \theta^-)_{\text{old}}
+
+  ``Σ(θ⁺ + θ⁻) = U`` (over every coordinate of every leaf) before and after each step,
+  so ``‖θ‖₁ <= U``. At ``init``, ``θ^± = max(±θ, 0) + s`` with
+  ``s = (U - ‖θ‖₁) / (2 n)`` (n coordinates), which needs ``‖θ‖₁ < U``. The update is
+  computed from the state (not from ``params``), so EG± should end the chain.
+  A NaN/inf direction gives NaN updates and NaN ``θ^±`` (propagated).
+
+  Args:
+    learning_rate: ``η`` > 0, or a schedule ``count -> η``.
+    total: the budget ``U`` > 0.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is :class:`EGPlusMinusState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, gradtx
+    >>> tx = gradtx.eg_plus_minus(0.5, total=4.0)
+    >>> w = {"w": jnp.array([1.0, -1.0])}
+    >>> state = tx.init(w)
+    >>> u, state = tx.update({"w": jnp.array([1.0, 1.0])}, state, w)
+    >>> total = sum(float(x.sum()) for x in (state.theta_plus["w"], state.theta_minus["w"]))
+    >>> round(total, 5), bool(u["w"][0] < 0)
+    (4.0, True)
+
+  References:
+    Kivinen, Warmuth, "Exponentiated gradient versus gradient descent for linear
+    predictors", Information and Computation 132(1), 1997.
+  """
+  _checks.check_positive("learning_rate", learning_rate)
+  _checks.check_positive("total", total, allow_schedule=False)
+  budget = float(total)
+
+  def init_fn(params):
+    leaves = jax.tree.leaves(params)
+    size = sum(int(np.size(x)) for x in leaves)
+    norm1 = sum(jnp.sum(jnp.abs(x.astype(_compute_dtype(x)))) for x in leaves)
+    if leaves and not isinstance(norm1, jax.core.Tracer) and not float(norm1) < budget:
+      raise ValueError(f"eg_plus_minus needs ‖params‖₁ < total so that θ⁺, θ⁻ > 0; got "
+                       f"‖params‖₁ = {float(norm1):g} and total = {total!r}")
+    slack = (budget - norm1) / (2 * max(size, 1))
+
+    def split(sign):
+      return jax.tree.map(
+          lambda x: (jnp.maximum(sign * x, 0) + slack.astype(x.dtype)) if size else x, params)
+
+    return EGPlusMinusState(jnp.zeros((), jnp.int32), split(1), split(-1))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    eta = _evaluate(learning_rate, state.count)
+
+    def grown(theta, d, sign):
+      dt = _compute_dtype(theta)
+      return theta.astype(dt) * jnp.exp(-sign * eta.astype(dt) * d.astype(dt))
+
+    plus = jax.tree.map(lambda t, d: grown(t, d, 1.0), state.theta_plus, updates)
+    minus = jax.tree.map(lambda t, d: grown(t, d, -1.0), state.theta_minus, updates)
+    mass = sum(jnp.sum(x) for x in jax.tree.leaves(plus) + jax.tree.leaves(minus))
+    scale = budget / mass if jax.tree.leaves(plus) else 1.0
+    plus = jax.tree.map(lambda x, t: (x * scale).astype(t.dtype), plus, state.theta_plus)
+    minus = jax.tree.map(lambda x, t: (x * scale).astype(t.dtype), minus, state.theta_minus)
+    new_updates = jax.tree.map(
+        lambda p, m, p0, m0, d: ((p.astype(_compute_dtype(p)) - m) - (p0 - m0)).astype(d.dtype),
+        plus, minus, state.theta_plus, state.theta_minus, updates)
+    return new_updates, EGPlusMinusState(optax.safe_increment(state.count), plus, minus)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class NormalizedMultiplicativeState(NamedTuple):
+  """State of :func:`normalized_multiplicative` (none is needed)."""
+
+
+def normalized_multiplicative(*, axis: Any = 0) -> optax.GradientTransformation:
+  r"""The normalised multiplicative update that is EM's M-step for pLSA-type models.
+
+  .. math::
+    \theta_{\text{new}} = \frac{\theta \odot G}{\sum_{\text{axis}} \theta \odot G},
+    \qquad G = -d \;(= -\partial L / \partial \theta \ge 0), \qquad
+    u = \theta_{\text{new}} - \theta
+
+  For pLSA with ``L = -Σ_{d,w} n(d, w) log Σ_z p(w|z) p(z|d)``, ``p(w|z) ⊙ G`` is
+  exactly the expected count ``Σ_d n(d, w) P(z|d, w)`` of the E-step, so one update of
+  both ``p(w|z)`` (normalised over w) and ``p(z|d)`` (normalised over z) from the same
+  gradient is one EM iteration. It is the large-step limit of the linearised simplex EG
+  (``θ ⊙ (1 - η d)`` normalised, as ``η → ∞``). ``-d`` must be >= 0 with a positive sum
+  along ``axis``; otherwise the result is NaN/negative (not checked inside jit).
+
+  Args:
+    axis: the axis each distribution lies along: an int for every leaf, or
+      ``{regex: int}`` path rules.
+
+  Returns:
+    An ``optax.GradientTransformation``; ``update`` needs ``params`` (> 0) and the
+    gradient of the loss (negative log-likelihood) as the incoming updates.
+
+  Example:
+    >>> import jax.numpy as jnp, gradtx
+    >>> tx = gradtx.normalized_multiplicative(axis=0)
+    >>> p = {"p": jnp.array([0.5, 0.5])}
+    >>> u, _ = tx.update({"p": jnp.array([-3.0, -1.0])}, tx.init(p), p)
+    >>> (p["p"] + u["p"]).tolist()
+    [0.75, 0.25]
+
+  References:
+    Hofmann, "Probabilistic latent semantic analysis", UAI 1999.
+    Su, "Gradient descent and EM are one idea", kexue.fm/archives/4277.
+  """
+  _check_axis_value(axis)
+
+  def init_fn(params):
+    _check_params(params, "normalized_multiplicative", strict=True)
+    _axes(params, axis)
+    return NormalizedMultiplicativeState()
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    _require_params(params, "normalized_multiplicative")
+
+    def leaf(d, theta, ax):
+      dt = _compute_dtype(theta)
+      weighted = theta.astype(dt) * -d.astype(dt)
+      new = weighted / jnp.sum(weighted, axis=ax, keepdims=True)
+      return (new - theta.astype(dt)).astype(theta.dtype)
+
+    return jax.tree.map(leaf, updates, params, _axes(params, axis)), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,336 @@
+r"""Step sizes that learn themselves: EG on the gains (EGDD, Su) and hypergradient descent.
+
+The loss after a step, ``L(θ_t)``, with ``θ_t = θ_{t-1} - η_{t-1} d_{t-1}``, depends on the
+step size through ``∂L(θ_t)/∂η_{t-1} = -g_t · d_{t-1}``: the hypergradient. If the new
+gradient still points along the last direction, the step was too short; if it points
+back, too long. Two ways to act on it:
+
+* :func:`eg_step_size` updates positive gains *multiplicatively* (exponentiated gradient
+  on the hypergradient, or its sign), per coordinate and as a global scale, both clipped
+  — Amid, Anil, Fifty & Warmuth's EGDD — or with Su's simpler per-coordinate rule
+  ``ν ← ν ⊙ exp(γ g_{t-1} ⊙ g_t)``.
+* :func:`hypergradient_descent` updates one learning rate *additively* (or
+  multiplicatively by the cosine) — Baydin et al.
+
+Both wrap any base direction (``optax.scale_by_adam()``, ``optax.trace(0.9)``, ``optax.
+identity()`` for SGD) and return the full update (negative step included), so they are
+used alone or at the end of a chain, like ``optax.adam``.
+
+References:
+  Amid, Anil, Fifty, Warmuth, "Step-size adaptation using exponentiated gradient
+  updates", 2022, arXiv:2202.00145 (lingvo's ``EGDD``).
+  Baydin, Cornish, Martínez Rubio, Schmidt, Wood, "Online learning rate adaptation with
+  hypergradient descent", ICLR 2018, arXiv:1703.04782.
+  Su, "Exponentiated gradient and meta-learned step sizes", kexue.fm/archives/8968.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from gradtx import _checks
+
+GAINS = ("per_coordinate", "per_leaf", "none")
+SCALES = ("global", "per_leaf", "none")
+RULES = ("egdd", "su")
+
+
+def _evaluate(value: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
+  return jnp.asarray(value(count) if callable(value) else value, jnp.float32)
+
+
+def _vdot(a: Any, b: Any) -> jax.Array:
+  """``Σ a ⊙ b`` over every leaf, in float32 or wider."""
+  terms = [jnp.vdot(x.astype(jnp.promote_types(x.dtype, jnp.float32)).ravel(),
+                    y.astype(jnp.promote_types(y.dtype, jnp.float32)).ravel())
+           for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)]
+  return sum(terms, jnp.zeros((), jnp.float32))
+
+
+def _cosine(a: Any, b: Any) -> jax.Array:
+  """``<a, b> / (‖a‖ ‖b‖)``, 0 when either is 0 (the first step has no previous one)."""
+  norms = jnp.sqrt(_vdot(a, a) * _vdot(b, b))
+  return jnp.where(norms > 0, _vdot(a, b) / jnp.where(norms > 0, norms, 1.0), 0.0)
+
+
+def _check_range(name: str, value: Any) -> tuple[float, float]:
+  try:
+    low, high = (float(v) for v in value)
+  except (TypeError, ValueError):
+    raise TypeError(f"{name} must be a pair (low, high), got {value!r}") from None
+  if not 0 < low <= 1 <= high < float("inf"):
+    raise ValueError(f"{name} must satisfy 0 < low <= 1 <= high < inf (1 is the initial "
+                     f"value), got {value!r}")
+  return low, high
+
+
+def _f32(tree: Any) -> Any:
+  return jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree)
+
+
+class EGStepSizeState(NamedTuple):
+  """State of :func:`eg_step_size`.
+
+  Attributes:
+    count: number of updates so far (drives a learning-rate schedule).
+    base_state: the base direction's state.
+    gains: the gains ``p`` (per coordinate: like the params; per leaf: one scalar per
+      leaf; ``"none"``: ``()``).
+    grad_ema: EGDD: the EMA ``ḡ`` of gradients; Su: the previous gradient.
+    prev_direction: the previous step's direction ``p ⊙ d`` (before the scale and the
+      learning rate), the ``m_{t-1}`` of the scale update.
+    lr_scale: the scale ``s`` (a scalar, or one per leaf).
+    gain_mean: the mean gain over all coordinates (for logging).
+    gain_min: the smallest gain.
+    gain_max: the largest gain.
+  """
+
+  count: chex.Array
+  base_state: Any
+  gains: Any
+  grad_ema: Any
+  prev_direction: Any
+  lr_scale: Any
+  gain_mean: chex.Array
+  gain_min: chex.Array
+  gain_max: chex.Array
+
+
+def eg_step_size(
+    base: optax.GradientTransformation,
+    *,
+    learning_rate: optax.ScalarOrSchedule,
+    gain_lr: float = 0.01,
+    scale_lr: float = 0.001,
+    beta: float = 0.9,
+    gains: str = "per_coordinate",
+    scale: str = "global",
+    gain_range: tuple[float, float] = (0.01, 100.0),
+    scale_range: tuple[float, float] = (0.1, 10.0),
+    rule: str = "egdd",
+) -> optax.GradientTransformation:
+  r"""Learning-rate gains and scale adapted by exponentiated gradient (EGDD, or Su's rule).
+
+  With ``d_t`` the base direction of ``g_t`` (e.g. Adam's ``m̂/(√v̂+ε)``):
+
+  .. math::
+    \text{EGDD: } p_t = \mathrm{clip}\big(p_{t-1} \odot e^{\eta_p\,
+      \mathrm{sign}(g_t) \odot \mathrm{sign}(\bar g_{t-1})}\big),\quad
+    s_t = \mathrm{clip}\big(s_{t-1}\, e^{\eta_s \cos(g_t,\, m_{t-1})}\big),\quad
+    \bar g_t = \beta \bar g_{t-1} + (1 - \beta) g_t
+
+  .. math::
+    m_t = p_t \odot d_t, \qquad u_t = -\eta\, s_t\, m_t
+
+  ``cos`` is taken over the whole pytree (``scale="global"``) or per leaf (lingvo's
+  EGDD); per-leaf gains use the mean of the sign agreement over the leaf. Su's rule
+  (``rule="su"``) is ``p_t = clip(p_{t-1} ⊙ exp(η_p g_{t-1} ⊙ g_t))`` with no scale and no
+  EMA. Gains and scale start at 1. A NaN/inf gradient makes the update and the adapted
+  statistics NaN (propagated, visible in ``gain_mean`` / ``lr_scale``).
+
+  Args:
+    base: the base direction, e.g. ``optax.scale_by_adam()`` or ``optax.trace(0.9)``
+      (momentum, as EGDD wraps) or ``optax.identity()`` (SGD).
+    learning_rate: the base learning rate ``η`` > 0, or a schedule.
+    gain_lr: ``η_p`` > 0 (lingvo default 0.01; Su's ``γ``).
+    scale_lr: ``η_s`` > 0 (lingvo default 0.001).
+    beta: the gradient EMA's decay in [0, 1).
+    gains: ``"per_coordinate"``, ``"per_leaf"`` or ``"none"``.
+    scale: ``"global"``, ``"per_leaf"`` or ``"none"`` (ignored by ``rule="su"``).
+    gain_range: ``(low, high)`` clip of the gains, ``0 < low <= 1 <= high``.
+    scale_range: ``(low, high)`` clip of the scale.
+    rule: ``"egdd"`` or ``"su"``.
+
+  Returns:
+    An ``optax.GradientTransformation`` giving the full update (use it like
+    ``optax.adam``); state :class:`EGStepSizeState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, gradtx
+    >>> tx = gradtx.eg_step_size(optax.scale_by_adam(), learning_rate=1e-2)
+    >>> params = {"w": jnp.array([1.0, -2.0])}
+    >>> state = tx.init(params)
+    >>> for _ in range(3):
+    ...   updates, state = tx.update(params, state, params)  # gradient of ½‖w‖²
+    ...   params = optax.apply_updates(params, updates)
+    >>> bool(state.gain_max > 1.0), float(state.lr_scale) > 1.0
+    (True, True)
+
+  References:
+    Amid, Anil, Fifty, Warmuth, "Step-size adaptation using exponentiated gradient
+    updates", 2022, arXiv:2202.00145.
+    Su, "Exponentiated gradient and meta-learned step sizes", kexue.fm/archives/8968.
+  """
+  _checks.check_positive("learning_rate", learning_rate)
+  _checks.check_positive("gain_lr", gain_lr, allow_schedule=False)
+  _checks.check_positive("scale_lr", scale_lr, allow_schedule=False)
+  _checks.check_in_interval("beta", beta, 0.0, 1.0, high_open=True)
+  _checks.check_choice("gains", gains, GAINS)
+  _checks.check_choice("scale", scale, SCALES)
+  _checks.check_choice("rule", rule, RULES)
+  gain_low, gain_high = _check_range("gain_range", gain_range)
+  scale_low, scale_high = _check_range("scale_range", scale_range)
+  if rule == "su":
+    scale = "none"
+  base = optax.with_extra_args_support(base)
+
+  def init_fn(params):
+    zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.promote_types(
+        p.dtype, jnp.float32)), params)
+    if gains == "per_coordinate":
+      init_gains = jax.tree.map(jnp.ones_like, zeros)
+    elif gains == "per_leaf":
+      init_gains = jax.tree.map(lambda _: jnp.ones((), jnp.float32), zeros)
+    else:
+      init_gains = ()
+    if scale == "per_leaf":
+      init_scale = jax.tree.map(lambda _: jnp.ones((), jnp.float32), zeros)
+    else:
+      init_scale = jnp.ones((), jnp.float32)
+    one = jnp.ones((), jnp.float32)
+    return EGStepSizeState(jnp.zeros((), jnp.int32), base.init(params), init_gains, zeros,
+                           zeros, init_scale, one, one, one)
+
+  def new_gains(state, g):
+    if gains == "none":
+      return ()
+    if rule == "su":
+      agreement = jax.tree.map(jnp.multiply, state.grad_ema, g)
+    else:
+      agreement = jax.tree.map(lambda e, x: jnp.sign(e) * jnp.sign(x), state.grad_ema, g)
+    if gains == "per_leaf":
+      agreement = jax.tree.map(lambda a: jnp.mean(a) if a.size else jnp.zeros(()), agreement)
+    return jax.tree.map(
+        lambda p, a: jnp.clip(p * jnp.exp(gain_lr * a), gain_low, gain_high),
+        state.gains, agreement)
+
+  def new_scale(state, g):
+    if scale == "none":
+      return state.lr_scale
+    if scale == "global":
+      return jnp.clip(state.lr_scale * jnp.exp(scale_lr * _cosine(g, state.prev_direction)),
+                      scale_low, scale_high)
+    return jax.tree.map(
+        lambda s, x, m: jnp.clip(s * jnp.exp(scale_lr * _cosine(x, m)), scale_low, scale_high),
+        state.lr_scale, g, state.prev_direction)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    g = _f32(updates)
+    directions, base_state = base.update(updates, state.base_state, params, **extra_args)
+    gains_t = new_gains(state, g)
+    scale_t = new_scale(state, g)
+    if gains == "none":
+      scaled = _f32(directions)
+    else:
+      scaled = jax.tree.map(lambda p, d: p * d.astype(jnp.promote_types(d.dtype, jnp.float32)),
+                            gains_t, directions)
+    eta = _evaluate(learning_rate, state.count)
+    if scale == "per_leaf":
+      steps = jax.tree.map(lambda s, m: -eta * s * m, scale_t, scaled)
+    else:
+      steps = jax.tree.map(lambda m: -eta * scale_t * m, scaled)
+    new_updates = jax.tree.map(lambda u, x: u.astype(x.dtype), steps, updates)
+    if rule == "su":
+      grad_ema = g
+    else:
+      grad_ema = jax.tree.map(lambda e, x: beta * e + (1 - beta) * x, state.grad_ema, g)
+    flat = [jnp.ravel(p) for p in jax.tree.leaves(gains_t)] or [jnp.ones(1)]
+    stats = jnp.concatenate(flat)
+    new_state = EGStepSizeState(
+        optax.safe_increment(state.count), base_state, gains_t, grad_ema, scaled, scale_t,
+        jnp.mean(stats), jnp.min(stats), jnp.max(stats))
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class HypergradientDescentState(NamedTuple):
+  """State of :func:`hypergradient_descent`.
+
+  Attributes:
+    base_state: the base direction's state.
+    prev_direction: the previous unit-learning-rate direction ``d_{t-1}``.
+    learning_rate: the current learning rate ``α_t`` (for logging).
+  """
+
+  base_state: Any
+  prev_direction: Any
+  learning_rate: chex.Array
+
+
+def hypergradient_descent(
+    base: optax.GradientTransformation,
+    *,
+    learning_rate: float,
+    hyper_lr: float,
+    multiplicative: bool = False,
+) -> optax.GradientTransformation:
+  r"""Hypergradient descent (Baydin et al.): the learning rate descends its own gradient.
+
+  .. math::
+    \text{additive: } \alpha_t = \alpha_{t-1} + \beta\, g_t \cdot d_{t-1}, \qquad
+    \text{multiplicative: } \alpha_t = \alpha_{t-1}\big(1 + \beta \cos(g_t, d_{t-1})\big)
+
+  .. math::
+    u_t = -\alpha_t\, d_t
+
+  where ``d_t`` is the base direction (SGD: ``g_t``; Adam: ``m̂/(√v̂+ε)``), and
+  ``-g_t · d_{t-1} = ∂L(θ_t)/∂α_{t-1}``. The dot product and the cosine run over the
+  whole pytree. Nothing keeps ``α`` positive in the additive form (as in the paper).
+  A NaN/inf gradient makes ``α`` NaN (propagated, visible in ``learning_rate``).
+
+  Args:
+    base: the base direction, e.g. ``optax.identity()`` (SGD-HD) or
+      ``optax.scale_by_adam()`` (Adam-HD).
+    learning_rate: the initial ``α_0`` > 0.
+    hyper_lr: ``β`` > 0.
+    multiplicative: use the multiplicative (cosine) rule.
+
+  Returns:
+    An ``optax.GradientTransformation`` giving the full update; state
+    :class:`HypergradientDescentState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, gradtx
+    >>> tx = gradtx.hypergradient_descent(optax.identity(), learning_rate=0.1,
+    ...                                   hyper_lr=0.01)
+    >>> params = {"w": jnp.array([4.0])}
+    >>> state = tx.init(params)
+    >>> for _ in range(2):
+    ...   updates, state = tx.update(params, state, params)  # gradient of ½ w²
+    ...   params = optax.apply_updates(params, updates)
+    >>> round(float(state.learning_rate), 4)   # 0.1 + 0.01 · (3.6 · 4.0)
+    0.244
+
+  References:
+    Baydin, Cornish, Martínez Rubio, Schmidt, Wood, "Online learning rate adaptation
+    with hypergradient descent", ICLR 2018, arXiv:1703.04782.
+  """
+  _checks.check_positive("learning_rate", learning_rate, allow_schedule=False)
+  _checks.check_positive("hyper_lr", hyper_lr, allow_schedule=False)
+  if not isinstance(multiplicative, bool):
+    raise TypeError(f"multiplicative must be a bool, got {multiplicative!r}")
+  base = optax.with_extra_args_support(base)
+
+  def init_fn(params):
+    zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.promote_types(
+        p.dtype, jnp.float32)), params)
+    return HypergradientDescentState(base.init(params), zeros,
+                                     jnp.asarray(learning_rate, jnp.float32))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    directions, base_state = base.update(updates, state.base_state, params, **extra_args)
+    g = _f32(updates)
+    if multiplicative:
+      alpha = state.learning_rate * (1 + hyper_lr * _cosine(g, state.prev_direction))
+    else:
+      alpha = state.learning_rate + hyper_lr * _vdot(g, state.prev_direction)
+    new_updates = jax.tree.map(lambda d, u: (-alpha * d).astype(u.dtype), directions, updates)
+    return new_updates, HypergradientDescentState(base_state, _f32(directions), alpha)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
