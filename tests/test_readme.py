@@ -77,3 +77,15 @@ def test_readme_child_tuning_example_keeps_the_top_fisher_coordinates():
                          for k in ("layer_0", "layer_1")])
   np.testing.assert_array_equal(kept, encoder >= np.percentile(encoder, 70.0))
   assert float(ns["state"][0].mask_density) > 0.3  # the head trains freely
+
+
+def test_readme_diag_newton_example_is_lloyds_step():
+  import numpy as np
+
+  namespace = {}
+  exec(compile(BLOCKS[4], "README.md", "exec"), namespace)  # noqa: S102
+  x = np.asarray(namespace["x"], np.float64)
+  centroids = x[:3]
+  labels = np.argmin(((x[:, None] - centroids[None]) ** 2).sum(-1), 1)
+  lloyd = np.stack([x[labels == j].mean(0) for j in range(3)])
+  np.testing.assert_allclose(np.asarray(namespace["params"]["c"]), lloyd, rtol=1e-5, atol=1e-6)
