@@ -44,6 +44,14 @@ from gradtx.curvature import (
     hutchinson_diagonal,
     scale_by_diag_newton,
 )
+from gradtx.estimators import (
+    ZerothOrderState,
+    es_gradient,
+    fill_masked,
+    forward_gradient,
+    score_function_gradient,
+    zeroth_order,
+)
 from gradtx.exponentiated import (
     EGPlusMinusState,
     ExponentiatedGradientState,
@@ -85,6 +93,7 @@ __all__ = (
     "ScaleByDiagNewtonState",
     "ScaleByPathState",
     "ZScoreClipState",
+    "ZerothOrderState",
     "auto_clip",
     "by_path",
     "cached_value_and_grad",
@@ -95,10 +104,13 @@ __all__ = (
     "diag_newton",
     "eg_plus_minus",
     "eg_step_size",
+    "es_gradient",
     "expected_gradients",
     "exponentiated_gradient",
+    "fill_masked",
     "fisher_information",
     "fisher_mask",
+    "forward_gradient",
     "global_norm",
     "hutchinson_diagonal",
     "hypergradient_descent",
@@ -114,9 +126,11 @@ __all__ = (
     "representation_grad",
     "scale_by_diag_newton",
     "scale_by_path",
+    "score_function_gradient",
     "sharded_cached_value_and_grad",
     "supervised_contrastive",
     "surrogate_loss",
     "tree_paths",
+    "zeroth_order",
     "zscore_clip",
 )
