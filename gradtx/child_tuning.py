@@ -15,12 +15,15 @@ Su's analysis of the first placement: Adam's moments keep the masked coordinates
 and in the long run gradient dropout acts on Adam like a learning rate times ``√p``.
 
 The F masks need ``numel(params)`` random bits every step. On CPU, JAX's threefry
-generator costs about six AdamW steps for the same number of parameters, so the default
-``prng="hash"`` draws them from a counter-based integer hash instead: per element,
-two rounds of Wellons' ``lowbias32`` mixer over ``(index, 64 seed bits)``, the seed coming
-from the state's key, the step and the leaf's path. That is a few fused integer ops per
-element, far below an optimizer step's memory traffic, and statistically fine for masks
-(the tests check density, independence across leaves and steps, and unbiasedness);
+generator costs about eight AdamW steps for the same number of parameters
+(``benchmarks/child_tuning.py``), so the default ``prng="hash"`` draws them from a
+counter-based integer hash instead: two rounds of Wellons' ``lowbias32`` mixer over
+``(counter, 64 seed bits)``, the seed coming from the state's key, the step and the leaf's
+path; each 32-bit hash gives two 16-bit uniforms, so ``p`` is rounded to a multiple of
+2^-16 (the rescale uses that rounded ``p``, so the update stays unbiased). That is a few
+fused integer ops per element, hidden in an optimizer step's memory traffic, and
+statistically fine for masks (the tests check density, independence across leaves and
+steps, and unbiasedness);
 ``prng="jax"`` uses ``jax.random.bernoulli`` with the key's own implementation (pass a
 ``jax.random.key(seed, impl="rbg")`` key for the faster XLA generator on accelerators).
 
@@ -61,11 +64,22 @@ def _lowbias32(x: jax.Array) -> jax.Array:
   return x ^ (x >> 16)
 
 
-def _hash_uniform(seed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """Uniform [0, 1) float32 per element from a counter hash keyed by two uint32 words."""
-  index = jax.lax.iota(jnp.uint32, max(int(np.prod(shape)), 1))[:int(np.prod(shape))]
-  bits = _lowbias32(_lowbias32(index * jnp.uint32(0x9E3779B9) + seed[0]) ^ seed[1])
-  return ((bits >> 8).astype(jnp.float32) * (2.0**-24)).reshape(shape)
+def _hash_mask(seed: jax.Array, shape: tuple[int, ...], threshold: jax.Array) -> jax.Array:
+  """Bernoulli(threshold / 2^16) mask from a counter hash keyed by two uint32 words.
+
+  Each 32-bit hash gives two 16-bit uniforms (elements 2i and 2i + 1), so the mask costs
+  half a hash per element.
+  """
+  size = int(np.prod(shape))
+  index = jax.lax.iota(jnp.uint32, (size + 1) // 2)
+  bits = _lowbias32(_lowbias32(index * (seed[1] | jnp.uint32(1)) + seed[0]) ^ seed[1])
+  pairs = jnp.stack([(bits & jnp.uint32(0xFFFF)) < threshold, (bits >> 16) < threshold], -1)
+  return pairs.reshape(-1)[:size].reshape(shape)
+
+
+def _hash_threshold(p: jax.Array) -> jax.Array:
+  """``p`` as a count of 2^-16 steps in [1, 2^16]: the hash mask keeps w.p. count / 2^16."""
+  return jnp.clip(jnp.round(p * 65536.0), 1.0, 65536.0).astype(jnp.uint32)
 
 
 def _path_id(path: str) -> int:
@@ -73,14 +87,17 @@ def _path_id(path: str) -> int:
 
 
 def _bernoulli_masks(step_key: jax.Array, tree: Any, p: jax.Array, prng: str) -> Any:
-  """One Bernoulli(p) mask per leaf; a leaf's mask depends on the key and its path only."""
+  """One Bernoulli(p) mask per leaf; a leaf's mask depends on the key and its path only.
+
+  With ``prng="hash"``, ``p`` must already be a multiple of 2^-16 (see ``_hash_threshold``).
+  """
   paths, treedef = _tree.leaf_paths_and_treedef(tree)
   masks = []
   for path, leaf in zip(paths, jax.tree.leaves(tree), strict=True):
     leaf_key = jax.random.fold_in(step_key, _path_id(path))
     if prng == "hash":
       seed = jax.random.key_data(leaf_key).reshape(-1)[:2].astype(jnp.uint32)
-      masks.append(_hash_uniform(seed, jnp.shape(leaf)) < p)
+      masks.append(_hash_mask(seed, jnp.shape(leaf), _hash_threshold(p)))
     else:
       masks.append(jax.random.bernoulli(leaf_key, p, jnp.shape(leaf)))
   return jax.tree.unflatten(treedef, masks)
@@ -170,7 +187,8 @@ def child_tuning_f(
     reserve_p: the keep probability ``p`` in (0, 1], or a schedule ``count -> p``.
     key: a ``jax.random`` key; the state carries it forward, split every step. Under
       ``optax.inject_hyperparams`` list ``"key"`` in ``static_args``.
-    rescale: divide kept coordinates by ``p`` (the paper's unbiased estimator).
+    rescale: divide kept coordinates by ``p`` (the paper's unbiased estimator; with
+      ``prng="hash"``, ``p`` rounded to a multiple of 2^-16, the mask's exact rate).
     prng: ``"hash"`` (default: a counter-based hash, cheap enough to hide in an AdamW
       step; see the module docstring) or ``"jax"`` (``jax.random.bernoulli`` with the
       key's implementation).
@@ -213,6 +231,8 @@ def child_tuning_f(
     del params, extra_args
     p = jnp.asarray(reserve_p(state.count) if callable(reserve_p) else reserve_p,
                     jnp.float32)
+    if prng == "hash":  # the probability the hash mask really keeps with
+      p = _hash_threshold(p).astype(jnp.float32) / 65536.0
     next_key, step_key = jax.random.split(jax.random.wrap_key_data(state.rng_key, impl=impl))
     masks = _bernoulli_masks(step_key, updates, p, prng)
     new_updates = _apply_mask(updates, masks, 1.0 / p if rescale else None)
