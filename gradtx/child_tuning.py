@@ -258,7 +258,7 @@ def _clip(grads: Any, clip_norm: float | None, clip_scope: str) -> Any:
     return jnp.minimum(1.0, clip_norm / jnp.maximum(norm, jnp.finfo(norm.dtype).tiny))
 
   if clip_scope == "global":
-    factor = scale(optax.global_norm(grads))
+    factor = scale(optax.tree.norm(grads))
     return jax.tree.map(lambda g: g * factor.astype(g.dtype), grads)
   return jax.tree.map(lambda g: g * scale(jnp.linalg.norm(g.ravel())).astype(g.dtype), grads)
 
@@ -418,6 +418,9 @@ def fisher_mask(
     selected = [True] * len(paths)
   else:
     patterns = [include] if isinstance(include, str) else list(include)
+    if not patterns:
+      raise ValueError("include must hold at least one path regex (None selects every "
+                       "leaf), got an empty sequence")
     rules = [(pattern, True) for pattern in patterns]
     # Every rule must claim a leaf; leaves no rule claims are simply not included.
     matches = _tree.match_rules(paths, rules, argname="include", has_default=True)
