@@ -880,3 +880,8 @@ def test_fisher_information_errors():
     gradtx.fisher_information(_loss_array, params, jnp.zeros((0, 6, 4)))
   with pytest.raises(ValueError, match=r"same number of batches \(axis 0\).*x: 5.*y: 4"):
     gradtx.fisher_information(_loss, params, {"x": jnp.asarray(x), "y": jnp.asarray(y[:4])})
+
+
+def test_fisher_mask_empty_include_is_an_error():
+  with pytest.raises(ValueError, match=r"include must hold at least one path regex"):
+    gradtx.fisher_mask({"a": jnp.ones(3)}, 0.5, include=[])
