@@ -23,6 +23,9 @@ TECHNIQUES = (
     "zscore_clip",
     "cached_value_and_grad",
     "nt_xent, small batch",
+    "integrated_gradients",
+    "expected_gradients",
+    "layer_integrated_gradients",
 )
 
 
@@ -52,7 +55,8 @@ def test_writes_report_and_pngs(quick_tour):
   assert set(payload["parts"]) == set(tour.PARTS) == set(results)
   report = (out / "report.md").read_text()
   pngs = [name for part in payload["parts"].values() for name in part["figures"]]
-  assert {"layerwise.png", "clipping_sgd.png", "contrastive.png"} <= set(pngs)
+  assert {"layerwise.png", "clipping_sgd.png", "contrastive.png", "attribution_heatmaps.png",
+          "attribution_completeness.png"} <= set(pngs)
   for name in pngs:
     with open(out / name, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
@@ -126,6 +130,23 @@ def test_contrastive_probes_and_objective(quick_tour):
   assert nt(cached) < math.log(2 * large - 1) - 0.1
   assert nt(cached) < nt(rows["nt_xent, small batch"]) < nt(random)
   assert few(cached) > 0.6 and few(random) > 0.6
+
+
+def test_attribution_is_complete(quick_tour):
+  _, _, payload, _ = quick_tour
+  rows = payload["parts"]["attribution"]["rows"]
+  rel = {(row["technique"], row["setting"]): float(row["extras"]["relative δ"])
+         for row in rows}
+  gl = rel["integrated_gradients", "gausslegendre, 50 steps"]
+  trapezoid = rel["integrated_gradients", "riemann_trapezoid, 50 steps"]
+  first_order = rel["gradient × (x − x')", "first-order term at x"]
+  layer = next(v for (t, _), v in rel.items() if t == "layer_integrated_gradients")
+  # Completeness: IG with 50 Gauss–Legendre nodes adds up to F(x) - F(x') (relative delta
+  # <= 1e-3), as does IG at a hidden layer; the trapezoid rule is less accurate at equal
+  # steps, and the first-order term (x - x') * grad F(x) is far from complete.
+  assert gl <= 1e-3 and layer <= 1e-3
+  assert gl < trapezoid < 1e-2 < first_order
+  assert "≤ 0.001: yes" in payload["parts"]["attribution"]["findings"]
 
 
 def test_command_line_options(capsys):

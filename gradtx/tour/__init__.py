@@ -3,7 +3,7 @@
 Run it with ``python -m gradtx.tour`` (a few minutes on a laptop CPU) or
 ``python -m gradtx.tour --quick`` (under a minute). It prints a results table and writes
 ``tour_report/`` (``--out``): ``report.md`` with the tables and a short explanation per
-part, ``results.json`` with every number, and one PNG of curves per figure.
+part, ``results.json`` with every number, and one PNG per figure (curves or heatmaps).
 
 The data is scikit-learn's offline copy of the UCI handwritten digits (1797 8×8 images,
 10 classes), standardised with the training split's statistics; nothing is downloaded.
@@ -24,7 +24,7 @@ The package, one job per module:
 - ``_report``: rows and curves from runs (``_row``, :func:`smooth`), the tables
   (:func:`format_table`), the PNGs and :func:`write_report`.
 - ``_cli``: the command line, :func:`main`.
-- one module per part: ``layerwise``, ``clipping``, ``contrastive``.
+- one module per part: ``layerwise``, ``clipping``, ``contrastive``, ``attribution``.
 
 Adding a technique to the tour means adding one module, ``gradtx/tour/my_technique.py``::
 
@@ -63,6 +63,7 @@ from gradtx.tour._training import Runs, init_params, min_clip_scale, run_compile
 from gradtx.tour import layerwise  # noqa: F401
 from gradtx.tour import clipping  # noqa: F401
 from gradtx.tour import contrastive  # noqa: F401
+from gradtx.tour import attribution  # noqa: F401
 # isort: on
 
 __all__ = (

@@ -63,7 +63,12 @@ class Row:
 
 @dataclasses.dataclass
 class Panel:
-  """One axes of a figure: named curves, over steps unless ``x`` is given."""
+  """One axes of a figure: named curves, over steps unless ``x`` is given.
+
+  Or an ``image`` (2-D, e.g. heatmaps tiled into one array) instead of curves, drawn on
+  a diverging colour scale symmetric around 0 (NaN pixels blank); ``x`` and
+  ``xticklabels`` then label its columns, and ``logy``/``ymax``/``vlines`` are unused.
+  """
 
   title: str
   curves: dict[str, np.ndarray]
@@ -74,6 +79,7 @@ class Panel:
   xlabel: str = "step"
   xticklabels: Sequence[str] | None = None
   ymax: float | None = None
+  image: np.ndarray | None = None
 
 
 @dataclasses.dataclass

@@ -19,7 +19,7 @@ import optax
 
 import gradtx
 from gradtx.tour._data import Dataset
-from gradtx.tour._registry import PARTS, Config, Figure, PartResult, Row
+from gradtx.tour._registry import PARTS, Config, Figure, Panel, PartResult, Row
 from gradtx.tour._training import Runs
 
 
@@ -112,6 +112,9 @@ def _plot(figure: Figure, path: str) -> None:
   FigureCanvasAgg(fig)
   axes = fig.subplots(1, n, squeeze=False)[0]
   for ax, panel in zip(axes, figure.panels, strict=True):
+    if panel.image is not None:
+      _draw_image(ax, panel)
+      continue
     for x in panel.vlines:
       ax.axvline(x, color="0.88", lw=0.6, zorder=0)
     for label, curve in panel.curves.items():
@@ -137,6 +140,23 @@ def _plot(figure: Figure, path: str) -> None:
       ax.legend(fontsize=7)
   fig.suptitle(figure.title, fontsize=11)
   fig.savefig(path, dpi=110)
+
+
+def _draw_image(ax: Any, panel: Panel) -> None:
+  """An image panel: diverging colours symmetric around 0, NaN blank, labelled columns."""
+  image = np.asarray(panel.image, np.float64)
+  finite = np.abs(image[np.isfinite(image)])
+  lim = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+  ax.imshow(np.ma.masked_invalid(image), cmap="RdBu_r", vmin=-lim, vmax=lim,
+            interpolation="nearest")
+  if panel.xticklabels is not None:
+    ax.set_xticks(np.asarray(panel.x), list(panel.xticklabels), fontsize=8)
+  else:
+    ax.set_xticks([])
+  ax.set_yticks([])
+  ax.set_title(panel.title, fontsize=10)
+  ax.set_xlabel(panel.xlabel)
+  ax.set_ylabel(panel.ylabel)
 
 
 def write_report(out: str, config: Config, results: dict[str, PartResult],
