@@ -275,6 +275,9 @@ def _sharded_sum(mesh, axis_name, pairs, fitness_of, coefficients, weighted_sum,
     return jax.tree.map(lambda t: jax.lax.psum(t, axis_name), weighted_sum(indices, mine))
 
   indices = jnp.arange(pairs, dtype=jnp.uint32)
+  if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    # Sharding in types: the index vector must already be split as in_specs says.
+    indices = jax.sharding.reshard(indices, jax.sharding.NamedSharding(mesh, P(axis_name)))
   return jax.shard_map(local, mesh=mesh, in_specs=P(axis_name), out_specs=P(),
                        check_vma=False)(indices)
 
