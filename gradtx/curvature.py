@@ -116,7 +116,9 @@ def scale_by_diag_newton(
   estimated from the ``loss_fn`` passed to ``update`` (Hutchinson), or taken from a
   ``curvature`` passed instead. Negative curvature estimates are clipped at 0 so that
   the step never ascends; ``λ = damping`` keeps flat directions finite (``λ = 0`` only
-  when the curvature is known to be positive, as for K-means). A NaN/inf gradient or
+  when the curvature is known to be positive, as for K-means, where an empty cluster has
+  zero curvature and gets a NaN centroid; a tiny λ keeps it in place instead). A NaN/inf
+  gradient or
   curvature gives NaN/inf directions (propagated).
 
   Args:

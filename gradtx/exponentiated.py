@@ -1,9 +1,10 @@
 r"""Exponentiated (multiplicative) updates for positive, simplex and signed parameters.
 
-Writing a positive parameter as ``θ = e^φ`` and taking a gradient step on ``φ`` gives, to
-first order, the exponentiated-gradient update ``θ ← θ ⊙ exp(-η ∇_θ L)`` (Kivinen &
-Warmuth's EGU): multiplicative, so positivity is kept for free and small coordinates
-move little. Normalising after the step keeps a probability vector on the simplex; EG±
+Writing a positive parameter as ``θ = e^φ`` and stepping ``φ ← φ - η ∇_θ L`` (the
+θ-gradient, i.e. mirror descent with the entropy; a plain gradient step on ``φ`` would
+use ``θ ⊙ ∇_θ L`` instead) gives the exponentiated-gradient update
+``θ ← θ ⊙ exp(-η ∇_θ L)`` (Kivinen & Warmuth's EGU): multiplicative, so positivity is
+kept for free. Normalising after the step keeps a probability vector on the simplex; EG±
 handles signed parameters as the difference of two positive ones under a total budget.
 
 The same family contains EM: pLSA's M-step ``p ← p ⊙ G / Σ p ⊙ G`` (``G = -∂L/∂p``) is a
@@ -271,7 +272,9 @@ def normalized_multiplicative(*, axis: Any = 0) -> optax.GradientTransformation:
   both ``p(w|z)`` (normalised over w) and ``p(z|d)`` (normalised over z) from the same
   gradient is one EM iteration. It is the large-step limit of the linearised simplex EG
   (``θ ⊙ (1 - η d)`` normalised, as ``η → ∞``). ``-d`` must be >= 0 with a positive sum
-  along ``axis``; otherwise the result is NaN/negative (not checked inside jit).
+  along ``axis``; otherwise the result is NaN/negative (not checked inside jit). As in
+  EM, a coordinate whose expected count is 0 (a word that never occurs) becomes 0, and
+  ``log 0`` in the next loss is then -inf: drop such rows or smooth the counts.
 
   Args:
     axis: the axis each distribution lies along: an int for every leaf, or

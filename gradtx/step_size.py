@@ -137,7 +137,9 @@ def eg_step_size(
     base: the base direction, e.g. ``optax.scale_by_adam()`` or ``optax.trace(0.9)``
       (momentum, as EGDD wraps) or ``optax.identity()`` (SGD).
     learning_rate: the base learning rate ``η`` > 0, or a schedule.
-    gain_lr: ``η_p`` > 0 (lingvo default 0.01; Su's ``γ``).
+    gain_lr: ``η_p`` > 0 (lingvo default 0.01). For ``rule="su"`` it is Su's ``γ``,
+      which multiplies ``g_{t-1} ⊙ g_t`` and so has units of 1/g²: scale it to the
+      gradients (the default can blow up on large gradients).
     scale_lr: ``η_s`` > 0 (lingvo default 0.001).
     beta: the gradient EMA's decay in [0, 1).
     gains: ``"per_coordinate"``, ``"per_leaf"`` or ``"none"``.
@@ -282,6 +284,9 @@ def hypergradient_descent(
   where ``d_t`` is the base direction (SGD: ``g_t``; Adam: ``m̂/(√v̂+ε)``), and
   ``-g_t · d_{t-1} = ∂L(θ_t)/∂α_{t-1}``. The dot product and the cosine run over the
   whole pytree. Nothing keeps ``α`` positive in the additive form (as in the paper).
+  ``learning_rate`` is only ``α_0``: ``α_t`` lives in the state, so under
+  ``optax.inject_hyperparams`` list it in ``static_args`` (changing it later has no
+  effect).
   A NaN/inf gradient makes ``α`` NaN (propagated, visible in ``learning_rate``).
 
   Args:

@@ -26,6 +26,8 @@ TECHNIQUES = (
     "integrated_gradients",
     "expected_gradients",
     "layer_integrated_gradients",
+    "eg_step_size",
+    "diag_newton",
 )
 
 
@@ -55,6 +57,7 @@ def test_writes_report_and_pngs(quick_tour):
   assert set(payload["parts"]) == set(tour.PARTS) == set(results)
   report = (out / "report.md").read_text()
   pngs = [name for part in payload["parts"].values() for name in part["figures"]]
+  assert {"step_size.png", "em.png"} <= set(pngs)
   assert {"layerwise.png", "clipping_sgd.png", "contrastive.png", "attribution_heatmaps.png",
           "attribution_completeness.png"} <= set(pngs)
   for name in pngs:
@@ -167,3 +170,34 @@ def test_import_has_no_side_effects(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, env=env, timeout=120)
   assert list(tmp_path.iterdir()) == []
+
+
+def test_step_size_recovers_from_a_small_learning_rate(quick_tour):
+  _, _, payload, _ = quick_tour
+  rows = payload["parts"]["step_size"]["rows"]
+  by = {(row["technique"], row["extras"]["initial lr"]): row for row in rows}
+  lrs = sorted({row["extras"]["initial lr"] for row in rows}, key=float)
+  assert len(lrs) >= 3
+  adam = [_loss(by["adam", lr]) for lr in lrs]
+  eg = [_loss(by["eg_step_size(scale_by_adam)", lr]) for lr in lrs]
+  # From a 10x-too-small lr, EGDD's step size grows and its loss ends far below Adam's;
+  # over the grid its worst final loss is below Adam's worst.
+  assert eg[0] < 0.5 * adam[0]
+  assert (float(by["eg_step_size(scale_by_adam)", lrs[0]]["extras"]["final lr"])
+          > 1.5 * float(lrs[0]))
+  assert max(eg) < max(adam)
+  assert {row["extras"]["initial lr"] for row in rows if row["clean"]} == {"1e-03"}
+
+
+def test_kmeans_lloyd_is_diag_newton(quick_tour):
+  _, _, payload, _ = quick_tour
+  rows = payload["parts"]["em"]["rows"]
+  pick = lambda prefix: next(r for r in rows if r["technique"].startswith(prefix))  # noqa: E731
+  lloyd, newton, gd = pick("Lloyd"), pick("diag_newton"), pick("optax.sgd")
+  # diag_newton(1.0, damping=0) on the K-means loss follows Lloyd to float64 rounding...
+  assert float(newton["extras"]["max |Δ Lloyd|"]) <= 1e-12
+  assert newton["train_loss"] == pytest.approx(lloyd["train_loss"], rel=1e-12)
+  # ...one step size for every centroid does not.
+  assert float(gd["extras"]["max |Δ Lloyd|"]) > 1e-3
+  assert _loss(gd) > lloyd["train_loss"]
+  assert lloyd["test_acc"] > 0.5

@@ -24,7 +24,8 @@ The package, one job per module:
 - ``_report``: rows and curves from runs (``_row``, :func:`smooth`), the tables
   (:func:`format_table`), the PNGs and :func:`write_report`.
 - ``_cli``: the command line, :func:`main`.
-- one module per part: ``layerwise``, ``clipping``, ``contrastive``, ``attribution``.
+- one module per part: ``layerwise``, ``clipping``, ``contrastive``, ``attribution``, ``step_size``,
+  ``em``.
 
 Adding a technique to the tour means adding one module, ``gradtx/tour/my_technique.py``::
 
@@ -64,6 +65,8 @@ from gradtx.tour import layerwise  # noqa: F401
 from gradtx.tour import clipping  # noqa: F401
 from gradtx.tour import contrastive  # noqa: F401
 from gradtx.tour import attribution  # noqa: F401
+from gradtx.tour import step_size  # noqa: F401
+from gradtx.tour import em  # noqa: F401
 # isort: on
 
 __all__ = (
