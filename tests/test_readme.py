@@ -89,3 +89,13 @@ def test_readme_diag_newton_example_is_lloyds_step():
   labels = np.argmin(((x[:, None] - centroids[None]) ** 2).sum(-1), 1)
   lloyd = np.stack([x[labels == j].mean(0) for j in range(3)])
   np.testing.assert_allclose(np.asarray(namespace["params"]["c"]), lloyd, rtol=1e-5, atol=1e-6)
+
+
+def test_readme_es_example_raises_a_non_differentiable_accuracy():
+  import jax.numpy as jnp
+
+  namespace = {}
+  exec(compile(BLOCKS[5], "README.md", "exec"), namespace)  # noqa: S102
+  ns = namespace
+  start = float(ns["accuracy"]({"w": jnp.zeros((8, 2))}))
+  assert float(ns["accuracy"](ns["params"])) > max(0.9, start + 0.3)
