@@ -92,14 +92,19 @@ def _bernoulli_masks(step_key: jax.Array, tree: Any, p: jax.Array, prng: str) ->
   With ``prng="hash"``, ``p`` must already be a multiple of 2^-16 (see ``_hash_threshold``).
   """
   paths, treedef = _tree.leaf_paths_and_treedef(tree)
+  if not paths:
+    return jax.tree.unflatten(treedef, [])
+  # Every leaf's key in one vectorised fold_in (one op, not one per leaf: compile time).
+  path_ids = jnp.asarray([_path_id(path) for path in paths], jnp.uint32)
+  leaf_keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(path_ids)
+  seeds = jax.random.key_data(leaf_keys).reshape(len(paths), -1)[:, :2].astype(jnp.uint32)
+  threshold = _hash_threshold(p)
   masks = []
-  for path, leaf in zip(paths, jax.tree.leaves(tree), strict=True):
-    leaf_key = jax.random.fold_in(step_key, _path_id(path))
+  for index, leaf in enumerate(jax.tree.leaves(tree)):
     if prng == "hash":
-      seed = jax.random.key_data(leaf_key).reshape(-1)[:2].astype(jnp.uint32)
-      masks.append(_hash_mask(seed, jnp.shape(leaf), _hash_threshold(p)))
+      masks.append(_hash_mask(seeds[index], jnp.shape(leaf), threshold))
     else:
-      masks.append(jax.random.bernoulli(leaf_key, p, jnp.shape(leaf)))
+      masks.append(jax.random.bernoulli(leaf_keys[index], p, jnp.shape(leaf)))
   return jax.tree.unflatten(treedef, masks)
 
 
@@ -345,16 +350,21 @@ def fisher_information(
     return jax.tree.map(jnp.add, total, sq), count + n
 
   if _is_sequence_of_batches(batches):
-    total, count = zero, jnp.zeros((), jnp.float32)
+    total, count, seen = zero, jnp.zeros((), jnp.float32), 0
     for batch in batches:
       total, count = add(total, count, batch)
+      seen += 1
+    if not seen:
+      raise ValueError("batches must yield at least one batch, got none")
   else:
     leaves = jax.tree.leaves(batches)
     if not leaves:
       raise ValueError("batches must hold at least one array, got an empty pytree")
-    _checks.common_leading_size("batches", [
+    num_batches = _checks.common_leading_size("batches", [
         (p or "batches", x) for p, x in zip(_tree.tree_paths(batches), leaves, strict=True)],
         what="number of batches")
+    if not num_batches:
+      raise ValueError("batches must yield at least one batch, got none")
 
     @jax.jit
     def scan(stacked):
@@ -364,8 +374,6 @@ def fisher_information(
       return jax.lax.scan(body, (zero, jnp.zeros((), jnp.float32)), stacked)[0]
 
     total, count = scan(batches)
-  if float(count) == 0:
-    raise ValueError("batches must yield at least one batch, got none")
   return jax.tree.map(lambda t: t / count.astype(t.dtype), total)
 
 

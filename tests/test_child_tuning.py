@@ -885,3 +885,12 @@ def test_fisher_information_errors():
 def test_fisher_mask_empty_include_is_an_error():
   with pytest.raises(ValueError, match=r"include must hold at least one path regex"):
     gradtx.fisher_mask({"a": jnp.ones(3)}, 0.5, include=[])
+
+
+def test_fisher_information_of_stacked_batches_runs_under_jit():
+  loss = lambda p, b: jnp.mean(b @ p["w"]) ** 2  # noqa: E731
+  params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)}
+  batches = jnp.arange(40.0).reshape(5, 2, 4) / 40
+  jitted = jax.jit(lambda p: gradtx.fisher_information(loss, p, batches))(params)
+  want = np.mean([np.square(np.asarray(jax.grad(loss)(params, b)["w"])) for b in batches], 0)
+  np.testing.assert_allclose(jitted["w"], want, rtol=1e-5, atol=1e-8)

@@ -28,6 +28,8 @@ TECHNIQUES = (
     "layer_integrated_gradients",
     "eg_step_size",
     "diag_newton",
+    "child_tuning_f",
+    "child_tuning_d",
 )
 
 
@@ -57,7 +59,7 @@ def test_writes_report_and_pngs(quick_tour):
   assert set(payload["parts"]) == set(tour.PARTS) == set(results)
   report = (out / "report.md").read_text()
   pngs = [name for part in payload["parts"].values() for name in part["figures"]]
-  assert {"step_size.png", "em.png"} <= set(pngs)
+  assert {"step_size.png", "em.png", "child_tuning.png"} <= set(pngs)
   assert {"layerwise.png", "clipping_sgd.png", "contrastive.png", "attribution_heatmaps.png",
           "attribution_completeness.png"} <= set(pngs)
   for name in pngs:
@@ -201,3 +203,27 @@ def test_kmeans_lloyd_is_diag_newton(quick_tour):
   assert float(gd["extras"]["max |Δ Lloyd|"]) > 1e-3
   assert _loss(gd) > lloyd["train_loss"]
   assert lloyd["test_acc"] > 0.5
+
+
+def test_child_tuning_placements(quick_tour):
+  _, _, payload, _ = quick_tour
+  rows = {row["technique"]: row for row in payload["parts"]["child_tuning"]["rows"]}
+  moved = lambda name: float(rows[name]["extras"]["body moved"])  # noqa: E731
+  density = lambda name: float(rows[name]["extras"]["mask density"])  # noqa: E731
+  log_loss = lambda name: math.log(rows[name]["train_loss"])  # noqa: E731
+  # F keeps p = 0.3 of all coordinates per step; D's fixed mask keeps 0.3 of the body plus
+  # the whole (free) head.
+  assert abs(density("child_tuning_f, gradient") - 0.3) < 0.01
+  assert abs(density("child_tuning_f, update") - 0.3) < 0.01
+  assert 0.3 < density("child_tuning_d, update") == density("child_tuning_d, gradient") < 0.4
+  # Masking the update after AdamW freezes all but D's 30% of the body; masking the gradient
+  # does not (weight decay moves the rest; F's coordinates all move through Adam's moments).
+  assert abs(moved("child_tuning_d, update") - 0.3) < 0.01
+  assert moved("child_tuning_d, gradient") > 0.99
+  assert moved("child_tuning_f, gradient") > 0.99
+  # Su: before Adam, gradient dropout acts like lr x sqrt(p): F on the gradient ends nearer
+  # (log train loss) to AdamW at lr x sqrt(p) than to plain AdamW.
+  f_grad = log_loss("child_tuning_f, gradient")
+  assert abs(f_grad - log_loss("adamw, lr × √p")) < abs(f_grad - log_loss("adamw"))
+  for row in rows.values():
+    assert row["test_acc"] > 0.9, row

@@ -25,7 +25,7 @@ The package, one job per module:
   (:func:`format_table`), the PNGs and :func:`write_report`.
 - ``_cli``: the command line, :func:`main`.
 - one module per part: ``layerwise``, ``clipping``, ``contrastive``, ``attribution``, ``step_size``,
-  ``em``.
+  ``em``, ``child_tuning``.
 
 Adding a technique to the tour means adding one module, ``gradtx/tour/my_technique.py``::
 
@@ -63,6 +63,7 @@ from gradtx.tour._training import Runs, init_params, min_clip_scale, run_compile
 # isort: off
 from gradtx.tour import layerwise  # noqa: F401
 from gradtx.tour import clipping  # noqa: F401
+from gradtx.tour import child_tuning  # noqa: F401
 from gradtx.tour import contrastive  # noqa: F401
 from gradtx.tour import attribution  # noqa: F401
 from gradtx.tour import step_size  # noqa: F401
