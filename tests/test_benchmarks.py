@@ -17,6 +17,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+QUICK_ARGS = {"attribution_speed": ("--no-captum",)}
 
 
 def _run_quick(name, out_dir, *extra_args):
@@ -45,7 +46,8 @@ def _check_common(name, out_dir, stdout):
       tables.append([])
   tables = [table for table in tables if table]
   # One table of data["rows"], then one per extra section that has rows of its own.
-  sections = [data["rows"]] + [data[key]["rows"] for key in ("transformer",) if key in data]
+  sections = [data["rows"]] + [data[key]["rows"] for key in ("transformer", "completeness")
+                               if key in data]
   assert len(tables) == len(sections), "one markdown table per section"
   for table, rows in zip(tables, sections, strict=True):
     assert len(table) == 2 + len(rows), "one table line per row, plus the header"
@@ -56,9 +58,11 @@ def _check_common(name, out_dir, stdout):
   return data
 
 
-@pytest.mark.parametrize("name", ["overhead", "clipping_speedup", "contrastive_memory"])
+@pytest.mark.parametrize(
+    "name", ["overhead", "clipping_speedup", "contrastive_memory", "attribution_speed"])
 def test_quick_run_writes_results(name, tmp_path):
-  stdout = _run_quick(name, tmp_path)
+  # Captum (when installed) is measured by the full run; the quick check stays fast.
+  stdout = _run_quick(name, tmp_path, *QUICK_ARGS.get(name, ()))
   data = _check_common(name, tmp_path, stdout)
   if name == "overhead":
     for row in data["rows"]:
@@ -79,6 +83,37 @@ def test_quick_run_writes_results(name, tmp_path):
       assert largest["gd"]["iterations"] is not None, "the GD baseline must reach the target"
       for mode in ("hard", "soft"):
         assert largest[f"speedup_{mode}"] >= 5.0, (objective, mode, largest)
+  elif name == "attribution_speed":
+    # Captum is optional (torch is not a dependency): the run says whether it was measured.
+    captum = data["captum"]
+    assert isinstance(captum["available"], bool) and captum["note"]
+    ratios = ["vs_floor", "vs_steps_x_one_gradient", "vs_loop"]
+    for row in data["rows"]:
+      assert row["model"] in ("mlp", "cnn") and row["steps"] >= 2, row
+      for key in ratios + (["vs_captum"] if captum["available"] else []):
+        ratio = row[key]
+        assert ratio["q25"] <= ratio["median"] <= ratio["q75"]
+        assert ratio["ci_low"] <= ratio["median"] <= ratio["ci_high"]
+        assert 0 < ratio["median"] < math.inf
+      # The loop, the floor (weighted and summed) and Captum give gradtx's attributions.
+      assert row["loop_max_abs_diff"] < 1e-4 and row["floor_max_abs_diff"] < 1e-4, row
+      if captum["available"]:
+        assert row["captum_max_abs_diff"] <= data["target"]["captum_agreement_atol"], row
+      else:
+        assert row["vs_captum"] is None and row["captum_max_abs_diff"] is None, row
+    # Completeness (float64, deterministic): every method for every model; Gauss–Legendre
+    # is below 1e-3 and below the trapezoid rule at every step count of the grid.
+    completeness = data["completeness"]
+    methods = {"riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid",
+               "gausslegendre"}
+    for model, curves in completeness["curves"].items():
+      assert methods <= set(curves), model
+      for errors in curves.values():
+        assert len(errors) == len(completeness["grid"])
+        assert all(0 <= e < math.inf for e in errors)
+      for gl, trapezoid in zip(curves["gausslegendre"], curves["riemann_trapezoid"],
+                               strict=True):
+        assert gl < data["target"]["completeness_rel_error"] and gl < trapezoid, model
   else:
     rows = data["rows"]
     for row in rows:
