@@ -461,8 +461,9 @@ def zeroth_order(
     ...                                      num_samples=32), optax.sgd(1e-5))
     >>> params = {"w": jnp.array([1.0, -1.0])}
     >>> state = tx.init(params)
+    >>> step = jax.jit(lambda p, s: tx.update(p, s, p, loss_fn=loss))
     >>> for _ in range(20):
-    ...   u, state = tx.update(params, state, params, loss_fn=loss)
+    ...   u, state = step(params, state)
     ...   params = optax.apply_updates(params, u)
     >>> bool(loss(params) < 2e4)
     True
