@@ -15,15 +15,15 @@ Su's analysis of the first placement: Adam's moments keep the masked coordinates
 and in the long run gradient dropout acts on Adam like a learning rate times ``√p``.
 
 The F masks need ``numel(params)`` random bits every step. On CPU, JAX's threefry
-generator costs about eight AdamW steps for the same number of parameters
-(``benchmarks/child_tuning.py``), so the default ``prng="hash"`` draws them from a
-counter-based integer hash instead: two rounds of Wellons' ``lowbias32`` mixer over
-``(counter, 64 seed bits)``, the seed coming from the state's key, the step and the leaf's
-path; each 32-bit hash gives two 16-bit uniforms, so ``p`` is rounded to a multiple of
-2^-16 (the rescale uses that rounded ``p``, so the update stays unbiased). That is a few
-fused integer ops per element, hidden in an optimizer step's memory traffic, and
-statistically fine for masks (the tests check density, independence across leaves and
-steps, and unbiasedness);
+generator costs several AdamW updates' worth of time for the same number of parameters
+(4.7 in ``benchmarks/child_tuning.py``: the step becomes 2.4x an AdamW step), so the
+default ``prng="hash"`` draws them from a counter-based integer hash instead: two rounds
+of Wellons' ``lowbias32`` mixer over ``(counter, 64 seed bits)``, the seed coming from the
+state's key, the step and the leaf's path; each 32-bit hash gives two 16-bit uniforms, so
+``p`` is rounded to a multiple of 2^-16 (the rescale uses that rounded ``p``, so the update
+stays unbiased). That is a few fused integer ops per element (the step is 1.27x an AdamW
+step), and statistically fine for masks (the tests check density, independence across
+leaves and steps, and unbiasedness);
 ``prng="jax"`` uses ``jax.random.bernoulli`` with the key's own implementation (pass a
 ``jax.random.key(seed, impl="rbg")`` key for the faster XLA generator on accelerators).
 

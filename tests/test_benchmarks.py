@@ -18,6 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 QUICK_ARGS = {"attribution_speed": ("--no-captum",)}
+SECTIONS = ("transformer", "completeness", "finetune")  # result sections beyond "rows"
 
 
 def _run_quick(name, out_dir, *extra_args):
@@ -46,8 +47,7 @@ def _check_common(name, out_dir, stdout):
       tables.append([])
   tables = [table for table in tables if table]
   # One table of data["rows"], then one per extra section that has rows of its own.
-  sections = [data["rows"]] + [data[key]["rows"] for key in ("transformer", "completeness")
-                               if key in data]
+  sections = [data["rows"]] + [data[key]["rows"] for key in SECTIONS if key in data]
   assert len(tables) == len(sections), "one markdown table per section"
   for table, rows in zip(tables, sections, strict=True):
     assert len(table) == 2 + len(rows), "one table line per row, plus the header"
@@ -59,7 +59,8 @@ def _check_common(name, out_dir, stdout):
 
 
 @pytest.mark.parametrize(
-    "name", ["overhead", "clipping_speedup", "contrastive_memory", "attribution_speed"])
+    "name", ["overhead", "clipping_speedup", "contrastive_memory", "attribution_speed",
+             "child_tuning"])
 def test_quick_run_writes_results(name, tmp_path):
   # Captum (when installed) is measured by the full run; the quick check stays fast.
   stdout = _run_quick(name, tmp_path, *QUICK_ARGS.get(name, ()))
@@ -83,6 +84,18 @@ def test_quick_run_writes_results(name, tmp_path):
       assert largest["gd"]["iterations"] is not None, "the GD baseline must reach the target"
       for mode in ("hard", "soft"):
         assert largest[f"speedup_{mode}"] >= 5.0, (objective, mode, largest)
+  elif name == "child_tuning":
+    for row in data["rows"]:
+      for key in ("vs_adamw", "extra_in_adamw_updates"):
+        ratio = row[key]
+        assert ratio["q25"] <= ratio["median"] <= ratio["q75"]
+        assert ratio["ci_low"] <= ratio["median"] <= ratio["ci_high"]
+      assert 0 < row["vs_adamw"]["median"] < math.inf
+      assert 0.0 < row["mask_density"] < 1.0, row
+    for row in data["finetune"]["rows"]:
+      accuracy = row["test_accuracy"]
+      assert len(accuracy["per_seed"]) >= 2 and 0.0 <= accuracy["mean"] <= 1.0 + 1e-9, row
+      assert row["best_lr"] in [point["lr"] for point in row["grid"]], row
   elif name == "attribution_speed":
     # Captum is optional (torch is not a dependency): the run says whether it was measured.
     captum = data["captum"]
