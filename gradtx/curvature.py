@@ -145,8 +145,8 @@ def scale_by_diag_newton(
     Yao et al., "AdaHessian", AAAI 2021, arXiv:2006.00719 (Hutchinson diagonal).
     Su, "Gradient descent and EM are one idea", kexue.fm/archives/4277.
   """
-  x = _checks.concrete_scalar(damping)
-  if x is None or not (x >= 0 and np.isfinite(x)):
+  x = _checks.concrete_scalar(damping)  # None for a tracer (inject_hyperparams): unchecked
+  if x is not None and not (x >= 0 and np.isfinite(x)):
     raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
   _checks.check_choice("estimator", estimator, ESTIMATORS)
   _checks.check_int("samples", samples, minimum=1)

@@ -216,13 +216,14 @@ def eg_plus_minus(
   """
   _checks.check_positive("learning_rate", learning_rate)
   _checks.check_positive("total", total, allow_schedule=False)
-  budget = float(total)
+  budget = total  # may be a tracer under optax.inject_hyperparams
 
   def init_fn(params):
     leaves = jax.tree.leaves(params)
     size = sum(int(np.size(x)) for x in leaves)
     norm1 = sum(jnp.sum(jnp.abs(x.astype(_compute_dtype(x)))) for x in leaves)
-    if leaves and not isinstance(norm1, jax.core.Tracer) and not float(norm1) < budget:
+    concrete = not isinstance(norm1, jax.core.Tracer) and _checks.concrete_scalar(budget)
+    if leaves and concrete is not None and concrete and not float(norm1) < float(budget):
       raise ValueError(f"eg_plus_minus needs ‖params‖₁ < total so that θ⁺, θ⁻ > 0; got "
                        f"‖params‖₁ = {float(norm1):g} and total = {total!r}")
     slack = (budget - norm1) / (2 * max(size, 1))
@@ -237,16 +238,24 @@ def eg_plus_minus(
     del params, extra_args
     eta = _evaluate(learning_rate, state.count)
 
-    def grown(theta, d, sign):
+    # In log space: θ± ⊙ e^{∓ηd} / Z as exp(log θ± ∓ ηd - log Z), so a large |ηd| cannot
+    # overflow before the normalisation.
+    def log_grown(theta, d, sign):
       dt = _compute_dtype(theta)
-      return theta.astype(dt) * jnp.exp(-sign * eta.astype(dt) * d.astype(dt))
+      return jnp.log(theta.astype(dt)) - sign * eta.astype(dt) * d.astype(dt)
 
-    plus = jax.tree.map(lambda t, d: grown(t, d, 1.0), state.theta_plus, updates)
-    minus = jax.tree.map(lambda t, d: grown(t, d, -1.0), state.theta_minus, updates)
-    mass = sum(jnp.sum(x) for x in jax.tree.leaves(plus) + jax.tree.leaves(minus))
-    scale = budget / mass if jax.tree.leaves(plus) else 1.0
-    plus = jax.tree.map(lambda x, t: (x * scale).astype(t.dtype), plus, state.theta_plus)
-    minus = jax.tree.map(lambda x, t: (x * scale).astype(t.dtype), minus, state.theta_minus)
+    log_plus = jax.tree.map(lambda t, d: log_grown(t, d, 1.0), state.theta_plus, updates)
+    log_minus = jax.tree.map(lambda t, d: log_grown(t, d, -1.0), state.theta_minus, updates)
+    per_leaf = [jax.nn.logsumexp(x) for x in jax.tree.leaves(log_plus)
+                + jax.tree.leaves(log_minus) if x.size]
+    log_mass = jax.nn.logsumexp(jnp.stack(per_leaf)) if per_leaf else 0.0
+
+    def renorm(log_theta, old):
+      mass = jnp.asarray(budget, log_theta.dtype) * jnp.exp(log_theta - log_mass)
+      return mass.astype(old.dtype)
+
+    plus = jax.tree.map(renorm, log_plus, state.theta_plus)
+    minus = jax.tree.map(renorm, log_minus, state.theta_minus)
     new_updates = jax.tree.map(
         lambda p, m, p0, m0, d: ((p.astype(_compute_dtype(p)) - m) - (p0 - m0)).astype(d.dtype),
         plus, minus, state.theta_plus, state.theta_minus, updates)

@@ -45,17 +45,19 @@ def _evaluate(value: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
 
 
 def _vdot(a: Any, b: Any) -> jax.Array:
-  """``Σ a ⊙ b`` over every leaf, in float32 or wider."""
-  terms = [jnp.vdot(x.astype(jnp.promote_types(x.dtype, jnp.float32)).ravel(),
-                    y.astype(jnp.promote_types(y.dtype, jnp.float32)).ravel())
+  """``Σ a ⊙ b`` over every leaf, in float32 (a sum of products: shards reduce cleanly)."""
+  terms = [jnp.sum(x.astype(jnp.float32) * y.astype(jnp.float32))
            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)]
   return sum(terms, jnp.zeros((), jnp.float32))
 
 
 def _cosine(a: Any, b: Any) -> jax.Array:
-  """``<a, b> / (‖a‖ ‖b‖)``, 0 when either is 0 (the first step has no previous one)."""
+  """``<a, b> / (‖a‖ ‖b‖)``, 0 when either is 0 (the first step has no previous one).
+
+  A NaN/inf in either gives NaN (propagated, not hidden as "no agreement").
+  """
   norms = jnp.sqrt(_vdot(a, a) * _vdot(b, b))
-  return jnp.where(norms > 0, _vdot(a, b) / jnp.where(norms > 0, norms, 1.0), 0.0)
+  return jnp.where(norms == 0, 0.0, _vdot(a, b) / jnp.where(norms == 0, 1.0, norms))
 
 
 def _check_range(name: str, value: Any) -> tuple[float, float]:
@@ -242,7 +244,8 @@ def eg_step_size(
     else:
       grad_ema = jax.tree.map(lambda e, x: beta * e + (1 - beta) * x, state.grad_ema, g)
     flat = [jnp.ravel(p) for p in jax.tree.leaves(gains_t)] or [jnp.ones(1)]
-    stats = jnp.concatenate(flat)
+    stats = jnp.concatenate(flat).astype(jnp.float32)
+    scale_t = jax.tree.map(lambda x: x.astype(jnp.float32), scale_t)
     new_state = EGStepSizeState(
         optax.safe_increment(state.count), base_state, gains_t, grad_ema, scaled, scale_t,
         jnp.mean(stats), jnp.min(stats), jnp.max(stats))
@@ -335,6 +338,7 @@ def hypergradient_descent(
       alpha = state.learning_rate * (1 + hyper_lr * _cosine(g, state.prev_direction))
     else:
       alpha = state.learning_rate + hyper_lr * _vdot(g, state.prev_direction)
+    alpha = alpha.astype(jnp.float32)
     new_updates = jax.tree.map(lambda d, u: (-alpha * d).astype(u.dtype), directions, updates)
     return new_updates, HypergradientDescentState(base_state, _f32(directions), alpha)
 

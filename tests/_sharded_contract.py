@@ -3,10 +3,11 @@
 Run as ``python tests/_sharded_contract.py`` (``test_contract.py`` does, once per session):
 ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` must be set before jax is
 imported, so this needs a process of its own. For every entry of
-``test_contract.TRANSFORMATIONS`` it runs jitted steps of ``optax.chain(tx, optax.sgd)``
-on params and gradients sharded along their leading dim over a 4-device mesh and on
-unsharded ones, and prints one JSON line ``{"name", "ok", "error"}``: the updates must
-agree (rtol 1e-6) and keep the params' sharding.
+``test_contract.TRANSFORMATIONS`` it runs jitted steps of ``optax.chain(tx, finish(entry))``
+(``optax.sgd``, or ``optax.scale`` after a full update) on the entry's problem, with params
+and gradients sharded along their leading dim over a 4-device mesh and unsharded, and
+prints one JSON line ``{"name", "ok", "error"}``: the updates must agree (rtol 1e-6) and
+keep the params' sharding.
 """
 
 import importlib.util
@@ -30,9 +31,9 @@ def _check_entry(contract, entry, mesh):
   import optax
   from jax.sharding import NamedSharding, PartitionSpec
 
-  tx = optax.chain(entry.make(), optax.sgd(contract.LR))
-  step = jax.jit(contract.make_step(tx))
-  params = contract.params_tree()
+  tx = optax.chain(entry.make(), contract.finish(entry))
+  step = jax.jit(contract.make_step(tx, entry))
+  params = entry.problem.params()
   shardings = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec("data")), params)
   sharded = jax.device_put(params, shardings)
   for x in jax.tree.leaves(sharded):
@@ -46,12 +47,14 @@ def _check_entry(contract, entry, mesh):
     ps, ss = sharded, init(sharded)
     for i, u in enumerate(reference):
       ps, ss, us = step(ps, ss)
-      contract.assert_trees_close(us, u, rtol=1e-6, atol=1e-7, msg=f"updates, step {i}")
+      contract.assert_trees_close(us, u, rtol=1e-6, atol=entry.sharded_atol,
+                                  msg=f"updates, step {i}")
       for name, leaf in us.items():
         assert leaf.sharding.is_equivalent_to(shardings[name], leaf.ndim), (
             f"step {i}: update {name!r} has sharding {leaf.sharding}, params "
             f"{shardings[name]}")
-  contract.assert_trees_close(ps, p, rtol=1e-6, atol=1e-7, msg="params after 3 steps")
+  contract.assert_trees_close(ps, p, rtol=1e-6, atol=entry.sharded_atol,
+                              msg="params after 3 steps")
 
 
 def main():

@@ -18,7 +18,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 QUICK_ARGS = {"attribution_speed": ("--no-captum",)}
-SECTIONS = ("transformer", "completeness", "finetune")  # result sections beyond "rows"
+# Result sections beyond "rows", each with a markdown table of its own.
+SECTIONS = ("transformer", "completeness", "finetune", "per_lr", "full_batch")
 
 
 def _run_quick(name, out_dir, *extra_args):
@@ -60,7 +61,7 @@ def _check_common(name, out_dir, stdout):
 
 @pytest.mark.parametrize(
     "name", ["overhead", "clipping_speedup", "contrastive_memory", "attribution_speed",
-             "child_tuning"])
+             "child_tuning", "step_size_robustness", "sparse_eg"])
 def test_quick_run_writes_results(name, tmp_path):
   # Captum (when installed) is measured by the full run; the quick check stays fast.
   stdout = _run_quick(name, tmp_path, *QUICK_ARGS.get(name, ()))
@@ -96,6 +97,41 @@ def test_quick_run_writes_results(name, tmp_path):
       accuracy = row["test_accuracy"]
       assert len(accuracy["per_seed"]) >= 2 and 0.0 <= accuracy["mean"] <= 1.0 + 1e-9, row
       assert row["best_lr"] in [point["lr"] for point in row["grid"]], row
+  elif name == "step_size_robustness":
+    tolerance, steps = data["target"]["tolerance"], data["config"]["steps"]
+    for model in ("mlp", "cnn"):
+      mine = {r["method"]: r for r in data["rows"] if r["model"] == model}
+      assert set(mine) == {"adam", "sgdm", "adam_hd", "adam_eg", "adam_eg_per_leaf"}, model
+      adam, eg = mine["adam"], mine["adam_eg"]
+      lrs, best = adam["lrs"], adam["adam_best"]
+      assert lrs[-1] / lrs[0] >= 1e4 * (1 - 1e-6), "four decades of initial rates"
+      assert best["final_loss"] == min(v for v in adam["final_loss"] if v is not None)
+      # The verdict follows from the numbers, whichever way it goes.
+      for r in mine.values():
+        assert len(r["final_loss"]) == len(r["test_acc"]) == len(lrs)
+        worst = r["worst_ratio_in_target_range"]
+        assert r["target_met"] == (r["target_range"]["covered_by_grid"] and worst is not None
+                                   and worst <= 1 + tolerance), (model, r["method"])
+      assert data["target"]["met"][model] == eg["target_met"]
+      # EGDD's reach is e^(±0.011 T): the effective rate it ends with stays within it.
+      for lr, eff in zip(lrs, eg["effective_lr"], strict=True):
+        if eff is not None:
+          assert (lr * math.exp(-0.011 * steps) * 0.999 <= eff
+                  <= lr * math.exp(0.011 * steps) * 1.001), (model, lr, eff)
+  elif name == "sparse_eg":
+    for inputs in ("rademacher", "gaussian"):
+      mine = {r["method"]: r for r in data["rows"] if r["inputs"] == inputs}
+      assert set(mine) == {"gd", "eg_u1", "eg_u2", "eg_u4"}
+      gd, eg = mine["gd"], mine["eg_u1"]
+      # Kivinen & Warmuth: with U = ‖w*‖₁, EG± needs >= 5x fewer examples than tuned GD.
+      assert gd["iterations"] is not None and eg["iterations"] is not None, inputs
+      assert eg["gd_over_method"] >= 5.0, (inputs, eg["gd_over_method"])
+      # A looser bound U costs examples.
+      assert eg["iterations"] <= mine["eg_u2"]["iterations"] <= mine["eg_u4"]["iterations"]
+      # n < d full batch: GD fits the training set but not w*; EG± U=‖w*‖₁ recovers w*.
+      batch = {r["method"]: r for r in data["full_batch"]["rows"] if r["inputs"] == inputs}
+      assert batch["gd"]["final_population_fraction"] > 0.3
+      assert batch["eg_u1"]["final_population_fraction"] < 0.01
   elif name == "attribution_speed":
     # Captum is optional (torch is not a dependency): the run says whether it was measured.
     captum = data["captum"]

@@ -30,6 +30,7 @@ TECHNIQUES = (
     "diag_newton",
     "child_tuning_f",
     "child_tuning_d",
+    "zeroth_order('es')",
 )
 
 
@@ -59,7 +60,7 @@ def test_writes_report_and_pngs(quick_tour):
   assert set(payload["parts"]) == set(tour.PARTS) == set(results)
   report = (out / "report.md").read_text()
   pngs = [name for part in payload["parts"].values() for name in part["figures"]]
-  assert {"step_size.png", "em.png", "child_tuning.png"} <= set(pngs)
+  assert {"step_size.png", "em.png", "child_tuning.png", "zeroth_order.png"} <= set(pngs)
   assert {"layerwise.png", "clipping_sgd.png", "contrastive.png", "attribution_heatmaps.png",
           "attribution_completeness.png"} <= set(pngs)
   for name in pngs:
@@ -227,3 +228,17 @@ def test_child_tuning_placements(quick_tour):
   assert abs(f_grad - log_loss("adamw, lr × √p")) < abs(f_grad - log_loss("adamw"))
   for row in rows.values():
     assert row["test_acc"] > 0.9, row
+
+
+def test_zeroth_order_optimises_accuracy(quick_tour):
+  _, _, payload, _ = quick_tour
+  rows = {row["technique"]: row for row in payload["parts"]["zeroth_order"]["rows"]}
+  es, bp = rows["zeroth_order('es') + adam"], rows["backprop + adam"]
+  # ES on the argmax accuracy alone (its gradient is zero almost everywhere) learns the
+  # digits far above chance: test accuracy > 0.85, training error rate < 0.15...
+  assert es["test_acc"] > max(0.85, es["chance"] + 0.5), es
+  assert es["train_loss"] < 0.15, es
+  # ...at N evaluations a step, where backprop on the cross-entropy spends one.
+  es_evals, bp_evals = (int(r["extras"]["evaluations"]) for r in (es, bp))
+  assert es_evals >= 10 * bp_evals
+  assert bp["test_acc"] >= es["test_acc"] - 0.01

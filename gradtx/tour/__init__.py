@@ -25,7 +25,7 @@ The package, one job per module:
   (:func:`format_table`), the PNGs and :func:`write_report`.
 - ``_cli``: the command line, :func:`main`.
 - one module per part: ``layerwise``, ``clipping``, ``contrastive``, ``attribution``, ``step_size``,
-  ``em``, ``child_tuning``.
+  ``em``, ``child_tuning``, ``zeroth_order``.
 
 Adding a technique to the tour means adding one module, ``gradtx/tour/my_technique.py``::
 
@@ -68,6 +68,7 @@ from gradtx.tour import contrastive  # noqa: F401
 from gradtx.tour import attribution  # noqa: F401
 from gradtx.tour import step_size  # noqa: F401
 from gradtx.tour import em  # noqa: F401
+from gradtx.tour import zeroth_order  # noqa: F401
 # isort: on
 
 __all__ = (
