@@ -158,8 +158,8 @@ def es_gradient(
   ``ĝ = (1/(2σP)) Σ_j (f(θ+σε_j) - f(θ-σε_j)) ε_j`` for P = N/2 pairs.
 
   Member ``i`` (pair ``j`` when antithetic) draws its noise from
-  ``fold_in(key, i)`` then ``fold_in(·, crc32(leaf path))``: same key, same estimate,
-  whichever of ``lean``, ``batch_size`` or ``mesh`` evaluates the population.
+  ``fold_in(key, i)`` then ``fold_in(·, crc32(leaf path) & 0x7FFFFFFF)``: same key, same
+  estimate, whichever of ``lean``, ``batch_size`` or ``mesh`` evaluates the population.
 
   Args:
     fn: ``fn(params) -> scalar`` (need not be differentiable).
@@ -218,7 +218,10 @@ def es_gradient(
 
     if lean:
       return jax.lax.scan(add, zero, (indices, coefficients))[0]
-    chunk = indices.shape[0] if batch_size is None else min(batch_size, indices.shape[0])
+    if batch_size is None or batch_size >= indices.shape[0]:  # all at once: no loop
+      eps = jax.vmap(lambda i: _noise(key, i, params, noise))(indices)
+      return jax.tree.map(lambda e: jnp.tensordot(coefficients.astype(e.dtype), e, axes=1), eps)
+    chunk = batch_size
     full = indices.shape[0] // chunk * chunk
 
     def add_chunk(total, jc):

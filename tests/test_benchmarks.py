@@ -17,9 +17,10 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-QUICK_ARGS = {"attribution_speed": ("--no-captum",)}
+QUICK_ARGS = {"attribution_speed": ("--no-captum",), "zeroth_order": ("--no-evosax",)}
 # Result sections beyond "rows", each with a markdown table of its own.
-SECTIONS = ("transformer", "completeness", "finetune", "per_lr", "full_batch")
+SECTIONS = ("transformer", "completeness", "finetune", "per_lr", "full_batch", "memory",
+            "training")
 
 
 def _run_quick(name, out_dir, *extra_args):
@@ -61,7 +62,7 @@ def _check_common(name, out_dir, stdout):
 
 @pytest.mark.parametrize(
     "name", ["overhead", "clipping_speedup", "contrastive_memory", "attribution_speed",
-             "child_tuning", "step_size_robustness", "sparse_eg"])
+             "child_tuning", "step_size_robustness", "sparse_eg", "zeroth_order"])
 def test_quick_run_writes_results(name, tmp_path):
   # Captum (when installed) is measured by the full run; the quick check stays fast.
   stdout = _run_quick(name, tmp_path, *QUICK_ARGS.get(name, ()))
@@ -132,6 +133,30 @@ def test_quick_run_writes_results(name, tmp_path):
       batch = {r["method"]: r for r in data["full_batch"]["rows"] if r["inputs"] == inputs}
       assert batch["gd"]["final_population_fraction"] > 0.3
       assert batch["eg_u1"]["final_population_fraction"] < 0.01
+  elif name == "zeroth_order":
+    evosax = data["evosax"]  # optional, like Captum: the run says whether it was measured
+    assert isinstance(evosax["available"], bool) and evosax["note"]
+    target = data["target"]
+    for row in data["rows"]:
+      ratio = row["lean_vs_default"]
+      assert ratio["q25"] <= ratio["median"] <= ratio["q75"]
+      assert ratio["ci_low"] <= ratio["median"] <= ratio["ci_high"]
+      # Same noise, same estimate: the float64 numpy formula of the documented draws.
+      assert row["agreement"]["gradtx_vs_numpy"]["rel"] <= target["agreement_rel"], row
+    # Compiled memory is deterministic: forward < lean < chunked < materialised, lean <= 10%.
+    memory = data["memory"]["rows"]
+    for size in {r["num_params"] for r in memory}:
+      temp = {r["mode"].split(" ")[0]: r["memory"]["temp"] for r in memory
+              if r["num_params"] == size}
+      assert temp["forward"] < temp["lean"] < temp["chunked"] < temp["materialised"], temp
+      assert temp["lean"] <= 0.1 * temp["materialised"], temp
+    executed = [r for r in memory if r["executed"] and r["max_abs_diff_vs_default"] is not None]
+    assert any(r["mode"] == "lean" for r in executed)
+    assert all(r["max_abs_diff_vs_default"] < 1e-5 for r in executed)  # same key, same estimate
+    training = data["training"]
+    for row in training["rows"]:
+      curve = training["curves"][row["method"]]
+      assert row["final_test_accuracy"] >= curve["test_accuracy"][0] + 0.2, row
   elif name == "attribution_speed":
     # Captum is optional (torch is not a dependency): the run says whether it was measured.
     captum = data["captum"]

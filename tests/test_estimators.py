@@ -18,7 +18,7 @@ from gradtx import estimators
 
 
 def _reference_noise(key, index, shapes, noise="gaussian"):
-  """The documented draw: ``fold_in(key, i)``, then ``fold_in(·, crc32(path))``."""
+  """The documented draw: ``fold_in(key, i)``, then ``fold_in(·, crc32(path) & 0x7FFFFFFF)``."""
   member = jax.random.fold_in(key, index)
   out = {}
   for path, shape in shapes.items():
