@@ -288,8 +288,9 @@ TRANSFORMATIONS = (
           dict(learning_rate=optax.linear_schedule(0.5, 0.3, 20), normalize="simplex",
                axis={"w2": 1, ".*": 0}), static_args=("axis",), needs=("w2",),
           problem=CATEGORICAL, full_update=True),
+    # The update is θ⁺ − θ⁻ of values ~4 (cancellation): eager and jitted runs differ ~2e-5.
     Entry("eg_plus_minus", gradtx.eg_plus_minus, dict(learning_rate=0.2, total=200.0),
-          full_update=True, sharded_atol=1e-6),
+          full_update=True, sharded_atol=1e-6, rtol=5e-5),
     Entry("normalized_multiplicative", gradtx.normalized_multiplicative,
           dict(axis={"w2": -1, ".*": 0}), static_args=("axis",), needs=("w2",),
           problem=CATEGORICAL, full_update=True),
