@@ -114,3 +114,21 @@ def common_leading_size(argname: str, named_leaves: Iterable[tuple[str, Any]], *
         f"{sorted(sizes)} ({by_leaf})"
     )
   return sizes.pop()
+
+
+def as_key(key: Any) -> jax.Array:
+  """A single typed ``jax.random`` key from a typed key or a raw ``PRNGKey`` (uint32)."""
+  if isinstance(key, jax.Array) and jax.numpy.issubdtype(key.dtype, jax.dtypes.prng_key):
+    if key.shape != ():
+      raise ValueError(f"key must be a single key (shape ()), got shape {key.shape}")
+    return key
+  arr = key if isinstance(key, (jax.Array, np.ndarray)) else None  # may be a tracer
+  if arr is None or arr.dtype != np.uint32 or arr.ndim != 1:
+    raise TypeError(f"key must be a jax.random key (jax.random.key(seed) or "
+                    f"jax.random.PRNGKey(seed)), got {key!r}")
+  return jax.random.wrap_key_data(key)
+
+
+def scalar_or_schedule(value: Any, count: jax.Array) -> jax.Array:
+  """A hyperparameter's float32 value at update ``count`` (it may be a schedule)."""
+  return jax.numpy.asarray(value(count) if callable(value) else value, jax.numpy.float32)

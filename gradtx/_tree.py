@@ -7,11 +7,17 @@ linen and nnx models spell their paths the same way).
 
 A *rule set* is an ordered mapping ``{regex: value}`` (or a sequence of pairs). A leaf
 takes the value of the first regex that matches its whole path (``re.fullmatch``).
+
+Randomness per leaf is keyed by path too: leaf ``path`` of a step uses
+``fold_in(step_key, crc32(path) & 0x7FFFFFFF)`` (:func:`leaf_keys`), so a leaf's draw does
+not change when other leaves are added or hidden (``optax.masked``). Transformations keep
+the raw key data in their state and split it once per update (:func:`split_state_key`).
 """
 
 from __future__ import annotations
 
 import re
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -181,3 +187,16 @@ def map_by_rules(tree: Any, rules: Any, *, argname: str, default: Any = None,
                         default_name=default_name)
   values = [default if m is None else m.value for m in matches]
   return jax.tree.unflatten(treedef, values), matches, paths
+
+
+def leaf_keys(key: jax.Array, paths: Sequence[str]) -> jax.Array:
+  """One key per path, ``fold_in(key, crc32(path) & 0x7FFFFFFF)``, in one vectorised op."""
+  ids = jax.numpy.asarray([zlib.crc32(p.encode()) & 0x7FFFFFFF for p in paths],
+                          jax.numpy.uint32)
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
+
+
+def split_state_key(raw_key: jax.Array, impl: Any) -> tuple[jax.Array, jax.Array]:
+  """``(raw data of the next state key, this update's typed key)`` from a state's key data."""
+  next_key, step_key = jax.random.split(jax.random.wrap_key_data(raw_key, impl=impl))
+  return jax.random.key_data(next_key), step_key

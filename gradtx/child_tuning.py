@@ -36,7 +36,6 @@ References:
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -82,10 +81,6 @@ def _hash_threshold(p: jax.Array) -> jax.Array:
   return jnp.clip(jnp.round(p * 65536.0), 1.0, 65536.0).astype(jnp.uint32)
 
 
-def _path_id(path: str) -> int:
-  return zlib.crc32(path.encode()) & 0x7FFFFFFF
-
-
 def _bernoulli_masks(step_key: jax.Array, tree: Any, p: jax.Array, prng: str) -> Any:
   """One Bernoulli(p) mask per leaf; a leaf's mask depends on the key and its path only.
 
@@ -94,9 +89,7 @@ def _bernoulli_masks(step_key: jax.Array, tree: Any, p: jax.Array, prng: str) ->
   paths, treedef = _tree.leaf_paths_and_treedef(tree)
   if not paths:
     return jax.tree.unflatten(treedef, [])
-  # Every leaf's key in one vectorised fold_in (one op, not one per leaf: compile time).
-  path_ids = jnp.asarray([_path_id(path) for path in paths], jnp.uint32)
-  leaf_keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(path_ids)
+  leaf_keys = _tree.leaf_keys(step_key, paths)
   seeds = jax.random.key_data(leaf_keys).reshape(len(paths), -1)[:, :2].astype(jnp.uint32)
   threshold = _hash_threshold(p)
   masks = []
@@ -106,19 +99,6 @@ def _bernoulli_masks(step_key: jax.Array, tree: Any, p: jax.Array, prng: str) ->
     else:
       masks.append(jax.random.bernoulli(leaf_keys[index], p, jnp.shape(leaf)))
   return jax.tree.unflatten(treedef, masks)
-
-
-def _as_key(key: Any) -> jax.Array:
-  """A typed key array from a typed key or a raw ``PRNGKey`` (uint32) array."""
-  if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    if key.shape != ():
-      raise ValueError(f"key must be a single key (shape ()), got shape {key.shape}")
-    return key
-  arr = jnp.asarray(key) if isinstance(key, (jax.Array, np.ndarray)) else None
-  if arr is None or arr.dtype != jnp.uint32 or arr.ndim != 1:
-    raise TypeError(f"key must be a jax.random key (jax.random.key(seed) or "
-                    f"jax.random.PRNGKey(seed)), got {key!r}")
-  return jax.random.wrap_key_data(arr)
 
 
 def _masked_count_and_size(masks: Any) -> tuple[jax.Array, int]:
@@ -221,7 +201,7 @@ def child_tuning_f(
   _checks.check_choice("prng", prng, PRNGS)
   if not isinstance(rescale, bool):
     raise TypeError(f"rescale must be a bool, got {rescale!r}")
-  typed_key = _as_key(key)
+  typed_key = _checks.as_key(key)
   impl = jax.random.key_impl(typed_key)
 
   def init_fn(params):
@@ -238,12 +218,12 @@ def child_tuning_f(
                     jnp.float32)
     if prng == "hash":  # the probability the hash mask really keeps with
       p = _hash_threshold(p).astype(jnp.float32) / 65536.0
-    next_key, step_key = jax.random.split(jax.random.wrap_key_data(state.rng_key, impl=impl))
+    next_key, step_key = _tree.split_state_key(state.rng_key, impl)
     masks = _bernoulli_masks(step_key, updates, p, prng)
     new_updates = _apply_mask(updates, masks, 1.0 / p if rescale else None)
     new_state = ChildTuningFState(
         count=optax.safe_increment(state.count),
-        rng_key=jax.random.key_data(next_key),
+        rng_key=next_key,
         mask_density=_density(masks),
     )
     return new_updates, new_state

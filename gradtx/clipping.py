@@ -95,10 +95,6 @@ def _check_mode(mode: str) -> None:
   _checks.check_choice("mode", mode, _MODES)
 
 
-def _evaluate(value: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
-  return jnp.asarray(value(count) if callable(value) else value, jnp.float32)
-
-
 class ClipByGlobalNormState(NamedTuple):
   """State of :func:`clip_by_global_norm`.
 
@@ -161,7 +157,7 @@ def clip_by_global_norm(
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     norm = global_norm(updates).astype(jnp.float32)
-    scale = clip_scale(norm, _evaluate(max_norm, state.count), mode)
+    scale = clip_scale(norm, _checks.scalar_or_schedule(max_norm, state.count), mode)
     new_state = ClipByGlobalNormState(optax.safe_increment(state.count), norm, scale)
     return _scale_tree(updates, scale), new_state
 
@@ -216,7 +212,7 @@ def clip_by_leaf_norm(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    threshold = _evaluate(max_norm, state.count)
+    threshold = _checks.scalar_or_schedule(max_norm, state.count)
     norms = jax.tree.map(lambda u: leaf_norm(u).astype(jnp.float32), updates)
     scales = jax.tree.map(lambda n: clip_scale(n, threshold, mode), norms)
     new_state = ClipByLeafNormState(optax.safe_increment(state.count), norms, scales)

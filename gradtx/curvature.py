@@ -22,7 +22,6 @@ References:
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -40,10 +39,11 @@ ESTIMATORS = ("hutchinson",)
 def _rademacher(key: jax.Array, tree: Any) -> Any:
   """±1 per coordinate; a leaf's draw depends only on the key and its path."""
   paths, treedef = _tree.leaf_paths_and_treedef(tree)
-  draws = []
-  for path, leaf in zip(paths, jax.tree.leaves(tree), strict=True):
-    leaf_key = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
-    draws.append(jax.random.rademacher(leaf_key, jnp.shape(leaf), leaf.dtype))
+  if not paths:
+    return tree
+  keys = _tree.leaf_keys(key, paths)
+  draws = [jax.random.rademacher(keys[i], jnp.shape(leaf), leaf.dtype)
+           for i, leaf in enumerate(jax.tree.leaves(tree))]
   return jax.tree.unflatten(treedef, draws)
 
 
@@ -150,10 +150,7 @@ def scale_by_diag_newton(
     raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
   _checks.check_choice("estimator", estimator, ESTIMATORS)
   _checks.check_int("samples", samples, minimum=1)
-  if not (isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-                                          or key.dtype == jnp.uint32)):
-    raise TypeError(f"key must be a jax.random key, got {key!r}")
-  typed = key if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
+  typed = _checks.as_key(key)
   impl = jax.random.key_impl(typed)
 
   def init_fn(params):
@@ -162,7 +159,7 @@ def scale_by_diag_newton(
 
   def update_fn(updates, state, params=None, *, loss_fn=None, curvature=None, **extra_args):
     del extra_args
-    next_key, step_key = jax.random.split(jax.random.wrap_key_data(state.rng_key, impl=impl))
+    next_key, step_key = _tree.split_state_key(state.rng_key, impl)
     if curvature is None:
       if loss_fn is None:
         raise ValueError(
@@ -179,7 +176,7 @@ def scale_by_diag_newton(
         lambda h, g: h.astype(jnp.promote_types(g.dtype, jnp.float32)), curvature, updates)
     directions = jax.tree.map(
         lambda g, h: (g / (jnp.maximum(h, 0) + damping)).astype(g.dtype), updates, curvature)
-    return directions, ScaleByDiagNewtonState(jax.random.key_data(next_key), curvature)
+    return directions, ScaleByDiagNewtonState(next_key, curvature)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -40,7 +40,6 @@ References:
 from __future__ import annotations
 
 import inspect
-import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -63,11 +62,12 @@ def _compute_dtype(x: Any) -> jnp.dtype:
 
 def _noise(key: jax.Array, index: jax.Array, params: Any, noise: str) -> Any:
   """The noise ``ε`` of one population member: a pytree like ``params`` (float32+)."""
-  member_key = jax.random.fold_in(key, index)
   paths, treedef = _tree.leaf_paths_and_treedef(params)
+  if not paths:
+    return params
+  keys = _tree.leaf_keys(jax.random.fold_in(key, index), paths)
   draws = []
-  for path, leaf in zip(paths, jax.tree.leaves(params), strict=True):
-    leaf_key = jax.random.fold_in(member_key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+  for leaf_key, leaf in zip(keys, jax.tree.leaves(params), strict=True):
     dtype = _compute_dtype(leaf)
     if noise == "gaussian":
       draws.append(jax.random.normal(leaf_key, jnp.shape(leaf), dtype))
@@ -493,10 +493,7 @@ def zeroth_order(
     _check_es_args(estimator_kwargs["sigma"], estimator_kwargs["num_samples"], **options)
   elif estimate is forward_gradient and "num_directions" in estimator_kwargs:
     _checks.check_int("num_directions", estimator_kwargs["num_directions"], minimum=1)
-  if not (isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-                                          or key.dtype == jnp.uint32)):
-    raise TypeError(f"key must be a jax.random key, got {key!r}")
-  typed = key if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
+  typed = _checks.as_key(key)
   impl = jax.random.key_impl(typed)
 
   def init_fn(params):
@@ -511,10 +508,9 @@ def zeroth_order(
     if params is None:
       raise ValueError("zeroth_order needs the params: call update(updates, state, params, "
                        "loss_fn=...)")
-    next_key, step_key = jax.random.split(jax.random.wrap_key_data(state.rng_key, impl=impl))
+    next_key, step_key = _tree.split_state_key(state.rng_key, impl)
     grads = estimate(loss_fn, params, step_key, **estimator_kwargs)
     grads = jax.tree.map(lambda g, u: g.astype(jnp.result_type(u)), grads, updates)
-    return grads, ZerothOrderState(optax.safe_increment(state.count),
-                                   jax.random.key_data(next_key))
+    return grads, ZerothOrderState(optax.safe_increment(state.count), next_key)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -36,10 +36,6 @@ from gradtx import _checks, _tree
 NORMALIZATIONS = (None, "simplex")
 
 
-def _evaluate(value: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
-  return jnp.asarray(value(count) if callable(value) else value, jnp.float32)
-
-
 def _compute_dtype(x: jax.Array) -> jnp.dtype:
   return jnp.promote_types(x.dtype, jnp.float32)
 
@@ -140,7 +136,7 @@ def exponentiated_gradient(
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     _require_params(params, "exponentiated_gradient")
-    eta = _evaluate(learning_rate, state.count)
+    eta = _checks.scalar_or_schedule(learning_rate, state.count)
 
     def egu(d, theta):
       dt = _compute_dtype(theta)
@@ -236,7 +232,7 @@ def eg_plus_minus(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    eta = _evaluate(learning_rate, state.count)
+    eta = _checks.scalar_or_schedule(learning_rate, state.count)
 
     # In log space: θ± ⊙ e^{∓ηd} / Z as exp(log θ± ∓ ηd - log Z), so a large |ηd| cannot
     # overflow before the normalisation.

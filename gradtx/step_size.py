@@ -40,10 +40,6 @@ SCALES = ("global", "per_leaf", "none")
 RULES = ("egdd", "su")
 
 
-def _evaluate(value: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
-  return jnp.asarray(value(count) if callable(value) else value, jnp.float32)
-
-
 def _vdot(a: Any, b: Any) -> jax.Array:
   """``Σ a ⊙ b`` over every leaf, in float32 (a sum of products: shards reduce cleanly)."""
   terms = [jnp.sum(x.astype(jnp.float32) * y.astype(jnp.float32))
@@ -73,6 +69,19 @@ def _check_range(name: str, value: Any) -> tuple[float, float]:
 
 def _f32(tree: Any) -> Any:
   return jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree)
+
+
+def _gain_statistics(gains: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Mean, min and max over every gain, reduced leaf by leaf (no concatenated copy)."""
+  leaves = [g.astype(jnp.float32) for g in jax.tree.leaves(gains) if g.size]
+  if not leaves:
+    one = jnp.ones((), jnp.float32)
+    return one, one, one
+  total = sum(jnp.sum(g) for g in leaves)
+  count = sum(g.size for g in leaves)
+  lowest = jnp.min(jnp.stack([jnp.min(g) for g in leaves]))
+  highest = jnp.max(jnp.stack([jnp.max(g) for g in leaves]))
+  return total / count, lowest, highest
 
 
 class EGStepSizeState(NamedTuple):
@@ -233,7 +242,7 @@ def eg_step_size(
     else:
       scaled = jax.tree.map(lambda p, d: p * d.astype(jnp.promote_types(d.dtype, jnp.float32)),
                             gains_t, directions)
-    eta = _evaluate(learning_rate, state.count)
+    eta = _checks.scalar_or_schedule(learning_rate, state.count)
     if scale == "per_leaf":
       steps = jax.tree.map(lambda s, m: -eta * s * m, scale_t, scaled)
     else:
@@ -243,12 +252,11 @@ def eg_step_size(
       grad_ema = g
     else:
       grad_ema = jax.tree.map(lambda e, x: beta * e + (1 - beta) * x, state.grad_ema, g)
-    flat = [jnp.ravel(p) for p in jax.tree.leaves(gains_t)] or [jnp.ones(1)]
-    stats = jnp.concatenate(flat).astype(jnp.float32)
+    gain_mean, gain_min, gain_max = _gain_statistics(gains_t)
     scale_t = jax.tree.map(lambda x: x.astype(jnp.float32), scale_t)
     new_state = EGStepSizeState(
         optax.safe_increment(state.count), base_state, gains_t, grad_ema, scaled, scale_t,
-        jnp.mean(stats), jnp.min(stats), jnp.max(stats))
+        gain_mean, gain_min, gain_max)
     return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

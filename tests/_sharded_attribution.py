@@ -12,19 +12,12 @@ the ``explicit_mesh`` cases use ``jax.make_mesh``'s default in this jax, ``Expli
 (sharding in the types, checked at trace time).
 """
 
-import json
-import os
-import traceback
+import _multidevice  # tests/, on sys.path when run as a script
 
-NUM_DEVICES = 4
+NUM_DEVICES = _multidevice.NUM_DEVICES
 RTOL, ATOL = 1e-5, 1e-6
 BATCH = 8  # 2 examples per device
 
-
-def _setup():
-  flag = f"--xla_force_host_platform_device_count={NUM_DEVICES}"
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def _assert_close(actual, expected, what):
@@ -255,23 +248,14 @@ def case_integrated_gradients_explicit_mesh_conv(mesh):
   _explicit_mesh_ig("cnn", _problems().cnn, batch_size=1)
 
 
-CASES = {name[len("case_"):]: fn for name, fn in dict(globals()).items()
-         if name.startswith("case_")}
-
-
 def main():
-  _setup()
+  _multidevice.force_host_devices()
   import jax
 
   assert jax.device_count() == NUM_DEVICES, jax.devices()
-  mesh = jax.make_mesh((NUM_DEVICES,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-  for name, case in CASES.items():
-    try:
-      case(mesh)
-      record = {"name": name, "ok": True, "error": ""}
-    except Exception:  # noqa: BLE001 - reported per case to the pytest side
-      record = {"name": name, "ok": False, "error": traceback.format_exc()}
-    print(json.dumps(record), flush=True)
+  mesh = jax.make_mesh((NUM_DEVICES,), ("data",),
+                                    axis_types=(jax.sharding.AxisType.Auto,))
+  _multidevice.report(_multidevice.cases_of(globals()), mesh)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,12 @@ prints one JSON line ``{"name", "ok", "error"}``: the updates must agree (rtol 1
 keep the params' sharding.
 """
 
+import functools
 import importlib.util
-import json
 import os
 import sys
-import traceback
+
+import _multidevice  # tests/, on sys.path when run as a script
 
 
 def _load_contract():
@@ -58,21 +59,15 @@ def _check_entry(contract, entry, mesh):
 
 
 def main():
-  flag = "--xla_force_host_platform_device_count=4"
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  _multidevice.force_host_devices()
   contract = _load_contract()
   import jax
 
-  assert jax.device_count() == 4, jax.devices()
-  mesh = jax.make_mesh((4,), ("data",))
-  for entry in contract.TRANSFORMATIONS:
-    try:
-      _check_entry(contract, entry, mesh)
-      record = {"name": entry.name, "ok": True, "error": ""}
-    except Exception:  # noqa: BLE001 - reported per entry to the pytest side
-      record = {"name": entry.name, "ok": False, "error": traceback.format_exc()}
-    print(json.dumps(record), flush=True)
+  assert jax.device_count() == _multidevice.NUM_DEVICES, jax.devices()
+  mesh = jax.make_mesh((_multidevice.NUM_DEVICES,), ("data",))
+  cases = {entry.name: functools.partial(_check_entry, contract, entry)
+           for entry in contract.TRANSFORMATIONS}
+  _multidevice.report(cases, mesh)
 
 
 if __name__ == "__main__":

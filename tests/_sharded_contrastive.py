@@ -7,19 +7,13 @@ imported, so this needs a process of its own. Every case prints one JSON line
 single-device autodiff of the whole batch (rtol 1e-5) and ``cached_value_and_grad``.
 """
 
-import json
-import os
 import re
-import traceback
 
-NUM_DEVICES = 4
+import _multidevice  # tests/, on sys.path when run as a script
+
+NUM_DEVICES = _multidevice.NUM_DEVICES
 RTOL, ATOL = 1e-5, 1e-6
 
-
-def _setup():
-  flag = f"--xla_force_host_platform_device_count={NUM_DEVICES}"
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def _assert_close(actual, expected, what):
@@ -279,23 +273,13 @@ def case_unknown_batch_axis(mesh):
     raise AssertionError("no error for a batch_axis that is not in the mesh")
 
 
-CASES = {name[len("case_"):]: fn for name, fn in dict(globals()).items()
-         if name.startswith("case_")}
-
-
 def main():
-  _setup()
+  _multidevice.force_host_devices()
   import jax
 
   assert jax.device_count() == NUM_DEVICES, jax.devices()
   mesh = jax.make_mesh((NUM_DEVICES,), ("data",))
-  for name, case in CASES.items():
-    try:
-      case(mesh)
-      record = {"name": name, "ok": True, "error": ""}
-    except Exception:  # noqa: BLE001 - reported per case to the pytest side
-      record = {"name": name, "ok": False, "error": traceback.format_exc()}
-    print(json.dumps(record), flush=True)
+  _multidevice.report(_multidevice.cases_of(globals()), mesh)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,9 @@ with the population split over a 4-device mesh (``mesh=``, ``axis_name=``) must 
 single-device estimate for the same key (rtol 1e-5).
 """
 
-import json
-import os
-import traceback
+import _multidevice  # tests/, on sys.path when run as a script
 
-NUM_DEVICES = 4
+NUM_DEVICES = _multidevice.NUM_DEVICES
 
 
 def _problem():
@@ -73,25 +71,13 @@ def case_population_not_divisible(mesh):
                        sigma=0.1, num_samples=6, mesh=mesh, axis_name="pop")
 
 
-CASES = {name[len("case_"):]: fn for name, fn in dict(globals()).items()
-         if name.startswith("case_")}
-
-
 def main():
-  flag = f"--xla_force_host_platform_device_count={NUM_DEVICES}"
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  _multidevice.force_host_devices()
   import jax
 
   assert jax.device_count() == NUM_DEVICES, jax.devices()
   mesh = jax.make_mesh((NUM_DEVICES,), ("pop",))
-  for name, case in CASES.items():
-    try:
-      case(mesh)
-      record = {"name": name, "ok": True, "error": ""}
-    except Exception:  # noqa: BLE001 - reported per case to the pytest side
-      record = {"name": name, "ok": False, "error": traceback.format_exc()}
-    print(json.dumps(record), flush=True)
+  _multidevice.report(_multidevice.cases_of(globals()), mesh)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,40 @@
-"""Shared test settings: hypothesis profile sized for CI's 2 cores."""
+"""Shared test settings: hypothesis profile sized for CI's 2 cores; multi-device runs."""
 
+import json
 import os
+import subprocess
+import sys
 
+import pytest
 from hypothesis import settings
+
+# The multi-device helper scripts import tests/_multidevice.py as a top-level module (their
+# own directory is on sys.path when they run as scripts); so does pytest's doctest pass.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 settings.register_profile("ci", max_examples=30, deadline=None)
 settings.register_profile("full", max_examples=300, deadline=None)
 settings.load_profile("full" if os.environ.get("GRADTX_SLOW") else "ci")
+
+
+@pytest.fixture(scope="module")
+def multidevice_records(request):
+  """Runs the test module's ``HELPER`` script once; ``(records by case name, log)``.
+
+  The helper (see ``tests/_multidevice.py``) forces several CPU devices before importing
+  jax, so it needs a process of its own.
+  """
+  helper = request.module.HELPER
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  try:
+    proc = subprocess.run([sys.executable, helper], capture_output=True, text=True, env=env,
+                          timeout=600)
+  except subprocess.TimeoutExpired as e:
+    pytest.fail(f"{helper} timed out: {e}")
+  records = {}
+  for line in proc.stdout.splitlines():
+    if line.startswith("{"):
+      record = json.loads(line)
+      records[record["name"]] = record
+  return records, f"rc={proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+

@@ -2,7 +2,8 @@
 
 ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` must be set before jax is
 imported, so the checks run in one subprocess (``tests/_sharded_attribution.py``), once
-per module; each of its cases is asserted here as a test of its own:
+per module (the ``multidevice_records`` fixture of ``conftest.py``); each of its
+cases is asserted here as a test of its own:
 
 - ``integrated_gradients`` of a linen CNN under ``jax.jit`` with the batch and the
   per-example targets sharded over 'data', with and without ``batch_size`` chunking;
@@ -14,10 +15,7 @@ per module; each of its cases is asserted here as a test of its own:
 - on a mesh of ``Explicit`` axes (``jax.make_mesh``'s default): a dense model, and a CNN.
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -34,30 +32,13 @@ CASES = (
 )
 
 
-@pytest.fixture(scope="module")
-def results():
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  try:
-    proc = subprocess.run([sys.executable, HELPER], capture_output=True, text=True, env=env,
-                          timeout=600)
-  except subprocess.TimeoutExpired as e:
-    pytest.fail(f"{HELPER} timed out: {e}")
-  records = {}
-  for line in proc.stdout.splitlines():
-    if line.startswith("{"):
-      record = json.loads(line)
-      records[record["name"]] = record
-  return records, f"rc={proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-
-
-def test_helper_runs_every_case(results):
-  records, log = results
+def test_helper_runs_every_case(multidevice_records):
+  records, log = multidevice_records
   assert sorted(records) == sorted(CASES), log
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_case(name, results):
-  records, log = results
-  if name not in records:
-    pytest.fail(f"no result for {name} from {HELPER}: {log}")
-  assert records[name]["ok"], records[name]["error"]
+def test_case(name, multidevice_records):
+  records, log = multidevice_records
+  record = records.get(name, {"ok": False, "error": f"no result for {name}: {log}"})
+  assert record["ok"], record["error"]

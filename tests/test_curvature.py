@@ -286,7 +286,7 @@ def test_construction_errors(factory):
     factory(samples=0, key=key)
   with pytest.raises(ValueError, match=r"estimator must be one of 'hutchinson', got 'exact'"):
     factory(estimator="exact", key=key)
-  with pytest.raises(TypeError, match=r"key must be a jax.random key, got 0"):
+  with pytest.raises(TypeError, match=r"key must be a jax.random key .*got 0"):
     factory(key=0)
   with pytest.raises(TypeError, match=r"key must be a jax.random key"):
     factory(key=jnp.zeros(2, jnp.float32))

@@ -2,16 +2,14 @@
 
 ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` must be set before jax is
 imported, so the checks run in one subprocess (``tests/_sharded_estimators.py``), once
-per module; each case is a test here: antithetic Gaussian, plain sampling with the f(θ)
-baseline and Rademacher noise, centered-rank shaping (global ranks over devices), the
+per module (the ``multidevice_records`` fixture of ``conftest.py``); each case is a
+test here: antithetic Gaussian, plain sampling with the f(θ) baseline and Rademacher
+noise, centered-rank shaping (global ranks over devices), the
 leave-one-out mean with chunks, lean evaluation per device, and the error for a
 population that does not split evenly.
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -26,30 +24,13 @@ CASES = (
 )
 
 
-@pytest.fixture(scope="module")
-def results():
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  try:
-    proc = subprocess.run([sys.executable, HELPER], capture_output=True, text=True, env=env,
-                          timeout=600)
-  except subprocess.TimeoutExpired as e:
-    pytest.fail(f"{HELPER} timed out: {e}")
-  records = {}
-  for line in proc.stdout.splitlines():
-    if line.startswith("{"):
-      record = json.loads(line)
-      records[record["name"]] = record
-  return records, f"rc={proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-
-
-def test_helper_runs_every_case(results):
-  records, log = results
+def test_helper_runs_every_case(multidevice_records):
+  records, log = multidevice_records
   assert sorted(records) == sorted(CASES), log
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_case(name, results):
-  records, log = results
-  if name not in records:
-    pytest.fail(f"no result for {name} from {HELPER}: {log}")
-  assert records[name]["ok"], records[name]["error"]
+def test_case(name, multidevice_records):
+  records, log = multidevice_records
+  record = records.get(name, {"ok": False, "error": f"no result for {name}: {log}"})
+  assert record["ok"], record["error"]
