@@ -200,3 +200,15 @@ def split_state_key(raw_key: jax.Array, impl: Any) -> tuple[jax.Array, jax.Array
   """``(raw data of the next state key, this update's typed key)`` from a state's key data."""
   next_key, step_key = jax.random.split(jax.random.wrap_key_data(raw_key, impl=impl))
   return jax.random.key_data(next_key), step_key
+
+
+def sharded_like(x: jax.Array, ref: Any) -> jax.Array:
+  """``x`` with the sharding of ``ref`` (under an explicit mesh, or for concrete arrays)."""
+  if isinstance(ref, jax.Array) and not isinstance(ref, jax.core.Tracer):
+    # Only a multi-device layout is copied: committing to one device would change how
+    # jit caches the step (its first call would see committed and uncommitted inputs).
+    return jax.device_put(x, ref.sharding) if len(ref.sharding.device_set) > 1 else x
+  sharding = jax.typeof(ref).sharding
+  if sharding.mesh.empty or not sharding.mesh.are_all_axes_explicit:
+    return x  # the compiler propagates shardings itself
+  return jax.sharding.reshard(x, sharding.spec)

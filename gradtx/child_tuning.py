@@ -112,22 +112,10 @@ def _density(masks: Any) -> jax.Array:
   return kept / max(size, 1)
 
 
-def _sharded_like(x: jax.Array, ref: Any) -> jax.Array:
-  """``x`` with the sharding of ``ref`` (under an explicit mesh, or for concrete arrays)."""
-  if isinstance(ref, jax.Array) and not isinstance(ref, jax.core.Tracer):
-    # Only a multi-device layout is copied: committing to one device would change how
-    # jit caches the step (its first call would see committed and uncommitted inputs).
-    return jax.device_put(x, ref.sharding) if len(ref.sharding.device_set) > 1 else x
-  sharding = jax.typeof(ref).sharding
-  if sharding.mesh.empty or not sharding.mesh.are_all_axes_explicit:
-    return x  # the compiler propagates shardings itself
-  return jax.sharding.reshard(x, sharding.spec)
-
-
 def _apply_mask(updates: Any, masks: Any, scale: jax.Array | None) -> Any:
   def leaf(u, m):
     kept = u if scale is None else (u * scale).astype(u.dtype)
-    return jnp.where(_sharded_like(m, u), kept, jnp.zeros_like(u))
+    return jnp.where(_tree.sharded_like(m, u), kept, jnp.zeros_like(u))
 
   return jax.tree.map(leaf, updates, masks)
 
@@ -501,7 +489,7 @@ def child_tuning_d(mask: Any, *, rescale: bool = False) -> optax.GradientTransfo
   mask_by_path = {p: np.asarray(x) for p, x in zip(paths, leaves, strict=True)}
 
   def init_fn(params):
-    aligned = jax.tree.map(lambda m, p: _sharded_like(jnp.asarray(m), p),
+    aligned = jax.tree.map(lambda m, p: _tree.sharded_like(jnp.asarray(m), p),
                            _align_mask(mask_by_path, params), params)
     return ChildTuningDState(mask=aligned, mask_density=_density(aligned))
 

@@ -90,10 +90,16 @@ def _map(fn: Callable, xs: jax.Array, *, lean: bool, batch_size: int | None) -> 
 
 
 def _centered_ranks(values: jax.Array) -> jax.Array:
-  """``rank / (N - 1) - 0.5`` (OpenAI ES, evosax); ties broken by position."""
+  """``rank / (N - 1) - 0.5`` (OpenAI ES, evosax), ranks from 0.
+
+  Tied values share their average rank (as evosax and ``scipy.stats.rankdata``), so a
+  plateau of equal fitness (e.g. accuracy) gets weight 0 on average instead of an order
+  by position; NaN ranks as the largest value (the worst loss).
+  """
   n = values.shape[0]
-  ranks = jnp.argsort(jnp.argsort(values)).astype(values.dtype)
-  return ranks / max(n - 1, 1) - 0.5
+  rankable = jnp.where(jnp.isnan(values), jnp.inf, values)
+  ranks = jax.scipy.stats.rankdata(rankable, method="average") - 1.0
+  return ranks.astype(values.dtype) / max(n - 1, 1) - 0.5
 
 
 def _weights(fitness: jax.Array, f0: jax.Array | None, shaping: str | None,
@@ -152,7 +158,8 @@ def es_gradient(
 
   with ``w_i = f(θ + σε_i) - b`` (``baseline``: ``"f0"`` = ``f(θ)``, one extra
   evaluation; ``"mean"`` = the leave-one-out mean of the other members, unbiased;
-  ``None`` = 0), or shaped fitness (``"centered_rank"``: ``rank/(N-1) - 0.5``;
+  ``None`` = 0), or shaped fitness (``"centered_rank"``: ``rank/(N-1) - 0.5``, ties sharing
+  their average rank, NaN ranked last;
   ``"standardize"``: ``(f - mean)/std``; these estimate a direction, not the gradient's
   scale). With ``antithetic``, members come in pairs ``±ε_j`` and the baseline cancels:
   ``ĝ = (1/(2σP)) Σ_j (f(θ+σε_j) - f(θ-σε_j)) ε_j`` for P = N/2 pairs.
@@ -165,7 +172,8 @@ def es_gradient(
     fn: ``fn(params) -> scalar`` (need not be differentiable).
     params: the point ``θ``, any pytree of float arrays.
     key: a ``jax.random`` key.
-    sigma: the smoothing scale ``σ`` > 0.
+    sigma: the smoothing scale ``σ`` > 0 (a number, or an array inside ``jit``, e.g.
+      injected by ``optax.inject_hyperparams``).
     num_samples: the population size N (function evaluations, ``f0`` aside).
     antithetic: mirrored sampling (N must be even).
     noise: ``"gaussian"`` or ``"rademacher"`` (SPSA).
@@ -200,12 +208,23 @@ def es_gradient(
   pairs = n // 2 if antithetic else n
   sign_values = (1.0, -1.0) if antithetic else (1.0,)
   signs = jnp.array(sign_values, jnp.float32)
-  sigma = float(sigma)
+  # A Python number stays one (folded into the program); a traced sigma (e.g. under
+  # optax.inject_hyperparams) is used as an array.
+  sigma = float(sigma) if isinstance(sigma, (int, float)) else jnp.asarray(sigma, jnp.float32)
 
-  def fitness_of(j):
-    eps = _noise(key, j, params, noise)
+  def fitness_at(eps):
     return jnp.stack([jnp.asarray(fn(_perturbed(params, eps, s * sigma)), jnp.float32)
                       for s in sign_values])
+
+  def fitness_of(j):
+    return fitness_at(_noise(key, j, params, noise))
+
+  def population_noise(indices):
+    return jax.vmap(lambda i: _noise(key, i, params, noise))(indices)
+
+  def contract(c, eps):
+    """``Σ_j c_j ε_j`` for a stacked noise ``eps`` (leading axis j)."""
+    return jax.tree.map(lambda e: jnp.tensordot(c.astype(e.dtype), e, axes=1), eps)
 
   def weighted_sum(indices, coefficients):
     """``Σ_j c_j ε_j`` over ``indices``, regenerating each ``ε_j``."""
@@ -218,17 +237,12 @@ def es_gradient(
 
     if lean:
       return jax.lax.scan(add, zero, (indices, coefficients))[0]
-    if batch_size is None or batch_size >= indices.shape[0]:  # all at once: no loop
-      eps = jax.vmap(lambda i: _noise(key, i, params, noise))(indices)
-      return jax.tree.map(lambda e: jnp.tensordot(coefficients.astype(e.dtype), e, axes=1), eps)
     chunk = batch_size
     full = indices.shape[0] // chunk * chunk
 
     def add_chunk(total, jc):
       j, c = jc
-      eps = jax.vmap(lambda i: _noise(key, i, params, noise))(j)
-      part = jax.tree.map(lambda e: jnp.tensordot(c.astype(e.dtype), e, axes=1), eps)
-      return jax.tree.map(jnp.add, total, part), None
+      return jax.tree.map(jnp.add, total, contract(c, population_noise(j))), None
 
     shaped = lambda a: a[:full].reshape((full // chunk, chunk) + a.shape[1:])  # noqa: E731
     total = jax.lax.scan(add_chunk, zero, (shaped(indices), shaped(coefficients)))[0]
@@ -245,18 +259,27 @@ def es_gradient(
     w = _weights(fitness.reshape(-1), f0, shaping, baseline).reshape(fitness.shape)
     return jnp.sum(w * signs, axis=1)
 
+  def local_sum(indices, coefficients_of):
+    """This shard's ``Σ_j c_j ε_j``; ``coefficients_of`` maps local to global weights."""
+    if lean or (batch_size is not None and batch_size < indices.shape[0]):
+      fitness = _map(fitness_of, indices, lean=lean, batch_size=batch_size)
+      return weighted_sum(indices, coefficients_of(fitness))
+    # The whole population at once: draw its noise once, for the fitness and the sum.
+    eps = population_noise(indices)
+    fitness = jax.vmap(lambda _, e: fitness_at(e))(indices, eps)  # indices: the axis size
+    return contract(coefficients_of(fitness), eps)
+
   if mesh is None:
-    indices = jnp.arange(pairs, dtype=jnp.uint32)
-    fitness = _map(fitness_of, indices, lean=lean, batch_size=batch_size)
-    total = weighted_sum(indices, coefficients(fitness))
+    total = local_sum(jnp.arange(pairs, dtype=jnp.uint32), coefficients)
   else:
-    total = _sharded_sum(mesh, axis_name, pairs, fitness_of, coefficients, weighted_sum,
-                         lean=lean, batch_size=batch_size)
-  return jax.tree.map(lambda t, p: (t / (n * sigma)).astype(jnp.result_type(p)), total, params)
+    total = _sharded_sum(mesh, axis_name, pairs, coefficients, local_sum)
+  # The population's noise is replicated; the estimate is laid out like the params.
+  return jax.tree.map(
+      lambda t, p: _tree.sharded_like((t / (n * sigma)).astype(jnp.result_type(p)), p),
+      total, params)
 
 
-def _sharded_sum(mesh, axis_name, pairs, fitness_of, coefficients, weighted_sum, *, lean,
-                 batch_size):
+def _sharded_sum(mesh, axis_name, pairs, coefficients, local_sum):
   """``Σ_j c_j ε_j`` with the noise draws split over ``mesh``'s ``axis_name``."""
   from jax.sharding import PartitionSpec as P
 
@@ -270,12 +293,12 @@ def _sharded_sum(mesh, axis_name, pairs, fitness_of, coefficients, weighted_sum,
                      f"{axis_name!r}")
 
   def local(indices):
-    fitness = _map(fitness_of, indices, lean=lean, batch_size=batch_size)
-    everyone = jax.lax.all_gather(fitness, axis_name, tiled=True)
-    c = coefficients(everyone)
-    start = jax.lax.axis_index(axis_name) * indices.shape[0]
-    mine = jax.lax.dynamic_slice_in_dim(c, start, indices.shape[0])
-    return jax.tree.map(lambda t: jax.lax.psum(t, axis_name), weighted_sum(indices, mine))
+    def mine(fitness):
+      everyone = jax.lax.all_gather(fitness, axis_name, tiled=True)
+      start = jax.lax.axis_index(axis_name) * indices.shape[0]
+      return jax.lax.dynamic_slice_in_dim(coefficients(everyone), start, indices.shape[0])
+
+    return jax.tree.map(lambda t: jax.lax.psum(t, axis_name), local_sum(indices, mine))
 
   indices = jnp.arange(pairs, dtype=jnp.uint32)
   if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
@@ -433,6 +456,9 @@ def zeroth_order(
     estimator: str | Callable[..., Any] = "es",
     *,
     key: jax.Array,
+    sigma: float | jax.Array | None = None,
+    num_samples: int | None = None,
+    num_directions: int | None = None,
     **estimator_kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Replaces the incoming updates by a zeroth-order estimate of ``∇ loss_fn(params)``.
@@ -447,11 +473,20 @@ def zeroth_order(
   leaves are perturbed: ``loss_fn`` then receives a tree with ``optax.MaskedNode()`` at the
   others — rebuild it with :func:`fill_masked`. The key is split every step.
 
+  ``sigma``, ``num_samples`` and ``num_directions`` are named arguments so that
+  ``optax.inject_hyperparams(gradtx.zeroth_order, static_args=("estimator", "key",
+  "num_samples"))`` can inject (and schedule) ``sigma``; ``num_samples`` and
+  ``num_directions`` are shapes and must stay static.
+
   Args:
     estimator: ``"es"`` (:func:`es_gradient`), ``"forward"`` (:func:`forward_gradient`),
       or a callable ``estimator(fn, params, key, **estimator_kwargs) -> grads``.
     key: a ``jax.random`` key.
-    **estimator_kwargs: the estimator's options (``sigma``, ``num_samples``, ...).
+    sigma: ES's smoothing scale (required with ``"es"``).
+    num_samples: ES's population size (required with ``"es"``).
+    num_directions: the forward gradient's number of directions (default 1).
+    **estimator_kwargs: the estimator's other options (``antithetic``, ``shaping``,
+      ``lean``, ...).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params`` and
@@ -474,6 +509,14 @@ def zeroth_order(
   References:
     Salimans et al., 2017, arXiv:1703.03864. Su, kexue.fm/archives/7737.
   """
+  # optax.inject_hyperparams re-calls a factory with its bound arguments, so the
+  # ``**estimator_kwargs`` dict arrives as one keyword of that name.
+  nested = estimator_kwargs.pop("estimator_kwargs", None)
+  if isinstance(nested, dict):
+    estimator_kwargs = {**nested, **estimator_kwargs}
+  named = dict(sigma=sigma, num_samples=num_samples, num_directions=num_directions)
+  estimator_kwargs = {**{k: v for k, v in named.items() if v is not None},
+                      **estimator_kwargs}
   if isinstance(estimator, str):
     _checks.check_choice("estimator", estimator, ESTIMATORS)
     estimate = es_gradient if estimator == "es" else forward_gradient

@@ -63,7 +63,7 @@ def test_es_gradient_equals_numpy_reference(antithetic, baseline, shaping, noise
   members = [(e, s) for e in eps for s in signs]
   fitness = np.array([np_f({k: base[k] + s * sigma * e[k] for k in base}) for e, s in members])
   if shaping == "centered_rank":
-    w = np.argsort(np.argsort(fitness)) / (n - 1) - 0.5
+    w = _average_ranks(fitness) / (n - 1) - 0.5
   elif shaping == "standardize":
     w = (fitness - fitness.mean()) / fitness.std()
   elif antithetic or baseline is None:
@@ -77,11 +77,35 @@ def test_es_gradient_equals_numpy_reference(antithetic, baseline, shaping, noise
     np.testing.assert_allclose(np.asarray(got[k]), want, rtol=2e-4, atol=1e-5, err_msg=k)
 
 
+def _average_ranks(values):
+  """0-based ranks, ties sharing the mean of the positions they span (numpy loop)."""
+  values = np.asarray(values, np.float64)
+  order = np.sort(values)
+  return np.array([np.mean(np.flatnonzero(order == v)) for v in values])
+
+
 def test_centered_ranks_match_numpy():
   values = jnp.array([0.3, -1.0, 2.0, 0.0, 5.0, -3.0])
   want = np.argsort(np.argsort(np.asarray(values))) / 5 - 0.5
   np.testing.assert_allclose(estimators._centered_ranks(values), want, rtol=1e-6)
   assert float(estimators._centered_ranks(values).sum()) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_centered_ranks_average_ties_and_rank_nan_last():
+  values = np.array([0.5, 0.25, 0.5, 1.0, 0.25, 0.5, np.nan, 0.75])
+  want = _average_ranks(np.where(np.isnan(values), np.inf, values)) / 7 - 0.5
+  # 0.25 ×2 share ranks 0, 1 → 0.5; 0.5 ×3 share 2, 3, 4 → 3; NaN is last (7).
+  np.testing.assert_allclose(want * 7 + 3.5, [3, 0.5, 3, 6, 0.5, 3, 7, 5])
+  np.testing.assert_allclose(estimators._centered_ranks(jnp.asarray(values, jnp.float32)),
+                             want, rtol=1e-6)
+
+
+def test_centered_ranks_on_a_plateau_give_zero_estimate():
+  # A flat objective (every member ties) gives no direction, not a position artefact.
+  flat = lambda p: jnp.floor(jnp.sum(p["w"]) * 0.0)  # noqa: E731
+  g = gradtx.es_gradient(flat, {"w": jnp.ones(5)}, jax.random.key(0), sigma=0.1,
+                         num_samples=16, shaping="centered_rank")
+  np.testing.assert_array_equal(np.asarray(g["w"]), np.zeros(5))
 
 
 # --------------------------------------------------------------------------------------
@@ -197,6 +221,27 @@ def test_same_key_same_estimate_and_modes_agree():
     assert not np.allclose(other[name], full[name])
     np.testing.assert_allclose(lean[name], full[name], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(chunked[name], full[name], rtol=1e-5, atol=1e-7)
+
+
+def test_traced_sigma_equals_a_python_sigma():
+  """``sigma`` may be an array inside jit (e.g. injected by ``optax.inject_hyperparams``)."""
+  params = {"w": jnp.linspace(-1.0, 1.0, 4)}
+  key = jax.random.key(2)
+  for mode in (dict(), dict(lean=True), dict(batch_size=3)):
+    want = gradtx.es_gradient(_linear, params, key, sigma=0.1, num_samples=8, **mode)
+    got = jax.jit(lambda s, mode=mode: gradtx.es_gradient(
+        _linear, params, key, sigma=s, num_samples=8, **mode))(jnp.float32(0.1))
+    np.testing.assert_allclose(got["w"], want["w"], rtol=1e-5, atol=1e-6, err_msg=str(mode))
+  injected = optax.inject_hyperparams(gradtx.zeroth_order, static_args=(
+      "estimator", "key", "num_samples"))(estimator="es", key=key, sigma=0.1, num_samples=8,
+                                          shaping="centered_rank")
+  state = injected.init(params)
+  assert float(state.hyperparams["sigma"]) == pytest.approx(0.1)
+  updates, _ = jax.jit(lambda s: injected.update(params, s, params, loss_fn=_linear))(state)
+  plain = gradtx.zeroth_order("es", key=key, sigma=0.1, num_samples=8,
+                              shaping="centered_rank")
+  want, _ = plain.update(params, plain.init(params), params, loss_fn=_linear)
+  np.testing.assert_allclose(updates["w"], want["w"], rtol=1e-5, atol=1e-6)
 
 
 def test_lean_mode_never_materialises_the_population():
