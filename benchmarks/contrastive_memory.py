@@ -44,8 +44,9 @@ of 64 features — embedded to width 128 (plus learned position embeddings), 2 p
 blocks (4-head self-attention, MLP 128 → 512 → 128, GELU), final LayerNorm, mean-pool,
 projection to 128; the same three methods, dense and blockwise loss, batches and chunks.
 
-``--quick``: B in {256, 1024}, chunks of 64, ``block_size=256``, 3 rounds: a smoke run
-(the memory figures are exact; the time ratios of such small steps mean little).
+``--quick``: B in {256, 1024} (transformer: 256), chunks of 64, ``block_size=256``, 3
+rounds: a smoke run (the memory figures are exact; the time ratios of such small steps
+mean little).
 
 ``--section transformer``: measure only the transformer section; the MLP section (and
 the loss-alone figures) are read from the existing ``<out>/contrastive_memory.json``,
@@ -87,7 +88,8 @@ FULL = {"batches": (1024, 4096, 16384), "chunk": 256, "block": 1024,
 SEQ_LEN, TOKEN_DIM, WIDTH, HEADS, MLP_DIM, LAYERS, OUT_DIM = 32, 64, 128, 4, 512, 2, 128
 
 QUICK = {"batches": (256, 1024), "chunk": 64, "block": 256,
-         "rounds": {256: (1, 3), 1024: (1, 3)}}
+         "rounds": {256: (1, 3), 1024: (1, 3)},
+         "transformer_batches": (256,)}  # compile-only, seconds per variant on CPU
 # (The blockwise loss is measured where B > block_size: 4096 and 16384; 1024 in --quick.)
 
 
@@ -302,7 +304,8 @@ def measure_transformer(config, blockwise, bar) -> dict[str, Any]:
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
   chunk, block = config["chunk"], config["block"]
   rows = []
-  for batch in config["batches"]:
+  batches = config.get("transformer_batches", config["batches"])
+  for batch in batches:
     x = jax.ShapeDtypeStruct((batch, SEQ_LEN, TOKEN_DIM), jnp.float32)
     inputs = {"a": x, "b": x}
     for method, loss_label, block_size in variants(batch, blockwise, block):
@@ -324,7 +327,7 @@ def measure_transformer(config, blockwise, bar) -> dict[str, Any]:
   return {"config": {"seq_len": SEQ_LEN, "token_dim": TOKEN_DIM, "width": WIDTH,
                      "heads": HEADS, "mlp_dim": MLP_DIM, "layers": LAYERS,
                      "out_dim": OUT_DIM, "num_params": num_params, "towers": 2,
-                     "batches": list(config["batches"]), "chunk": chunk,
+                     "batches": list(batches), "chunk": chunk,
                      "block_size": block},
           "rows": rows}
 

@@ -213,8 +213,9 @@ def es_gradient(
   sigma = float(sigma) if isinstance(sigma, (int, float)) else jnp.asarray(sigma, jnp.float32)
 
   def fitness_at(eps):
-    return jnp.stack([jnp.asarray(fn(_perturbed(params, eps, s * sigma)), jnp.float32)
-                      for s in sign_values])
+    """``[f(θ + sσε), ...]`` over the signs, as one vectorised evaluation."""
+    return jax.vmap(lambda s: jnp.asarray(fn(_perturbed(params, eps, s * sigma)),
+                                          jnp.float32))(signs)
 
   def fitness_of(j):
     return fitness_at(_noise(key, j, params, noise))

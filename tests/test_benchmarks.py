@@ -9,6 +9,7 @@ import math
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -60,12 +61,21 @@ def _check_common(name, out_dir, stdout):
   return data
 
 
+@pytest.fixture(scope="module")
+def contrastive_memory_quick(tmp_path_factory):
+  """One quick run of ``contrastive_memory`` (the slowest), shared by its two tests."""
+  out_dir = tmp_path_factory.mktemp("contrastive_memory")
+  return out_dir, _run_quick("contrastive_memory", out_dir)
+
+
 @pytest.mark.parametrize(
     "name", ["overhead", "clipping_speedup", "contrastive_memory", "attribution_speed",
              "child_tuning", "step_size_robustness", "sparse_eg", "zeroth_order"])
-def test_quick_run_writes_results(name, tmp_path):
-  # Captum (when installed) is measured by the full run; the quick check stays fast.
-  stdout = _run_quick(name, tmp_path, *QUICK_ARGS.get(name, ()))
+def test_quick_run_writes_results(name, tmp_path, request):
+  if name == "contrastive_memory":
+    tmp_path, stdout = request.getfixturevalue("contrastive_memory_quick")
+  else:  # Captum (when installed) is measured by the full run; the quick check stays fast.
+    stdout = _run_quick(name, tmp_path, *QUICK_ARGS.get(name, ()))
   data = _check_common(name, tmp_path, stdout)
   if name == "overhead":
     for row in data["rows"]:
@@ -224,9 +234,10 @@ def test_quick_run_writes_results(name, tmp_path):
         assert row["memory"]["temp"] < full["memory"]["temp"], row
 
 
-def test_contrastive_memory_transformer_section_keeps_mlp_results(tmp_path):
+def test_contrastive_memory_transformer_section_keeps_mlp_results(contrastive_memory_quick,
+                                                                  tmp_path):
   """``--section transformer`` re-measures only the transformer rows; MLP rows are kept."""
-  _run_quick("contrastive_memory", tmp_path)
+  shutil.copytree(contrastive_memory_quick[0], tmp_path, dirs_exist_ok=True)
   before = json.loads((tmp_path / "contrastive_memory.json").read_text())
   stdout = _run_quick("contrastive_memory", tmp_path, "--section", "transformer")
   after = _check_common("contrastive_memory", tmp_path, stdout)
