@@ -1,12 +1,26 @@
-"""Shared test settings: hypothesis profile sized for CI's 2 cores; multi-device runs."""
+"""Shared test settings: XLA flags and hypothesis profile for CI's 2 cores; multi-device runs."""
 
 import json
 import os
 import subprocess
 import sys
 
-import pytest
-from hypothesis import settings
+# The suite is bound by XLA:CPU compiling thousands of small programs. Without LLVM's
+# optimisations and with the legacy (non-MLIR) fusion emitters it compiles ~2.5x faster;
+# the HLO (fusion decisions, buffer assignment, so the memory claims) is the same and the
+# results change only by float rounding, which every test's tolerance allows. Set before
+# jax creates its backend; inherited by the subprocesses (helpers, benchmarks, notebooks).
+# GRADTX_SLOW=1 runs with XLA's defaults.
+FAST_COMPILE_XLA_FLAGS = ("--xla_backend_optimization_level=0",
+                          "--xla_cpu_use_fusion_emitters=false")
+if not os.environ.get("GRADTX_SLOW"):
+  if "jax" in sys.modules:
+    raise RuntimeError("tests/conftest.py must set XLA_FLAGS before jax is imported")
+  os.environ["XLA_FLAGS"] = " ".join(
+      [os.environ.get("XLA_FLAGS", ""), *FAST_COMPILE_XLA_FLAGS]).strip()
+
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 # The multi-device helper scripts import tests/_multidevice.py as a top-level module (their
 # own directory is on sys.path when they run as scripts); so does pytest's doctest pass.

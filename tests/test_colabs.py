@@ -43,20 +43,14 @@ def _prepend_env(monkeypatch: pytest.MonkeyPatch, name: str, entry: str) -> None
   monkeypatch.setenv(name, os.pathsep.join(filter(None, [entry, os.environ.get(name)])))
 
 
-def _append_env(monkeypatch: pytest.MonkeyPatch, name: str, entry: str, *, sep: str) -> None:
-  monkeypatch.setenv(name, sep.join(filter(None, [os.environ.get(name), entry])))
-
-
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path: pathlib.Path, kernel_dir: pathlib.Path,
                        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
   # The kernel inherits this process's environment.
   monkeypatch.setenv("GRADTX_SMOKE", "1")
   monkeypatch.setenv("MPLBACKEND", "Agg")
-  # Smoke runs are dominated by XLA compiling a dozen small training loops; skipping
-  # LLVM's optimisations halves the time on a 2-core machine (results change only by
-  # float rounding, which the notebooks do not depend on).
-  _append_env(monkeypatch, "XLA_FLAGS", "--xla_backend_optimization_level=0", sep=" ")
+  # (The kernel also inherits conftest's fast-compile XLA_FLAGS: smoke runs are dominated
+  # by XLA compiling a dozen small training loops.)
   _prepend_env(monkeypatch, "JUPYTER_PATH", str(kernel_dir))
   # The notebooks import the gradtx of this checkout, also from the temporary directory.
   _prepend_env(monkeypatch, "PYTHONPATH", str(path.parents[1]))
