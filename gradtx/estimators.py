@@ -46,6 +46,7 @@ from typing import Any, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from gradtx import _checks, _tree
@@ -69,15 +70,60 @@ def _noise(key: jax.Array, index: jax.Array, params: Any, noise: str) -> Any:
   draws = []
   for leaf_key, leaf in zip(keys, jax.tree.leaves(params), strict=True):
     dtype = _compute_dtype(leaf)
+    # Drawn flat and reshaped: the same values as drawing the shape (threefry counts
+    # elements in row-major order) and faster on XLA:CPU.
+    size = (int(np.prod(jnp.shape(leaf), dtype=np.int64)),)
     if noise == "gaussian":
-      draws.append(jax.random.normal(leaf_key, jnp.shape(leaf), dtype))
+      draw = jax.random.normal(leaf_key, size, dtype)
     else:
-      draws.append(jax.random.rademacher(leaf_key, jnp.shape(leaf), dtype))
+      draw = jax.random.rademacher(leaf_key, size, dtype)
+    draws.append(draw.reshape(jnp.shape(leaf)))
   return jax.tree.unflatten(treedef, draws)
 
 
 def _perturbed(params: Any, eps: Any, step: jax.Array) -> Any:
   return jax.tree.map(lambda p, e: (p.astype(e.dtype) + step * e).astype(p.dtype), params, eps)
+
+
+def _flattenable(params: Any) -> bool:
+  """Leaves share one compute dtype and carry no explicit-mesh sharding (so one flat
+  vector can hold them)."""
+  leaves = jax.tree.leaves(params)
+  if not leaves or len({_compute_dtype(p) for p in leaves}) != 1:
+    return False
+  for p in leaves:
+    sharding = getattr(jax.typeof(p), "sharding", None)
+    if sharding is not None and not sharding.mesh.empty:
+      return False
+  return True
+
+
+def _flat_population_fitness(fn: Callable, params: Any, eps: Any, steps: list[Any]
+                             ) -> jax.Array:
+  """``f(θ + s ε_j)`` for every draw j (rows of ``eps``) and step s, shape (P, S).
+
+  The same perturbed values as :func:`_perturbed`, built as one (P, S, D) population of
+  flat vectors whose slices are the leaves: XLA:CPU runs the vectorised model ~1.4x faster
+  this way than on per-leaf perturbations (digits MLP, ``benchmarks/zeroth_order.py``).
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  dtype = _compute_dtype(leaves[0])
+  draws = jax.tree.leaves(eps)[0].shape[0]
+  flat = jnp.concatenate([p.astype(dtype).reshape(-1) for p in leaves])
+  flat_eps = jnp.concatenate([e.reshape(draws, -1) for e in jax.tree.leaves(eps)], axis=1)
+  steps = jnp.stack([jnp.asarray(v, dtype) for v in steps])
+  population = flat + steps[None, :, None] * flat_eps[:, None, :]
+  bounds = [0]
+  for p in leaves:
+    bounds.append(bounds[-1] + p.size)
+
+  def unflatten(x):
+    return jax.tree.unflatten(treedef, [
+        x[a:b].reshape(p.shape).astype(p.dtype)
+        for p, a, b in zip(leaves, bounds[:-1], bounds[1:], strict=True)])
+
+  evaluate = lambda x: jnp.asarray(fn(unflatten(x)), jnp.float32)  # noqa: E731
+  return jax.vmap(jax.vmap(evaluate))(population)
 
 
 def _map(fn: Callable, xs: jax.Array, *, lean: bool, batch_size: int | None) -> Any:
@@ -267,7 +313,10 @@ def es_gradient(
       return weighted_sum(indices, coefficients_of(fitness))
     # The whole population at once: draw its noise once, for the fitness and the sum.
     eps = population_noise(indices)
-    fitness = jax.vmap(lambda _, e: fitness_at(e))(indices, eps)  # indices: the axis size
+    if _flattenable(params):
+      fitness = _flat_population_fitness(fn, params, eps, [v * sigma for v in sign_values])
+    else:
+      fitness = jax.vmap(lambda _, e: fitness_at(e))(indices, eps)  # indices: the axis size
     return contract(coefficients_of(fitness), eps)
 
   if mesh is None:
