@@ -119,7 +119,7 @@ def _fixed_lr(lr, state):
 
 def _hd_lr(lr, state):
   del lr
-  return optax.tree_utils.tree_get(state, "learning_rate")
+  return optax.tree_utils.tree_get(state, "current_learning_rate")
 
 
 def _eg_lr(lr, state):

@@ -268,12 +268,13 @@ class HypergradientDescentState(NamedTuple):
   Attributes:
     base_state: the base direction's state.
     prev_direction: the previous unit-learning-rate direction ``d_{t-1}``.
-    learning_rate: the current learning rate ``α_t`` (for logging).
+    current_learning_rate: the current learning rate ``α_t`` (for logging; not called
+      ``learning_rate``, which under ``optax.inject_hyperparams`` is ``α_0``).
   """
 
   base_state: Any
   prev_direction: Any
-  learning_rate: chex.Array
+  current_learning_rate: chex.Array
 
 
 def hypergradient_descent(
@@ -298,7 +299,8 @@ def hypergradient_descent(
   ``learning_rate`` is only ``α_0``: ``α_t`` lives in the state, so under
   ``optax.inject_hyperparams`` list it in ``static_args`` (changing it later has no
   effect).
-  A NaN/inf gradient makes ``α`` NaN (propagated, visible in ``learning_rate``).
+  A NaN/inf gradient makes ``α`` NaN (propagated, visible in the state's
+  ``current_learning_rate``).
 
   Args:
     base: the base direction, e.g. ``optax.identity()`` (SGD-HD) or
@@ -320,7 +322,7 @@ def hypergradient_descent(
     >>> for _ in range(2):
     ...   updates, state = tx.update(params, state, params)  # gradient of ½ w²
     ...   params = optax.apply_updates(params, updates)
-    >>> round(float(state.learning_rate), 4)   # 0.1 + 0.01 · (3.6 · 4.0)
+    >>> round(float(state.current_learning_rate), 4)   # 0.1 + 0.01 · (3.6 · 4.0)
     0.244
 
   References:
@@ -343,9 +345,9 @@ def hypergradient_descent(
     directions, base_state = base.update(updates, state.base_state, params, **extra_args)
     g = _f32(updates)
     if multiplicative:
-      alpha = state.learning_rate * (1 + hyper_lr * _cosine(g, state.prev_direction))
+      alpha = state.current_learning_rate * (1 + hyper_lr * _cosine(g, state.prev_direction))
     else:
-      alpha = state.learning_rate + hyper_lr * _vdot(g, state.prev_direction)
+      alpha = state.current_learning_rate + hyper_lr * _vdot(g, state.prev_direction)
     alpha = alpha.astype(jnp.float32)
     new_updates = jax.tree.map(lambda d, u: (-alpha * d).astype(u.dtype), directions, updates)
     return new_updates, HypergradientDescentState(base_state, _f32(directions), alpha)

@@ -247,11 +247,6 @@ _CLIP = ("grad_norm", "clip_scale")
 _SCHEDULE = optax.linear_schedule(2.0, 0.5, transition_steps=20)
 _FIXED_MASK = {k: np.arange(np.prod(s)).reshape(s) % 3 != 1 for k, s in SHAPES.items()}
 _STEP_SIZE = ("lr_scale", "gain_mean", "gain_min", "gain_max")
-# The reported bugs (see the entries' known_failures).
-_HD_FIELD_CLASH = ("gradtx bug: under inject_hyperparams tree_get(state, 'learning_rate') finds "
-                   "both the injected hyperparameter (α_0) and HypergradientDescentState."
-                   "learning_rate: KeyError 'Found multiple values'")
-
 TRANSFORMATIONS = (
     Entry("clip_by_global_norm-hard", gradtx.clip_by_global_norm, dict(max_norm=1.0),
           fields=_CLIP),
@@ -300,13 +295,11 @@ TRANSFORMATIONS = (
                rule="su"), static_args=("base",), fields=_STEP_SIZE, full_update=True),
     Entry("hypergradient_descent-additive", gradtx.hypergradient_descent,
           dict(base=optax.identity(), learning_rate=0.5, hyper_lr=0.01),
-          static_args=("base",), fields=("learning_rate",), full_update=True,
-          known_failures={"logged_fields/inject_hyperparams": _HD_FIELD_CLASH}),
+          static_args=("base",), fields=("current_learning_rate",), full_update=True),
     Entry("hypergradient_descent-multiplicative-adam", gradtx.hypergradient_descent,
           dict(base=optax.scale_by_adam(), learning_rate=0.3, hyper_lr=0.1,
-               multiplicative=True), static_args=("base",), fields=("learning_rate",),
-          full_update=True,
-          known_failures={"logged_fields/inject_hyperparams": _HD_FIELD_CLASH}),
+               multiplicative=True), static_args=("base",),
+          fields=("current_learning_rate",), full_update=True),
     # Keys of a non-default PRNG (the state must carry the impl along); "unsafe_rbg" also
     # compiles the Hutchinson probes ~2x faster than threefry. The Hessian is I: exact.
     Entry("scale_by_diag_newton", gradtx.scale_by_diag_newton,

@@ -264,7 +264,7 @@ def test_hypergradient_descent_matches_numpy(base_name, multiplicative):
   expected = np_hypergradient(make_np_base(), learning_rate=0.05, hyper_lr=hyper_lr,
                               multiplicative=multiplicative)
   for t, (u, state, (u_np, alpha)) in enumerate(zip(got, states, expected, strict=True)):
-    np.testing.assert_allclose(optax.tree_utils.tree_get(state, "learning_rate"), alpha,
+    np.testing.assert_allclose(optax.tree_utils.tree_get(state, "current_learning_rate"), alpha,
                                rtol=1e-5, err_msg=f"alpha, step {t}")
     for k in SHAPES:
       np.testing.assert_allclose(u[k], u_np[k], rtol=2e-5, atol=ATOL[base_name],
@@ -281,13 +281,13 @@ def test_additive_hypergradient_is_the_derivative_of_the_loss():
   previous = None  # (θ_{t-1}, d_{t-1})
   for _ in range(4):
     g = jax.grad(loss)(params)
-    alpha_before = float(state.learning_rate)
+    alpha_before = float(state.current_learning_rate)
     updates, state = tx.update(g, state, params)
     if previous is not None:
       theta, d = previous
       along = lambda a, theta=theta, d=d: loss({k: theta[k] - a * d[k] for k in theta})
       hyper = float(jax.grad(along)(jnp.float32(alpha_before)))
-      np.testing.assert_allclose(float(state.learning_rate) - alpha_before, -beta * hyper,
+      np.testing.assert_allclose(float(state.current_learning_rate) - alpha_before, -beta * hyper,
                                  rtol=1e-4)
     previous = params, g
     params = optax.apply_updates(params, updates)
@@ -301,7 +301,7 @@ def test_docstring_example_by_hand():
     updates, state = tx.update(params, state, params)
     params = optax.apply_updates(params, updates)
   # α_1 = 0.1 (no previous direction); w_1 = 3.6; α_2 = 0.1 + 0.01 · 3.6 · 4.0
-  np.testing.assert_allclose(state.learning_rate, 0.1 + 0.01 * 3.6 * 4.0, rtol=1e-6)
+  np.testing.assert_allclose(state.current_learning_rate, 0.1 + 0.01 * 3.6 * 4.0, rtol=1e-6)
   np.testing.assert_allclose(params["w"], [3.6 - 0.244 * 3.6], rtol=1e-6)
 
 
@@ -394,15 +394,15 @@ def test_eg_step_size_nan_gradient_is_visible_in_lr_scale():
 def test_hypergradient_additive_nan_and_inf_are_visible():
   tx = gradtx.hypergradient_descent(optax.identity(), learning_rate=0.1, hyper_lr=0.01)
   u, state = nan_second_step(tx)
-  assert np.isnan(state.learning_rate) and np.all(np.isnan(u["w"]))
+  assert np.isnan(state.current_learning_rate) and np.all(np.isnan(u["w"]))
   params = {"w": jnp.array([1.0, -2.0, 0.5])}
   _, state = tx.update(params, tx.init(params), params)
   _, state = tx.update({"w": jnp.array([np.inf, 1.0, 1.0])}, state, params)
-  assert not np.isfinite(state.learning_rate)
+  assert not np.isfinite(state.current_learning_rate)
 
 
 def test_hypergradient_multiplicative_nan_is_visible():
   tx = gradtx.hypergradient_descent(optax.identity(), learning_rate=0.1, hyper_lr=0.01,
                                     multiplicative=True)
   _, state = nan_second_step(tx)
-  assert np.isnan(state.learning_rate)
+  assert np.isnan(state.current_learning_rate)

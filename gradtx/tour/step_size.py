@@ -61,7 +61,7 @@ hypergradient's learned rate, EGDD's `lr · lr_scale · gain_mean` (read from th
 
 def _effective_lr(state: Any, lr: jax.Array) -> jax.Array:
   """The step size the state implies now (Adam: the constant ``lr``)."""
-  learned = optax.tree_utils.tree_get(state, "learning_rate")
+  learned = optax.tree_utils.tree_get(state, "current_learning_rate")
   if learned is not None:
     return learned
   scale = optax.tree_utils.tree_get(state, "lr_scale")
