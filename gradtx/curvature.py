@@ -119,7 +119,8 @@ def scale_by_diag_newton(
   when the curvature is known to be positive, as for K-means, where an empty cluster has
   zero curvature and gets a NaN centroid; a tiny λ keeps it in place instead). A NaN/inf
   gradient or
-  curvature gives NaN/inf directions (propagated).
+  curvature gives NaN/inf directions (propagated; an infinite curvature gives NaN, not a
+  silent zero step).
 
   Args:
     damping: ``λ >= 0``.
@@ -174,8 +175,12 @@ def scale_by_diag_newton(
                        f"{_tree.tree_paths(curvature)} for paths {_tree.tree_paths(updates)}")
     curvature = jax.tree.map(
         lambda h, g: h.astype(jnp.promote_types(g.dtype, jnp.float32)), curvature, updates)
-    directions = jax.tree.map(
-        lambda g, h: (g / (jnp.maximum(h, 0) + damping)).astype(g.dtype), updates, curvature)
+    def direction(g, h):
+      # An infinite curvature is a failed estimate: NaN, not g/inf = 0 (or g/λ for -inf).
+      h = jnp.where(jnp.isinf(h), jnp.nan, jnp.maximum(h, 0))
+      return (g / (h + damping)).astype(g.dtype)
+
+    directions = jax.tree.map(direction, updates, curvature)
     return directions, ScaleByDiagNewtonState(next_key, curvature)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -55,6 +55,13 @@ def _check_axis_value(axis: Any) -> None:
       raise TypeError(f"axis: every rule value must be an int axis, got {value!r}")
 
 
+def _inf_to_nan(d: jax.Array, dtype: Any) -> jax.Array:
+  """``d`` in ``dtype`` with ±inf turned into NaN: an infinite direction is a failed
+  gradient, and ``e^{-η·inf}`` would otherwise silently zero a coordinate (or blow it up)."""
+  d = d.astype(dtype)
+  return jnp.where(jnp.isinf(d), jnp.nan, d)
+
+
 def _require_params(params: Any, name: str) -> None:
   if params is None:
     raise ValueError(f"{name} needs the params: call update(updates, state, params)")
@@ -141,12 +148,12 @@ def exponentiated_gradient(
     def egu(d, theta):
       dt = _compute_dtype(theta)
       theta_c = theta.astype(dt)
-      return (theta_c * jnp.expm1(-eta.astype(dt) * d.astype(dt))).astype(theta.dtype)
+      return (theta_c * jnp.expm1(-eta.astype(dt) * _inf_to_nan(d, dt))).astype(theta.dtype)
 
     def simplex(d, theta, ax):
       dt = _compute_dtype(theta)
       theta_c = theta.astype(dt)
-      logits = jnp.log(theta_c) - eta.astype(dt) * d.astype(dt)
+      logits = jnp.log(theta_c) - eta.astype(dt) * _inf_to_nan(d, dt)
       return (jax.nn.softmax(logits, axis=ax) - theta_c).astype(theta.dtype)
 
     if strict:
@@ -238,7 +245,7 @@ def eg_plus_minus(
     # overflow before the normalisation.
     def log_grown(theta, d, sign):
       dt = _compute_dtype(theta)
-      return jnp.log(theta.astype(dt)) - sign * eta.astype(dt) * d.astype(dt)
+      return jnp.log(theta.astype(dt)) - sign * eta.astype(dt) * _inf_to_nan(d, dt)
 
     log_plus = jax.tree.map(lambda t, d: log_grown(t, d, 1.0), state.theta_plus, updates)
     log_minus = jax.tree.map(lambda t, d: log_grown(t, d, -1.0), state.theta_minus, updates)
@@ -248,7 +255,10 @@ def eg_plus_minus(
 
     def renorm(log_theta, old):
       mass = jnp.asarray(budget, log_theta.dtype) * jnp.exp(log_theta - log_mass)
-      return mass.astype(old.dtype)
+      # A coordinate whose share underflows (|ηd| beyond ~88 in float32) keeps the
+      # smallest normal value instead of 0, from which a multiplicative rule could never
+      # recover (log 0 = -inf); the budget moves by at most n · tiny.
+      return jnp.maximum(mass.astype(old.dtype), jnp.finfo(old.dtype).tiny)
 
     plus = jax.tree.map(renorm, log_plus, state.theta_plus)
     minus = jax.tree.map(renorm, log_minus, state.theta_minus)
