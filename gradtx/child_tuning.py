@@ -414,7 +414,7 @@ def fisher_mask(
   return jax.tree.unflatten(treedef, [jnp.asarray(m) for m in masks])
 
 
-def _align_mask(mask_by_path: dict[str, np.ndarray], params: Any) -> Any:
+def _align_mask(mask_by_path: dict[str, Any], params: Any) -> Any:
   """The mask laid out like ``params`` (keeping its ``None``/``MaskedNode`` placeholders)."""
   paths, treedef = _tree.leaf_paths_and_treedef(params)
   missing, wrong, out = [], [], []
@@ -486,7 +486,10 @@ def child_tuning_d(mask: Any, *, rescale: bool = False) -> optax.GradientTransfo
   if not_bool:
     raise TypeError(f"mask must be a pytree of boolean arrays; not boolean: "
                     f"{', '.join(not_bool)}")
-  mask_by_path = {p: np.asarray(x) for p, x in zip(paths, leaves, strict=True)}
+  # A concrete mask is copied to the host (a snapshot); a traced one (e.g. vmapped over
+  # per-seed masks) stays traced.
+  mask_by_path = {p: x if isinstance(x, jax.core.Tracer) else np.asarray(x)
+                  for p, x in zip(paths, leaves, strict=True)}
 
   def init_fn(params):
     aligned = jax.tree.map(lambda m, p: _tree.sharded_like(jnp.asarray(m), p),

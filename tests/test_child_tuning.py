@@ -894,3 +894,20 @@ def test_fisher_information_of_stacked_batches_runs_under_jit():
   jitted = jax.jit(lambda p: gradtx.fisher_information(loss, p, batches))(params)
   want = np.mean([np.square(np.asarray(jax.grad(loss)(params, b)["w"])) for b in batches], 0)
   np.testing.assert_allclose(jitted["w"], want, rtol=1e-5, atol=1e-8)
+
+
+def test_child_tuning_d_from_a_traced_mask():
+  """Masks may be traced: one vmapped run per seed's mask, each like its own numpy mask."""
+  masks = np.array([[True, False, True, True], [False, False, True, False]])
+  g = {"w": jnp.array([1.0, 2.0, 3.0, 4.0])}
+
+  def run(mask, rescale):
+    tx = gradtx.child_tuning_d({"w": mask}, rescale=rescale)
+    return tx.update(g, tx.init(g))[0]["w"]
+
+  for rescale in (False, True):
+    got = jax.vmap(lambda m, r=rescale: run(m, r))(jnp.asarray(masks))
+    want = np.where(masks, np.asarray(g["w"]), 0.0)
+    if rescale:
+      want = want / masks.mean(axis=1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, err_msg=str(rescale))
