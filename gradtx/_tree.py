@@ -212,3 +212,8 @@ def sharded_like(x: jax.Array, ref: Any) -> jax.Array:
   if sharding.mesh.empty or not sharding.mesh.are_all_axes_explicit:
     return x  # the compiler propagates shardings itself
   return jax.sharding.reshard(x, sharding.spec)
+
+
+def compute_dtype(x: Any) -> Any:
+  """The dtype to compute in for ``x``: at least float32 (bf16 sums and exps lose too much)."""
+  return jax.numpy.promote_types(jax.numpy.result_type(x), jax.numpy.float32)

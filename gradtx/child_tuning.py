@@ -296,21 +296,20 @@ def fisher_information(
     raise TypeError(f"per_example must be a bool, got {per_example!r}")
   if not callable(loss_fn):
     raise TypeError(f"loss_fn must be callable as loss_fn(params, batch), got {loss_fn!r}")
-  acc_dtype = lambda x: jnp.promote_types(jnp.result_type(x), jnp.float32)  # noqa: E731
   grad = jax.grad(loss_fn)
 
   def squared(batch):
     """(sum of squared clipped gradients, number of terms) of one batch."""
     if not per_example:
       g = _clip(grad(params, batch), clip_norm, clip_scope)
-      return jax.tree.map(lambda x: jnp.square(x.astype(acc_dtype(x))), g), 1.0
+      return jax.tree.map(lambda x: jnp.square(x.astype(_tree.compute_dtype(x))), g), 1.0
     one = lambda example: _clip(  # noqa: E731
         grad(params, jax.tree.map(lambda a: a[None], example)), clip_norm, clip_scope)
     per = jax.vmap(one)(batch)
     n = jax.tree.leaves(batch)[0].shape[0]
-    return jax.tree.map(lambda x: jnp.sum(jnp.square(x.astype(acc_dtype(x))), 0), per), n
+    return jax.tree.map(lambda x: jnp.sum(jnp.square(x.astype(_tree.compute_dtype(x))), 0), per), n
 
-  zero = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), acc_dtype(p)), params)
+  zero = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), _tree.compute_dtype(p)), params)
 
   @jax.jit
   def add(total, count, batch):

@@ -37,14 +37,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradtx import _checks
+from gradtx import _checks, _tree
 
 _MODES = ("hard", "soft")
-
-
-def _accumulation_dtype(x: jax.Array) -> jnp.dtype:
-  """At least float32, so bf16 gradients do not lose their norm to rounding."""
-  return jnp.promote_types(x.dtype, jnp.float32)
 
 
 def _sqrt_with_zero_gradient_at_zero(sum_of_squares: jax.Array) -> jax.Array:
@@ -56,7 +51,7 @@ def _sqrt_with_zero_gradient_at_zero(sum_of_squares: jax.Array) -> jax.Array:
 
 def leaf_norm(x: jax.Array) -> jax.Array:
   """L2 norm of one array, accumulated in at least float32; safe to differentiate at 0."""
-  x = x.astype(_accumulation_dtype(x))
+  x = x.astype(_tree.compute_dtype(x))
   return _sqrt_with_zero_gradient_at_zero(jnp.sum(jnp.square(x)))
 
 
@@ -65,7 +60,7 @@ def global_norm(tree: Any) -> jax.Array:
   leaves = jax.tree.leaves(tree)
   if not leaves:
     return jnp.zeros((), jnp.float32)
-  sum_of_squares = sum(jnp.sum(jnp.square(x.astype(_accumulation_dtype(x)))) for x in leaves)
+  sum_of_squares = sum(jnp.sum(jnp.square(x.astype(_tree.compute_dtype(x)))) for x in leaves)
   return _sqrt_with_zero_gradient_at_zero(sum_of_squares)
 
 

@@ -156,7 +156,7 @@ def scale_by_diag_newton(
 
   def init_fn(params):
     return ScaleByDiagNewtonState(jax.random.key_data(typed), jax.tree.map(
-        lambda p: jnp.zeros(jnp.shape(p), jnp.promote_types(p.dtype, jnp.float32)), params))
+        lambda p: jnp.zeros(jnp.shape(p), _tree.compute_dtype(p)), params))
 
   def update_fn(updates, state, params=None, *, loss_fn=None, curvature=None, **extra_args):
     del extra_args
@@ -174,7 +174,7 @@ def scale_by_diag_newton(
       raise ValueError(f"curvature must have the structure of the updates, got paths "
                        f"{_tree.tree_paths(curvature)} for paths {_tree.tree_paths(updates)}")
     curvature = jax.tree.map(
-        lambda h, g: h.astype(jnp.promote_types(g.dtype, jnp.float32)), curvature, updates)
+        lambda h, g: h.astype(_tree.compute_dtype(g)), curvature, updates)
     def direction(g, h):
       # An infinite curvature is a failed estimate: NaN, not g/inf = 0 (or g/λ for -inf).
       h = jnp.where(jnp.isinf(h), jnp.nan, jnp.maximum(h, 0))

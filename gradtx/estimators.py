@@ -57,10 +57,6 @@ BASELINES = ("f0", "mean", None)
 ESTIMATORS = ("es", "forward")
 
 
-def _compute_dtype(x: Any) -> jnp.dtype:
-  return jnp.promote_types(jnp.result_type(x), jnp.float32)
-
-
 def _noise(key: jax.Array, index: jax.Array, params: Any, noise: str) -> Any:
   """The noise ``ε`` of one population member: a pytree like ``params`` (float32+)."""
   paths, treedef = _tree.leaf_paths_and_treedef(params)
@@ -69,7 +65,7 @@ def _noise(key: jax.Array, index: jax.Array, params: Any, noise: str) -> Any:
   keys = _tree.leaf_keys(jax.random.fold_in(key, index), paths)
   draws = []
   for leaf_key, leaf in zip(keys, jax.tree.leaves(params), strict=True):
-    dtype = _compute_dtype(leaf)
+    dtype = _tree.compute_dtype(leaf)
     # Drawn flat and reshaped: the same values as drawing the shape (threefry counts
     # elements in row-major order) and faster on XLA:CPU.
     size = (int(np.prod(jnp.shape(leaf), dtype=np.int64)),)
@@ -89,7 +85,7 @@ def _flattenable(params: Any) -> bool:
   """Leaves share one compute dtype and carry no explicit-mesh sharding (so one flat
   vector can hold them)."""
   leaves = jax.tree.leaves(params)
-  if not leaves or len({_compute_dtype(p) for p in leaves}) != 1:
+  if not leaves or len({_tree.compute_dtype(p) for p in leaves}) != 1:
     return False
   for p in leaves:
     sharding = getattr(jax.typeof(p), "sharding", None)
@@ -107,15 +103,13 @@ def _flat_population_fitness(fn: Callable, params: Any, eps: Any, steps: list[An
   this way than on per-leaf perturbations (digits MLP, ``benchmarks/zeroth_order.py``).
   """
   leaves, treedef = jax.tree.flatten(params)
-  dtype = _compute_dtype(leaves[0])
+  dtype = _tree.compute_dtype(leaves[0])
   draws = jax.tree.leaves(eps)[0].shape[0]
   flat = jnp.concatenate([p.astype(dtype).reshape(-1) for p in leaves])
   flat_eps = jnp.concatenate([e.reshape(draws, -1) for e in jax.tree.leaves(eps)], axis=1)
   steps = jnp.stack([jnp.asarray(v, dtype) for v in steps])
   population = flat + steps[None, :, None] * flat_eps[:, None, :]
-  bounds = [0]
-  for p in leaves:
-    bounds.append(bounds[-1] + p.size)
+  bounds = np.cumsum([0] + [p.size for p in leaves]).tolist()
 
   def unflatten(x):
     return jax.tree.unflatten(treedef, [
@@ -275,7 +269,7 @@ def es_gradient(
 
   def weighted_sum(indices, coefficients):
     """``Σ_j c_j ε_j`` over ``indices``, regenerating each ``ε_j``."""
-    zero = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), _compute_dtype(p)), params)
+    zero = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), _tree.compute_dtype(p)), params)
 
     def add(total, jc):
       j, c = jc
@@ -405,7 +399,9 @@ def forward_gradient(
     return jax.tree.map(lambda e: slope.astype(e.dtype) * e, v)
 
   draws = jax.vmap(one)(jnp.arange(int(num_directions), dtype=jnp.uint32))
-  return jax.tree.map(lambda d, p: jnp.mean(d, 0).astype(jnp.result_type(p)), draws, params)
+  return jax.tree.map(
+      lambda d, p: _tree.sharded_like(jnp.mean(d, 0).astype(jnp.result_type(p)), p),
+      draws, params)
 
 
 def score_function_gradient(

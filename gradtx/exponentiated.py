@@ -36,10 +36,6 @@ from gradtx import _checks, _tree
 NORMALIZATIONS = (None, "simplex")
 
 
-def _compute_dtype(x: jax.Array) -> jnp.dtype:
-  return jnp.promote_types(x.dtype, jnp.float32)
-
-
 def _axes(params: Any, axis: Any) -> Any:
   """Per-leaf axis: an int for every leaf, or ``{regex: int}`` path rules."""
   if isinstance(axis, int) and not isinstance(axis, bool):
@@ -146,12 +142,12 @@ def exponentiated_gradient(
     eta = _checks.scalar_or_schedule(learning_rate, state.count)
 
     def egu(d, theta):
-      dt = _compute_dtype(theta)
+      dt = _tree.compute_dtype(theta)
       theta_c = theta.astype(dt)
       return (theta_c * jnp.expm1(-eta.astype(dt) * _inf_to_nan(d, dt))).astype(theta.dtype)
 
     def simplex(d, theta, ax):
-      dt = _compute_dtype(theta)
+      dt = _tree.compute_dtype(theta)
       theta_c = theta.astype(dt)
       logits = jnp.log(theta_c) - eta.astype(dt) * _inf_to_nan(d, dt)
       return (jax.nn.softmax(logits, axis=ax) - theta_c).astype(theta.dtype)
@@ -224,7 +220,7 @@ def eg_plus_minus(
   def init_fn(params):
     leaves = jax.tree.leaves(params)
     size = sum(int(np.size(x)) for x in leaves)
-    norm1 = sum(jnp.sum(jnp.abs(x.astype(_compute_dtype(x)))) for x in leaves)
+    norm1 = sum(jnp.sum(jnp.abs(x.astype(_tree.compute_dtype(x)))) for x in leaves)
     concrete = not isinstance(norm1, jax.core.Tracer) and _checks.concrete_scalar(budget)
     if leaves and concrete is not None and concrete and not float(norm1) < float(budget):
       raise ValueError(f"eg_plus_minus needs ‖params‖₁ < total so that θ⁺, θ⁻ > 0; got "
@@ -244,7 +240,7 @@ def eg_plus_minus(
     # In log space: θ± ⊙ e^{∓ηd} / Z as exp(log θ± ∓ ηd - log Z), so a large |ηd| cannot
     # overflow before the normalisation.
     def log_grown(theta, d, sign):
-      dt = _compute_dtype(theta)
+      dt = _tree.compute_dtype(theta)
       return jnp.log(theta.astype(dt)) - sign * eta.astype(dt) * _inf_to_nan(d, dt)
 
     log_plus = jax.tree.map(lambda t, d: log_grown(t, d, 1.0), state.theta_plus, updates)
@@ -262,9 +258,11 @@ def eg_plus_minus(
 
     plus = jax.tree.map(renorm, log_plus, state.theta_plus)
     minus = jax.tree.map(renorm, log_minus, state.theta_minus)
-    new_updates = jax.tree.map(
-        lambda p, m, p0, m0, d: ((p.astype(_compute_dtype(p)) - m) - (p0 - m0)).astype(d.dtype),
-        plus, minus, state.theta_plus, state.theta_minus, updates)
+    def change(p, m, p0, m0, d):  # Δ(θ⁺ - θ⁻), in at least float32
+      return ((p.astype(_tree.compute_dtype(p)) - m) - (p0 - m0)).astype(d.dtype)
+
+    new_updates = jax.tree.map(change, plus, minus, state.theta_plus, state.theta_minus,
+                               updates)
     return new_updates, EGPlusMinusState(optax.safe_increment(state.count), plus, minus)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -323,7 +321,7 @@ def normalized_multiplicative(*, axis: Any = 0) -> optax.GradientTransformation:
     _require_params(params, "normalized_multiplicative")
 
     def leaf(d, theta, ax):
-      dt = _compute_dtype(theta)
+      dt = _tree.compute_dtype(theta)
       weighted = theta.astype(dt) * -d.astype(dt)
       new = weighted / jnp.sum(weighted, axis=ax, keepdims=True)
       return (new - theta.astype(dt)).astype(theta.dtype)

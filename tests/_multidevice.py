@@ -4,7 +4,8 @@ A helper runs in a process of its own because
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` must be set before jax is imported.
 It calls :func:`force_host_devices` first, then :func:`report` with its cases; each case
 prints one JSON line ``{"name", "ok", "error"}``, which the ``multidevice_records``
-fixture of ``tests/conftest.py`` reads back on the pytest side.
+fixture of ``tests/conftest.py`` reads back on the pytest side, where the test module
+gets its tests from :func:`case_tests`.
 """
 
 import json
@@ -35,3 +36,24 @@ def report(cases: dict, *args) -> None:
     except Exception:  # noqa: BLE001 - reported per case to the pytest side
       record = {"name": name, "ok": False, "error": traceback.format_exc()}
     print(json.dumps(record), flush=True)
+
+
+def case_tests(cases: tuple[str, ...]):
+  """The pytest side of a helper: ``(test_helper_runs_every_case, test_case)``.
+
+  A test module with ``HELPER`` (the script) and ``CASES`` (its case names) binds them at
+  module level: ``test_helper_runs_every_case, test_case = case_tests(CASES)``.
+  """
+  import pytest  # only the pytest side needs it
+
+  def test_helper_runs_every_case(multidevice_records):
+    records, log = multidevice_records
+    assert sorted(records) == sorted(cases), log
+
+  @pytest.mark.parametrize("name", cases)
+  def test_case(name, multidevice_records):
+    records, log = multidevice_records
+    record = records.get(name, {"ok": False, "error": f"no result for {name}: {log}"})
+    assert record["ok"], record["error"]
+
+  return test_helper_runs_every_case, test_case

@@ -17,7 +17,7 @@ cases is asserted here as a test of its own:
 
 import os
 
-import pytest
+from _multidevice import case_tests
 
 HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sharded_attribution.py")
 CASES = (
@@ -31,14 +31,4 @@ CASES = (
     "integrated_gradients_explicit_mesh_conv",
 )
 
-
-def test_helper_runs_every_case(multidevice_records):
-  records, log = multidevice_records
-  assert sorted(records) == sorted(CASES), log
-
-
-@pytest.mark.parametrize("name", CASES)
-def test_case(name, multidevice_records):
-  records, log = multidevice_records
-  record = records.get(name, {"ok": False, "error": f"no result for {name}: {log}"})
-  assert record["ok"], record["error"]
+test_helper_runs_every_case, test_case = case_tests(CASES)

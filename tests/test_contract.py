@@ -316,6 +316,12 @@ TRANSFORMATIONS = (
           dict(estimator="es", key=jax.random.key(4), sigma=0.1, num_samples=128),
           static_args=("estimator", "key", "num_samples"),
           update_kwargs=dict(loss_fn=loss), rtol=1e-4, atol=2e-4, sharded_atol=2e-4),
+    # The forward gradient <∇f, v> v (jax.jvp): no σ, so the default tolerances, but each
+    # slope <∇f, v> sums over every coordinate (4 shards sum in another order).
+    Entry("zeroth_order-forward", gradtx.zeroth_order,
+          dict(estimator="forward", key=jax.random.key(5), num_directions=64),
+          static_args=("estimator", "key", "num_directions"),
+          update_kwargs=dict(loss_fn=loss), sharded_atol=1e-6),
 )
 
 each_entry = pytest.mark.parametrize("entry", TRANSFORMATIONS, ids=lambda e: e.name)

@@ -16,7 +16,7 @@ cases is asserted here as a test of its own:
 
 import os
 
-import pytest
+from _multidevice import case_tests
 
 HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sharded_contrastive.py")
 CASES = (
@@ -30,14 +30,4 @@ CASES = (
     "unknown_batch_axis",
 )
 
-
-def test_helper_runs_every_case(multidevice_records):
-  records, log = multidevice_records
-  assert sorted(records) == sorted(CASES), log
-
-
-@pytest.mark.parametrize("name", CASES)
-def test_case(name, multidevice_records):
-  records, log = multidevice_records
-  record = records.get(name, {"ok": False, "error": f"no result for {name}: {log}"})
-  assert record["ok"], record["error"]
+test_helper_runs_every_case, test_case = case_tests(CASES)

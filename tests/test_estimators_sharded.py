@@ -11,7 +11,7 @@ population that does not split evenly.
 
 import os
 
-import pytest
+from _multidevice import case_tests
 
 HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sharded_estimators.py")
 CASES = (
@@ -23,14 +23,4 @@ CASES = (
     "population_not_divisible",
 )
 
-
-def test_helper_runs_every_case(multidevice_records):
-  records, log = multidevice_records
-  assert sorted(records) == sorted(CASES), log
-
-
-@pytest.mark.parametrize("name", CASES)
-def test_case(name, multidevice_records):
-  records, log = multidevice_records
-  record = records.get(name, {"ok": False, "error": f"no result for {name}: {log}"})
-  assert record["ok"], record["error"]
+test_helper_runs_every_case, test_case = case_tests(CASES)
