@@ -3,7 +3,7 @@
 Every public name is re-exported here; import ``gradtx`` and use ``gradtx.<name>``.
 """
 
-from gradtx._tree import tree_paths
+from gradtx._paths import tree_paths
 from gradtx.attribution import (
     expected_gradients,
     integrated_gradients,

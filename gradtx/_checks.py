@@ -1,9 +1,9 @@
-"""Argument validation: the one place that raises gradtx's clear errors.
+"""Argument validation: the checks behind gradtx's clear errors, and nothing else.
 
 Every message names the argument, the value it got and what is allowed. Checks run in
 Python at construction time; values that are only known inside ``jit`` (tracers,
 schedules, arrays injected by ``optax.inject_hyperparams``) are left alone, because a
-traced value cannot raise.
+traced value cannot raise — except where the value must be static (:func:`check_static`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
+
+from gradtx import _paths
 
 
 def concrete_scalar(value: Any) -> float | None:
@@ -34,11 +37,32 @@ def concrete_scalar(value: Any) -> float | None:
   return None
 
 
+def _scalar(name: str, value: Any, allowed: str) -> float | None:
+  """``concrete_scalar`` that refuses what can never be a scalar hyperparameter.
+
+  ``None``, strings, non-scalar arrays and complex numbers raise, naming ``name``;
+  tracers and schedules give ``None`` (checked where they are evaluated).
+  """
+  if value is None or isinstance(value, (str, bytes, complex)):
+    raise TypeError(f"{name} must be {allowed}, got {value!r}")
+  if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+    if np.ndim(value) != 0:
+      raise ValueError(f"{name} must be a scalar ({allowed}), got an array of shape "
+                       f"{np.shape(value)}")
+    if not isinstance(value, jax.core.Tracer) and not np.issubdtype(
+        np.asarray(value).dtype, np.number):
+      raise TypeError(f"{name} must be {allowed}, got an array of dtype {value.dtype}")
+  if not (callable(value) or isinstance(value, (numbers.Real, np.ndarray, np.generic,
+                                                 jax.Array))):
+    raise TypeError(f"{name} must be {allowed}, got {type(value).__name__} {value!r}")
+  return concrete_scalar(value)
+
+
 def check_positive(name: str, value: Any, *, allow_schedule: bool = True) -> None:
   """``value`` > 0 (and finite) when it is a concrete number."""
   if callable(value) and not allow_schedule:
     raise TypeError(f"{name} must be a number, not a schedule, got {value!r}")
-  x = concrete_scalar(value)
+  x = _scalar(name, value, "a finite number > 0" + (" or a schedule" if allow_schedule else ""))
   if x is not None and not (x > 0 and math.isfinite(x)):
     raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
@@ -53,13 +77,13 @@ def check_in_interval(
     high_open: bool = False,
 ) -> None:
   """``value`` lies in the interval ``[low, high]`` (ends open as requested)."""
-  x = concrete_scalar(value)
+  interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+  x = _scalar(name, value, f"a number in {interval}")
   if x is None:
     return
   above = x > low if low_open else x >= low
   below = x < high if high_open else x <= high
   if not (above and below and math.isfinite(x)):
-    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
     raise ValueError(f"{name} must be in {interval}, got {value!r}")
 
 
@@ -116,19 +140,75 @@ def common_leading_size(argname: str, named_leaves: Iterable[tuple[str, Any]], *
   return sizes.pop()
 
 
-def as_key(key: Any) -> jax.Array:
-  """A single typed ``jax.random`` key from a typed key or a raw ``PRNGKey`` (uint32)."""
-  if isinstance(key, jax.Array) and jax.numpy.issubdtype(key.dtype, jax.dtypes.prng_key):
-    if key.shape != ():
-      raise ValueError(f"key must be a single key (shape ()), got shape {key.shape}")
-    return key
-  arr = key if isinstance(key, (jax.Array, np.ndarray)) else None  # may be a tracer
-  if arr is None or arr.dtype != np.uint32 or arr.ndim != 1:
-    raise TypeError(f"key must be a jax.random key (jax.random.key(seed) or "
-                    f"jax.random.PRNGKey(seed)), got {key!r}")
-  return jax.random.wrap_key_data(key)
+def check_bool(name: str, value: Any) -> None:
+  """``value`` is a Python bool (or a numpy bool scalar)."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
-def scalar_or_schedule(value: Any, count: jax.Array) -> jax.Array:
-  """A hyperparameter's float32 value at update ``count`` (it may be a schedule)."""
-  return jax.numpy.asarray(value(count) if callable(value) else value, jax.numpy.float32)
+def check_static(name: str, value: Any) -> None:
+  """``value`` is not traced: it sets a shape or a loop length, so it must be static."""
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(
+        f"{name} must be a static Python value (it sets a shape or a loop length), but it "
+        f"is traced under jit: pass it as a Python number, close over it, or list it in "
+        f"jax.jit(..., static_argnames=...) / optax.inject_hyperparams(..., static_args=...)"
+    )
+
+
+def check_float_leaves(argname: str, tree: Any, *, allow_complex: bool = False) -> None:
+  """Every leaf of ``tree`` is a real (or, if allowed, complex) floating array.
+
+  Integer and boolean leaves would be truncated by the arithmetic; the message names
+  the first offending paths.
+  """
+  paths, _ = _paths.leaf_paths_and_treedef(tree)
+  bad = []
+  for path, leaf in zip(paths, jax.tree.leaves(tree), strict=True):
+    dtype = np.result_type(getattr(leaf, "dtype", None) or np.asarray(leaf).dtype)
+    ok = np.issubdtype(dtype, np.floating) or (
+        allow_complex and np.issubdtype(dtype, np.complexfloating))
+    if jax.numpy.issubdtype(dtype, jax.numpy.floating):  # bfloat16 and friends
+      ok = True
+    if not ok:
+      bad.append(f"{path or '<root>'} ({dtype})")
+  if bad:
+    allowed = "floating or complex" if allow_complex else "floating"
+    raise TypeError(
+        f"{argname} must hold {allowed} arrays; these leaves are not: {', '.join(bad[:8])}"
+        + (f", ... ({len(bad) - 8} more)" if len(bad) > 8 else "")
+        + ". Cast them (e.g. x.astype(jnp.float32)) or leave them out (optax.masked)."
+    )
+
+
+def check_same_structure(name: str, tree: Any, ref_name: str, ref: Any, *,
+                         shapes: bool = True) -> None:
+  """``tree`` has the leaf paths (and shapes) of ``ref``; else an error naming the paths."""
+  paths = _paths.tree_paths(tree)
+  ref_paths = _paths.tree_paths(ref)
+  if paths != ref_paths:
+    missing = [p for p in ref_paths if p not in set(paths)]
+    extra = [p for p in paths if p not in set(ref_paths)]
+    detail = "; ".join(part for part in (
+        f"missing {missing[:8]}" if missing else "",
+        f"not in {ref_name}: {extra[:8]}" if extra else "",
+    ) if part) or "the same paths in another order or nesting"
+    raise ValueError(f"{name} must have the structure of {ref_name}: {detail}")
+  if shapes:
+    bad = [f"{p}: {np.shape(a)} vs {np.shape(b)}" for p, a, b in zip(
+        paths, jax.tree.leaves(tree), jax.tree.leaves(ref), strict=True)
+           if np.shape(a) != np.shape(b)]
+    if bad:
+      raise ValueError(f"{name} must have the leaf shapes of {ref_name}; these differ: "
+                       + ", ".join(bad[:8]))
+
+
+def check_transformation(name: str, value: Any) -> None:
+  """``value`` is an optax transformation, not the factory that makes one."""
+  if isinstance(value, optax.GradientTransformation):
+    return
+  hint = ""
+  if callable(value):
+    label = getattr(value, "__name__", type(value).__name__)
+    hint = f"; it is the factory {label}: call it, e.g. {label}(learning_rate=...)"
+  raise TypeError(f"{name} must be an optax.GradientTransformation{hint}, got {value!r}")

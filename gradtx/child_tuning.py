@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradtx import _checks, _tree
+from gradtx import _checks, _numerics, _paths, _random
 
 PRNGS = ("hash", "jax")
 SCOPES = ("global", "per_leaf")
@@ -86,10 +86,10 @@ def _bernoulli_masks(step_key: jax.Array, tree: Any, p: jax.Array, prng: str) ->
 
   With ``prng="hash"``, ``p`` must already be a multiple of 2^-16 (see ``_hash_threshold``).
   """
-  paths, treedef = _tree.leaf_paths_and_treedef(tree)
+  paths, treedef = _paths.leaf_paths_and_treedef(tree)
   if not paths:
     return jax.tree.unflatten(treedef, [])
-  leaf_keys = _tree.leaf_keys(step_key, paths)
+  leaf_keys = _random.leaf_keys(step_key, paths)
   seeds = jax.random.key_data(leaf_keys).reshape(len(paths), -1)[:, :2].astype(jnp.uint32)
   threshold = _hash_threshold(p)
   masks = []
@@ -115,7 +115,7 @@ def _density(masks: Any) -> jax.Array:
 def _apply_mask(updates: Any, masks: Any, scale: jax.Array | None) -> Any:
   def leaf(u, m):
     kept = u if scale is None else (u * scale).astype(u.dtype)
-    return jnp.where(_tree.sharded_like(m, u), kept, jnp.zeros_like(u))
+    return jnp.where(_numerics.sharded_like(m, u), kept, jnp.zeros_like(u))
 
   return jax.tree.map(leaf, updates, masks)
 
@@ -189,7 +189,7 @@ def child_tuning_f(
   _checks.check_choice("prng", prng, PRNGS)
   if not isinstance(rescale, bool):
     raise TypeError(f"rescale must be a bool, got {rescale!r}")
-  typed_key = _checks.as_key(key)
+  typed_key = _random.as_key(key)
   impl = jax.random.key_impl(typed_key)
 
   def init_fn(params):
@@ -206,7 +206,7 @@ def child_tuning_f(
                     jnp.float32)
     if prng == "hash":  # the probability the hash mask really keeps with
       p = _hash_threshold(p).astype(jnp.float32) / 65536.0
-    next_key, step_key = _tree.split_state_key(state.rng_key, impl)
+    next_key, step_key = _random.split_state_key(state.rng_key, impl)
     masks = _bernoulli_masks(step_key, updates, p, prng)
     new_updates = _apply_mask(updates, masks, 1.0 / p if rescale else None)
     new_state = ChildTuningFState(
@@ -302,14 +302,15 @@ def fisher_information(
     """(sum of squared clipped gradients, number of terms) of one batch."""
     if not per_example:
       g = _clip(grad(params, batch), clip_norm, clip_scope)
-      return jax.tree.map(lambda x: jnp.square(x.astype(_tree.compute_dtype(x))), g), 1.0
+      return jax.tree.map(lambda x: jnp.square(x.astype(_numerics.compute_dtype(x))), g), 1.0
     one = lambda example: _clip(  # noqa: E731
         grad(params, jax.tree.map(lambda a: a[None], example)), clip_norm, clip_scope)
     per = jax.vmap(one)(batch)
     n = jax.tree.leaves(batch)[0].shape[0]
-    return jax.tree.map(lambda x: jnp.sum(jnp.square(x.astype(_tree.compute_dtype(x))), 0), per), n
+    square = lambda x: jnp.square(x.astype(_numerics.compute_dtype(x)))
+    return jax.tree.map(lambda x: jnp.sum(square(x), 0), per), n
 
-  zero = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), _tree.compute_dtype(p)), params)
+  zero = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), _numerics.compute_dtype(p)), params)
 
   @jax.jit
   def add(total, count, batch):
@@ -328,7 +329,7 @@ def fisher_information(
     if not leaves:
       raise ValueError("batches must hold at least one array, got an empty pytree")
     num_batches = _checks.common_leading_size("batches", [
-        (p or "batches", x) for p, x in zip(_tree.tree_paths(batches), leaves, strict=True)],
+        (p or "batches", x) for p, x in zip(_paths.tree_paths(batches), leaves, strict=True)],
         what="number of batches")
     if not num_batches:
       raise ValueError("batches must yield at least one batch, got none")
@@ -387,7 +388,7 @@ def fisher_mask(
   if _checks.concrete_scalar(reserve_p) is None:
     raise TypeError(f"reserve_p must be a number in (0, 1], got {reserve_p!r}")
   _checks.check_choice("scope", scope, SCOPES)
-  paths, treedef = _tree.leaf_paths_and_treedef(fisher)
+  paths, treedef = _paths.leaf_paths_and_treedef(fisher)
   values = [np.asarray(x, np.float64) for x in jax.tree.leaves(fisher)]
   if include is None:
     selected = [True] * len(paths)
@@ -398,7 +399,7 @@ def fisher_mask(
                        "leaf), got an empty sequence")
     rules = [(pattern, True) for pattern in patterns]
     # Every rule must claim a leaf; leaves no rule claims are simply not included.
-    matches = _tree.match_rules(paths, rules, argname="include", has_default=True)
+    matches = _paths.match_rules(paths, rules, argname="include", has_default=True)
     selected = [m is not None for m in matches]
   q = 100.0 * (1.0 - float(reserve_p))
   if scope == "global":
@@ -415,7 +416,7 @@ def fisher_mask(
 
 def _align_mask(mask_by_path: dict[str, Any], params: Any) -> Any:
   """The mask laid out like ``params`` (keeping its ``None``/``MaskedNode`` placeholders)."""
-  paths, treedef = _tree.leaf_paths_and_treedef(params)
+  paths, treedef = _paths.leaf_paths_and_treedef(params)
   missing, wrong, out = [], [], []
   for path, leaf in zip(paths, jax.tree.leaves(params), strict=True):
     if path not in mask_by_path:
@@ -478,7 +479,7 @@ def child_tuning_d(mask: Any, *, rescale: bool = False) -> optax.GradientTransfo
   """
   if not isinstance(rescale, bool):
     raise TypeError(f"rescale must be a bool, got {rescale!r}")
-  paths = _tree.tree_paths(mask)
+  paths = _paths.tree_paths(mask)
   leaves = jax.tree.leaves(mask)
   not_bool = [f"{p!r} ({jnp.result_type(x)})" for p, x in zip(paths, leaves, strict=True)
               if jnp.result_type(x) != jnp.bool_]
@@ -491,7 +492,7 @@ def child_tuning_d(mask: Any, *, rescale: bool = False) -> optax.GradientTransfo
                   for p, x in zip(paths, leaves, strict=True)}
 
   def init_fn(params):
-    aligned = jax.tree.map(lambda m, p: _tree.sharded_like(jnp.asarray(m), p),
+    aligned = jax.tree.map(lambda m, p: _numerics.sharded_like(jnp.asarray(m), p),
                            _align_mask(mask_by_path, params), params)
     return ChildTuningDState(mask=aligned, mask_density=_density(aligned))
 

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradtx import _checks, _tree
+from gradtx import _checks, _numerics
 
 _MODES = ("hard", "soft")
 
@@ -51,7 +51,7 @@ def _sqrt_with_zero_gradient_at_zero(sum_of_squares: jax.Array) -> jax.Array:
 
 def leaf_norm(x: jax.Array) -> jax.Array:
   """L2 norm of one array, accumulated in at least float32; safe to differentiate at 0."""
-  x = x.astype(_tree.compute_dtype(x))
+  x = x.astype(_numerics.compute_dtype(x))
   return _sqrt_with_zero_gradient_at_zero(jnp.sum(jnp.square(x)))
 
 
@@ -60,7 +60,7 @@ def global_norm(tree: Any) -> jax.Array:
   leaves = jax.tree.leaves(tree)
   if not leaves:
     return jnp.zeros((), jnp.float32)
-  sum_of_squares = sum(jnp.sum(jnp.square(x.astype(_tree.compute_dtype(x)))) for x in leaves)
+  sum_of_squares = sum(jnp.sum(jnp.square(x.astype(_numerics.compute_dtype(x)))) for x in leaves)
   return _sqrt_with_zero_gradient_at_zero(sum_of_squares)
 
 
@@ -152,7 +152,7 @@ def clip_by_global_norm(
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     norm = global_norm(updates).astype(jnp.float32)
-    scale = clip_scale(norm, _checks.scalar_or_schedule(max_norm, state.count), mode)
+    scale = clip_scale(norm, _numerics.scalar_or_schedule(max_norm, state.count), mode)
     new_state = ClipByGlobalNormState(optax.safe_increment(state.count), norm, scale)
     return _scale_tree(updates, scale), new_state
 
@@ -207,7 +207,7 @@ def clip_by_leaf_norm(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    threshold = _checks.scalar_or_schedule(max_norm, state.count)
+    threshold = _numerics.scalar_or_schedule(max_norm, state.count)
     norms = jax.tree.map(lambda u: leaf_norm(u).astype(jnp.float32), updates)
     scales = jax.tree.map(lambda n: clip_scale(n, threshold, mode), norms)
     new_state = ClipByLeafNormState(optax.safe_increment(state.count), norms, scales)

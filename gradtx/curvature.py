@@ -31,17 +31,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradtx import _checks, _tree
+from gradtx import _checks, _numerics, _paths, _random
 
 ESTIMATORS = ("hutchinson",)
 
 
 def _rademacher(key: jax.Array, tree: Any) -> Any:
   """±1 per coordinate; a leaf's draw depends only on the key and its path."""
-  paths, treedef = _tree.leaf_paths_and_treedef(tree)
+  paths, treedef = _paths.leaf_paths_and_treedef(tree)
   if not paths:
     return tree
-  keys = _tree.leaf_keys(key, paths)
+  keys = _random.leaf_keys(key, paths)
   draws = [jax.random.rademacher(keys[i], jnp.shape(leaf), leaf.dtype)
            for i, leaf in enumerate(jax.tree.leaves(tree))]
   return jax.tree.unflatten(treedef, draws)
@@ -151,16 +151,16 @@ def scale_by_diag_newton(
     raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
   _checks.check_choice("estimator", estimator, ESTIMATORS)
   _checks.check_int("samples", samples, minimum=1)
-  typed = _checks.as_key(key)
+  typed = _random.as_key(key)
   impl = jax.random.key_impl(typed)
 
   def init_fn(params):
     return ScaleByDiagNewtonState(jax.random.key_data(typed), jax.tree.map(
-        lambda p: jnp.zeros(jnp.shape(p), _tree.compute_dtype(p)), params))
+        lambda p: jnp.zeros(jnp.shape(p), _numerics.compute_dtype(p)), params))
 
   def update_fn(updates, state, params=None, *, loss_fn=None, curvature=None, **extra_args):
     del extra_args
-    next_key, step_key = _tree.split_state_key(state.rng_key, impl)
+    next_key, step_key = _random.split_state_key(state.rng_key, impl)
     if curvature is None:
       if loss_fn is None:
         raise ValueError(
@@ -172,9 +172,9 @@ def scale_by_diag_newton(
       curvature = hutchinson_diagonal(loss_fn, params, step_key, samples)
     elif jax.tree.structure(curvature) != jax.tree.structure(updates):
       raise ValueError(f"curvature must have the structure of the updates, got paths "
-                       f"{_tree.tree_paths(curvature)} for paths {_tree.tree_paths(updates)}")
+                       f"{_paths.tree_paths(curvature)} for paths {_paths.tree_paths(updates)}")
     curvature = jax.tree.map(
-        lambda h, g: h.astype(_tree.compute_dtype(g)), curvature, updates)
+        lambda h, g: h.astype(_numerics.compute_dtype(g)), curvature, updates)
     def direction(g, h):
       # An infinite curvature is a failed estimate: NaN, not g/inf = 0 (or g/λ for -inf).
       h = jnp.where(jnp.isinf(h), jnp.nan, jnp.maximum(h, 0))

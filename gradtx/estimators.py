@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradtx import _checks, _tree
+from gradtx import _checks, _numerics, _paths, _random
 
 NOISES = ("gaussian", "rademacher")
 SHAPINGS = (None, "centered_rank", "standardize")
@@ -59,13 +59,13 @@ ESTIMATORS = ("es", "forward")
 
 def _noise(key: jax.Array, index: jax.Array, params: Any, noise: str) -> Any:
   """The noise ``ε`` of one population member: a pytree like ``params`` (float32+)."""
-  paths, treedef = _tree.leaf_paths_and_treedef(params)
+  paths, treedef = _paths.leaf_paths_and_treedef(params)
   if not paths:
     return params
-  keys = _tree.leaf_keys(jax.random.fold_in(key, index), paths)
+  keys = _random.leaf_keys(jax.random.fold_in(key, index), paths)
   draws = []
   for leaf_key, leaf in zip(keys, jax.tree.leaves(params), strict=True):
-    dtype = _tree.compute_dtype(leaf)
+    dtype = _numerics.compute_dtype(leaf)
     # Drawn flat and reshaped: the same values as drawing the shape (threefry counts
     # elements in row-major order) and faster on XLA:CPU.
     size = (int(np.prod(jnp.shape(leaf), dtype=np.int64)),)
@@ -85,7 +85,7 @@ def _flattenable(params: Any) -> bool:
   """Leaves share one compute dtype and carry no explicit-mesh sharding (so one flat
   vector can hold them)."""
   leaves = jax.tree.leaves(params)
-  if not leaves or len({_tree.compute_dtype(p) for p in leaves}) != 1:
+  if not leaves or len({_numerics.compute_dtype(p) for p in leaves}) != 1:
     return False
   for p in leaves:
     sharding = getattr(jax.typeof(p), "sharding", None)
@@ -103,7 +103,7 @@ def _flat_population_fitness(fn: Callable, params: Any, eps: Any, steps: list[An
   this way than on per-leaf perturbations (digits MLP, ``benchmarks/zeroth_order.py``).
   """
   leaves, treedef = jax.tree.flatten(params)
-  dtype = _tree.compute_dtype(leaves[0])
+  dtype = _numerics.compute_dtype(leaves[0])
   draws = jax.tree.leaves(eps)[0].shape[0]
   flat = jnp.concatenate([p.astype(dtype).reshape(-1) for p in leaves])
   flat_eps = jnp.concatenate([e.reshape(draws, -1) for e in jax.tree.leaves(eps)], axis=1)
@@ -269,7 +269,7 @@ def es_gradient(
 
   def weighted_sum(indices, coefficients):
     """``Σ_j c_j ε_j`` over ``indices``, regenerating each ``ε_j``."""
-    zero = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), _tree.compute_dtype(p)), params)
+    zero = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), _numerics.compute_dtype(p)), params)
 
     def add(total, jc):
       j, c = jc
@@ -319,7 +319,7 @@ def es_gradient(
     total = _sharded_sum(mesh, axis_name, pairs, coefficients, local_sum)
   # The population's noise is replicated; the estimate is laid out like the params.
   return jax.tree.map(
-      lambda t, p: _tree.sharded_like((t / (n * sigma)).astype(jnp.result_type(p)), p),
+      lambda t, p: _numerics.sharded_like((t / (n * sigma)).astype(jnp.result_type(p)), p),
       total, params)
 
 
@@ -400,7 +400,7 @@ def forward_gradient(
 
   draws = jax.vmap(one)(jnp.arange(int(num_directions), dtype=jnp.uint32))
   return jax.tree.map(
-      lambda d, p: _tree.sharded_like(jnp.mean(d, 0).astype(jnp.result_type(p)), p),
+      lambda d, p: _numerics.sharded_like(jnp.mean(d, 0).astype(jnp.result_type(p)), p),
       draws, params)
 
 
@@ -582,7 +582,7 @@ def zeroth_order(
     _check_es_args(estimator_kwargs["sigma"], estimator_kwargs["num_samples"], **options)
   elif estimate is forward_gradient and "num_directions" in estimator_kwargs:
     _checks.check_int("num_directions", estimator_kwargs["num_directions"], minimum=1)
-  typed = _checks.as_key(key)
+  typed = _random.as_key(key)
   impl = jax.random.key_impl(typed)
 
   def init_fn(params):
@@ -597,7 +597,7 @@ def zeroth_order(
     if params is None:
       raise ValueError("zeroth_order needs the params: call update(updates, state, params, "
                        "loss_fn=...)")
-    next_key, step_key = _tree.split_state_key(state.rng_key, impl)
+    next_key, step_key = _random.split_state_key(state.rng_key, impl)
     grads = estimate(loss_fn, params, step_key, **estimator_kwargs)
     grads = jax.tree.map(lambda g, u: g.astype(jnp.result_type(u)), grads, updates)
     return grads, ZerothOrderState(optax.safe_increment(state.count), next_key)

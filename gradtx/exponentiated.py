@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradtx import _checks, _tree
+from gradtx import _checks, _numerics, _paths
 
 NORMALIZATIONS = (None, "simplex")
 
@@ -40,13 +40,13 @@ def _axes(params: Any, axis: Any) -> Any:
   """Per-leaf axis: an int for every leaf, or ``{regex: int}`` path rules."""
   if isinstance(axis, int) and not isinstance(axis, bool):
     return jax.tree.map(lambda _: axis, params)
-  return _tree.map_by_rules(params, axis, argname="axis", has_default=False)[0]
+  return _paths.map_by_rules(params, axis, argname="axis", has_default=False)[0]
 
 
 def _check_axis_value(axis: Any) -> None:
   if isinstance(axis, int) and not isinstance(axis, bool):
     return
-  for _, value in _tree.compile_rules(axis, argname="axis"):
+  for _, value in _paths.compile_rules(axis, argname="axis"):
     if not isinstance(value, int) or isinstance(value, bool):
       raise TypeError(f"axis: every rule value must be an int axis, got {value!r}")
 
@@ -66,7 +66,7 @@ def _require_params(params: Any, name: str) -> None:
 def _check_params(params: Any, name: str, *, strict: bool) -> None:
   """Positive (``strict``) or non-negative params, checked when they are concrete."""
   bad = []
-  for path, leaf in zip(_tree.tree_paths(params), jax.tree.leaves(params), strict=True):
+  for path, leaf in zip(_paths.tree_paths(params), jax.tree.leaves(params), strict=True):
     if isinstance(leaf, jax.core.Tracer) or np.size(leaf) == 0:
       continue
     lowest = float(np.min(np.asarray(leaf, np.float64)))
@@ -139,15 +139,15 @@ def exponentiated_gradient(
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     _require_params(params, "exponentiated_gradient")
-    eta = _checks.scalar_or_schedule(learning_rate, state.count)
+    eta = _numerics.scalar_or_schedule(learning_rate, state.count)
 
     def egu(d, theta):
-      dt = _tree.compute_dtype(theta)
+      dt = _numerics.compute_dtype(theta)
       theta_c = theta.astype(dt)
       return (theta_c * jnp.expm1(-eta.astype(dt) * _inf_to_nan(d, dt))).astype(theta.dtype)
 
     def simplex(d, theta, ax):
-      dt = _tree.compute_dtype(theta)
+      dt = _numerics.compute_dtype(theta)
       theta_c = theta.astype(dt)
       logits = jnp.log(theta_c) - eta.astype(dt) * _inf_to_nan(d, dt)
       return (jax.nn.softmax(logits, axis=ax) - theta_c).astype(theta.dtype)
@@ -220,7 +220,7 @@ def eg_plus_minus(
   def init_fn(params):
     leaves = jax.tree.leaves(params)
     size = sum(int(np.size(x)) for x in leaves)
-    norm1 = sum(jnp.sum(jnp.abs(x.astype(_tree.compute_dtype(x)))) for x in leaves)
+    norm1 = sum(jnp.sum(jnp.abs(x.astype(_numerics.compute_dtype(x)))) for x in leaves)
     concrete = not isinstance(norm1, jax.core.Tracer) and _checks.concrete_scalar(budget)
     if leaves and concrete is not None and concrete and not float(norm1) < float(budget):
       raise ValueError(f"eg_plus_minus needs ‖params‖₁ < total so that θ⁺, θ⁻ > 0; got "
@@ -235,12 +235,12 @@ def eg_plus_minus(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    eta = _checks.scalar_or_schedule(learning_rate, state.count)
+    eta = _numerics.scalar_or_schedule(learning_rate, state.count)
 
     # In log space: θ± ⊙ e^{∓ηd} / Z as exp(log θ± ∓ ηd - log Z), so a large |ηd| cannot
     # overflow before the normalisation.
     def log_grown(theta, d, sign):
-      dt = _tree.compute_dtype(theta)
+      dt = _numerics.compute_dtype(theta)
       return jnp.log(theta.astype(dt)) - sign * eta.astype(dt) * _inf_to_nan(d, dt)
 
     log_plus = jax.tree.map(lambda t, d: log_grown(t, d, 1.0), state.theta_plus, updates)
@@ -259,7 +259,7 @@ def eg_plus_minus(
     plus = jax.tree.map(renorm, log_plus, state.theta_plus)
     minus = jax.tree.map(renorm, log_minus, state.theta_minus)
     def change(p, m, p0, m0, d):  # Δ(θ⁺ - θ⁻), in at least float32
-      return ((p.astype(_tree.compute_dtype(p)) - m) - (p0 - m0)).astype(d.dtype)
+      return ((p.astype(_numerics.compute_dtype(p)) - m) - (p0 - m0)).astype(d.dtype)
 
     new_updates = jax.tree.map(change, plus, minus, state.theta_plus, state.theta_minus,
                                updates)
@@ -321,7 +321,7 @@ def normalized_multiplicative(*, axis: Any = 0) -> optax.GradientTransformation:
     _require_params(params, "normalized_multiplicative")
 
     def leaf(d, theta, ax):
-      dt = _tree.compute_dtype(theta)
+      dt = _numerics.compute_dtype(theta)
       weighted = theta.astype(dt) * -d.astype(dt)
       new = weighted / jnp.sum(weighted, axis=ax, keepdims=True)
       return (new - theta.astype(dt)).astype(theta.dtype)

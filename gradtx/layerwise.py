@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradtx import _checks, _tree
+from gradtx import _checks, _paths
 
 _NO_DEFAULT = object()
 
@@ -64,7 +64,7 @@ def path_labels(params: Any, rules: Any, *, default: Any = None) -> Any:
     >>> gradtx.path_labels(params, {"encoder/.*": "body", "head/.*": "head"})
     {'encoder': {'kernel': 'body'}, 'head': {'kernel': 'head'}}
   """
-  labels, _, _ = _tree.map_by_rules(
+  labels, _, _ = _paths.map_by_rules(
       params, rules, argname="rules", default=default, has_default=default is not None
   )
   return labels
@@ -113,7 +113,7 @@ def scale_by_path(rules: Any, *, default: optax.ScalarOrSchedule = 1.0
     >>> u["body"].tolist(), u["head"].tolist()
     ([-1.0, -1.0], [-10.0, -10.0])
   """
-  compiled = _tree.compile_rules(rules, argname="rules")
+  compiled = _paths.compile_rules(rules, argname="rules")
   for pattern, multiplier in compiled:
     if not callable(multiplier) and _checks.concrete_scalar(multiplier) is None:
       raise TypeError(
@@ -123,7 +123,7 @@ def scale_by_path(rules: Any, *, default: optax.ScalarOrSchedule = 1.0
   has_default = default is not None
 
   def multipliers_for(tree):
-    values, _, _ = _tree.map_by_rules(
+    values, _, _ = _paths.map_by_rules(
         tree, rules, argname="rules", default=_NO_DEFAULT, has_default=has_default
     )
     return values
@@ -172,13 +172,13 @@ def layer_depths(params: Any, *, num_layers: int, depth_rules: Any,
   if default_depth is not None:
     _checks.check_int("default_depth", default_depth, minimum=0)
     _check_depth("default_depth", default_depth, num_layers)
-  compiled = _tree.compile_rules(depth_rules, argname="depth_rules")
+  compiled = _paths.compile_rules(depth_rules, argname="depth_rules")
   for pattern, depth in compiled:
     if isinstance(depth, bool) or not isinstance(depth, int):
       raise TypeError(
           f"depth_rules: the depth for {pattern.pattern!r} must be an int, got {depth!r}"
       )
-  _, matches, paths = _tree.map_by_rules(
+  _, matches, paths = _paths.map_by_rules(
       params, depth_rules, argname="depth_rules", has_default=default_depth is not None,
       default_name="default_depth",
   )
@@ -265,7 +265,7 @@ def layerwise_lr_decay(
   _checks.check_positive("decay", decay)
   _checks.check_int("num_layers", num_layers, minimum=0)
   # Validate the rules' form now; their fit to the params is checked at init.
-  _tree.compile_rules(depth_rules, argname="depth_rules")
+  _paths.compile_rules(depth_rules, argname="depth_rules")
 
   def depths_for(tree):
     return layer_depths(tree, num_layers=num_layers, depth_rules=depth_rules,
@@ -315,7 +315,7 @@ def by_path(rules: Any, *, default: optax.GradientTransformation | None = None
     >>> u["body"].tolist(), u["head"].tolist()
     ([0.6000000238418579, 0.800000011920929], [0.0, 0.0])
   """
-  compiled = _tree.compile_rules(rules, argname="rules")
+  compiled = _paths.compile_rules(rules, argname="rules")
   for pattern, tx in compiled:
     if not isinstance(tx, optax.GradientTransformation):
       raise TypeError(

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradtx import _checks, _tree
+from gradtx import _checks, _numerics
 
 GAINS = ("per_coordinate", "per_leaf", "none")
 SCALES = ("global", "per_leaf", "none")
@@ -68,7 +68,7 @@ def _check_range(name: str, value: Any) -> tuple[float, float]:
 
 
 def _f32(tree: Any) -> Any:
-  return jax.tree.map(lambda x: x.astype(_tree.compute_dtype(x)), tree)
+  return jax.tree.map(lambda x: x.astype(_numerics.compute_dtype(x)), tree)
 
 
 def _gain_statistics(gains: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -240,9 +240,9 @@ def eg_step_size(
     if gains == "none":
       scaled = _f32(directions)
     else:
-      scaled = jax.tree.map(lambda p, d: p * d.astype(_tree.compute_dtype(d)),
+      scaled = jax.tree.map(lambda p, d: p * d.astype(_numerics.compute_dtype(d)),
                             gains_t, directions)
-    eta = _checks.scalar_or_schedule(learning_rate, state.count)
+    eta = _numerics.scalar_or_schedule(learning_rate, state.count)
     if scale == "per_leaf":
       steps = jax.tree.map(lambda s, m: -eta * s * m, scale_t, scaled)
     else:

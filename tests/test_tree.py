@@ -15,7 +15,7 @@ from flax import linen as nn
 from flax import nnx
 
 import gradtx
-from gradtx import _tree
+from gradtx import _paths
 
 # ----------------------------------------------------------------------------- tree_paths
 
@@ -129,7 +129,7 @@ def test_tree_paths_flax_nnx_state_has_no_value_suffix():
 
 def test_path_tree_holds_paths_in_place():
   tree = {"a": [jnp.zeros(1), None], "b": _Pair(jnp.zeros(1), jnp.zeros(2))}
-  assert _tree.path_tree(tree) == {"a": ["a/0", None], "b": _Pair("b/first", "b/second")}
+  assert _paths.path_tree(tree) == {"a": ["a/0", None], "b": _Pair("b/first", "b/second")}
 
 
 # ----------------------------------------------------------------------------- path rules
@@ -256,7 +256,7 @@ def test_path_labels_on_nnx_state_and_linen_params():
 
 
 def test_match_rules_exposes_the_regex_match():
-  matches = _tree.match_rules(
+  matches = _paths.match_rules(
       ["encoder/layer_3/kernel", "head/kernel"], {r"encoder/layer_(\d+)/.*": "L"},
       argname="rules", has_default=True,
   )

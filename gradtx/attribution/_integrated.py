@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradtx import _checks, _tree
+from gradtx import _checks, _paths
 
 METHODS = (
     "riemann_left",
@@ -84,7 +84,7 @@ def _name(argname: str, path: str) -> str:
 
 def _check_inputs(inputs: Any) -> tuple[list[str], list[jax.Array], Any, int]:
   """Paths, leaves, treedef and the common batch size of ``inputs``."""
-  paths, treedef = _tree.leaf_paths_and_treedef(inputs)
+  paths, treedef = _paths.leaf_paths_and_treedef(inputs)
   leaves = jax.tree.leaves(inputs)
   if not leaves:
     raise ValueError("inputs must hold at least one array, got an empty pytree")

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gradtx import _checks, _tree
+from gradtx import _checks, _paths
 from gradtx.attribution import _integrated
 from gradtx.attribution._integrated import _name, resolve_baseline
 
@@ -239,7 +239,7 @@ def layer_integrated_gradients(
   if model is not None and not isinstance(model, nnx.Module):
     raise TypeError(f"model must be a flax.nnx.Module (or None for linen), got "
                     f"{type(model).__name__}")
-  in_paths, in_treedef = _tree.leaf_paths_and_treedef(inputs)
+  in_paths, in_treedef = _paths.leaf_paths_and_treedef(inputs)
   in_leaves = jax.tree.leaves(inputs)
   if not in_leaves:
     raise ValueError("inputs must hold at least one array, got an empty pytree")
@@ -247,7 +247,7 @@ def layer_integrated_gradients(
       "inputs", [(_name("inputs", p), x) for p, x in zip(in_paths, in_leaves, strict=True)])
   run = _cut_fn(fn, layer, model)
   _, h_x = run(inputs)
-  h_paths, h_treedef = _tree.leaf_paths_and_treedef(h_x)
+  h_paths, h_treedef = _paths.leaf_paths_and_treedef(h_x)
   h_leaves = jax.tree.leaves(h_x)
   for path, h in zip(h_paths, h_leaves, strict=True):
     where = f"the output of layer {layer!r}" + (f" at {path!r}" if path else "")

@@ -1,4 +1,4 @@
-"""Pytree paths and path rules, shared by every module that selects leaves by name.
+"""Pytree paths and path rules: how every module names and selects leaves.
 
 A leaf's *path* is its key path joined with "/": ``"encoder/layer_3/Dense_0/kernel"``.
 Dict keys, list/tuple indices, NamedTuple fields and Flax ``nnx.Variable`` wrappers are
@@ -8,16 +8,13 @@ linen and nnx models spell their paths the same way).
 A *rule set* is an ordered mapping ``{regex: value}`` (or a sequence of pairs). A leaf
 takes the value of the first regex that matches its whole path (``re.fullmatch``).
 
-Randomness per leaf is keyed by path too: leaf ``path`` of a step uses
-``fold_in(step_key, crc32(path) & 0x7FFFFFFF)`` (:func:`leaf_keys`), so a leaf's draw does
-not change when other leaves are added or hidden (``optax.masked``). Transformations keep
-the raw key data in their state and split it once per update (:func:`split_state_key`).
+Two different leaves may not share a path (``{"a/b": x, "a": {"b": y}}``): that is an
+error naming both, because every rule, mask and per-leaf random draw is keyed by path.
 """
 
 from __future__ import annotations
 
 import re
-import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -25,6 +22,10 @@ import jax
 from flax import nnx
 
 _MAX_LISTED = 8
+_FULLMATCH_HINT = (
+    "Rules are regexes matched against the whole path (re.fullmatch): 'layer_0' does not "
+    "match 'layer_0/kernel', write 'layer_0/.*'; see gradtx.tree_paths(params)."
+)
 
 
 def _is_nnx_variable(node: Any) -> bool:
@@ -47,8 +48,16 @@ def leaf_paths_and_treedef(tree: Any) -> tuple[list[str], Any]:
   """Paths of every array leaf, in ``jax.tree.leaves`` order, and the treedef."""
   outer = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_nnx_variable)[0]
   paths = []
+  first_owner: dict[str, Any] = {}
   for key_path, node in outer:
     path = "/".join(_key_to_str(k) for k in key_path)
+    owner = first_owner.setdefault(path, key_path)
+    if owner != key_path:
+      raise ValueError(
+          f"two leaves have the same path {path!r}: {jax.tree_util.keystr(owner)} and "
+          f"{jax.tree_util.keystr(key_path)}. Paths join keys with '/', so a key that "
+          "contains '/' collides with a nested one; rename one of them."
+      )
     # An nnx Variable holds its array under ``.value``; name the leaf by the variable.
     paths.extend([path] * len(jax.tree.leaves(node)) if _is_nnx_variable(node) else [path])
   return paths, jax.tree.structure(tree)
@@ -154,7 +163,7 @@ def match_rules(
   if unmatched and not has_default:
     raise ValueError(
         f"{argname}: {len(unmatched)} leaf path(s) match no rule and no default was given: "
-        f"{_listing(unmatched)}. Add a rule for them or pass `{default_name}=`."
+        f"{_listing(unmatched)}. Add a rule for them or pass `{default_name}=`. {_FULLMATCH_HINT}"
     )
   used = {m.index for m in claimed if m is not None}
   for index, (pattern, _) in enumerate(compiled):
@@ -166,10 +175,7 @@ def match_rules(
         if shadowed
         else f"matches no leaf path; existing paths include {_listing(list(paths))}"
     )
-    raise ValueError(
-        f"{argname}: rule {pattern.pattern!r} {why}. Rules are regexes matched against "
-        "the whole path (re.fullmatch); see gradtx.tree_paths(params)."
-    )
+    raise ValueError(f"{argname}: rule {pattern.pattern!r} {why}. {_FULLMATCH_HINT}")
   return claimed
 
 
@@ -187,33 +193,3 @@ def map_by_rules(tree: Any, rules: Any, *, argname: str, default: Any = None,
                         default_name=default_name)
   values = [default if m is None else m.value for m in matches]
   return jax.tree.unflatten(treedef, values), matches, paths
-
-
-def leaf_keys(key: jax.Array, paths: Sequence[str]) -> jax.Array:
-  """One key per path, ``fold_in(key, crc32(path) & 0x7FFFFFFF)``, in one vectorised op."""
-  ids = jax.numpy.asarray([zlib.crc32(p.encode()) & 0x7FFFFFFF for p in paths],
-                          jax.numpy.uint32)
-  return jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
-
-
-def split_state_key(raw_key: jax.Array, impl: Any) -> tuple[jax.Array, jax.Array]:
-  """``(raw data of the next state key, this update's typed key)`` from a state's key data."""
-  next_key, step_key = jax.random.split(jax.random.wrap_key_data(raw_key, impl=impl))
-  return jax.random.key_data(next_key), step_key
-
-
-def sharded_like(x: jax.Array, ref: Any) -> jax.Array:
-  """``x`` with the sharding of ``ref`` (under an explicit mesh, or for concrete arrays)."""
-  if isinstance(ref, jax.Array) and not isinstance(ref, jax.core.Tracer):
-    # Only a multi-device layout is copied: committing to one device would change how
-    # jit caches the step (its first call would see committed and uncommitted inputs).
-    return jax.device_put(x, ref.sharding) if len(ref.sharding.device_set) > 1 else x
-  sharding = jax.typeof(ref).sharding
-  if sharding.mesh.empty or not sharding.mesh.are_all_axes_explicit:
-    return x  # the compiler propagates shardings itself
-  return jax.sharding.reshard(x, sharding.spec)
-
-
-def compute_dtype(x: Any) -> Any:
-  """The dtype to compute in for ``x``: at least float32 (bf16 sums and exps lose too much)."""
-  return jax.numpy.promote_types(jax.numpy.result_type(x), jax.numpy.float32)

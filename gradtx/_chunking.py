@@ -1,0 +1,83 @@
+"""Chunking: a leading axis cut into stacked full chunks plus a remainder.
+
+Memory-bounded loops (population members, interpolation steps, batch chunks) all take
+the same shape: ``n`` items, ``chunk`` of them live at a time. The ``n // chunk`` full
+chunks are stacked and run under ``lax.map`` / ``lax.scan``; the ``n % chunk`` items left
+over run once more, outside the loop. No padding, so no wasted work and no masking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Chunks(NamedTuple):
+  """A pytree's axis 0 split as ``full`` (``(num_full, chunk, ...)``) and ``rest``."""
+
+  full: Any
+  rest: Any
+  num_full: int
+
+  @property
+  def has_rest(self) -> bool:
+    return any(x.shape[0] > 0 for x in jax.tree.leaves(self.rest))
+
+
+def split(tree: Any, chunk: int) -> Chunks:
+  """Cuts axis 0 of every leaf into ``n // chunk`` stacked chunks and the remainder."""
+  leaves = jax.tree.leaves(tree)
+  n = leaves[0].shape[0] if leaves else 0
+  num_full = n // chunk
+  full = jax.tree.map(
+      lambda x: x[: num_full * chunk].reshape((num_full, chunk) + x.shape[1:]), tree)
+  rest = jax.tree.map(lambda x: x[num_full * chunk:], tree)
+  return Chunks(full, rest, num_full)
+
+
+def concat(full: Any, rest: Any) -> Any:
+  """The inverse of :func:`split` for per-item outputs: ``(num_full, chunk, ...)`` + rest."""
+  return jax.tree.map(
+      lambda f, r: jnp.concatenate([f.reshape((-1,) + f.shape[2:]), r], axis=0), full, rest)
+
+
+def map_chunks(fn: Callable[[Any], Any], tree: Any, chunk: int) -> Any:
+  """``fn`` over chunks of axis 0, outputs concatenated: ``fn(tree)`` at bounded memory.
+
+  ``fn`` maps a batch of items to per-item outputs (axis 0 of the same length).
+  """
+  chunks = split(tree, chunk)
+  out_full = jax.lax.map(fn, chunks.full) if chunks.num_full else None
+  out_rest = fn(chunks.rest) if chunks.has_rest else None
+  if out_full is None:
+    return out_rest
+  if out_rest is None:
+    return jax.tree.map(lambda f: f.reshape((-1,) + f.shape[2:]), out_full)
+  return concat(out_full, out_rest)
+
+
+def sum_chunks(fn: Callable[[Any], Any], tree: Any, chunk: int) -> Any:
+  """``Σ_chunks fn(chunk)``: ``fn`` of a batch of items returns their summed pytree.
+
+  The full chunks run under ``lax.scan`` starting from the first chunk's sum (not from
+  zeros, so the carry has ``fn``'s own type and sharding, also inside ``shard_map``); the
+  remainder is added once after the loop.
+  """
+  chunks = split(tree, chunk)
+  total = None
+  if chunks.num_full:
+    first = fn(jax.tree.map(lambda x: x[0], chunks.full))
+    if chunks.num_full > 1:
+      total = jax.lax.scan(lambda acc, c: (jax.tree.map(jnp.add, acc, fn(c)), None), first,
+                           jax.tree.map(lambda x: x[1:], chunks.full))[0]
+    else:
+      total = first
+  if chunks.has_rest:
+    tail = fn(chunks.rest)
+    total = tail if total is None else jax.tree.map(jnp.add, total, tail)
+  if total is None:
+    raise ValueError("sum_chunks: there are no items to sum (axis 0 has length 0)")
+  return total
