@@ -16,16 +16,16 @@ and in the long run gradient dropout acts on Adam like a learning rate times ``â
 
 The F masks need ``numel(params)`` random bits every step. On CPU, JAX's threefry
 generator costs several AdamW updates' worth of time for the same number of parameters
-(4.7 in ``benchmarks/child_tuning.py``: the step becomes 2.4x an AdamW step), so the
-default ``prng="hash"`` draws them from a counter-based integer hash instead: two rounds
-of Wellons' ``lowbias32`` mixer over ``(counter, 64 seed bits)``, the seed coming from the
-state's key, the step and the leaf's path; each 32-bit hash gives two 16-bit uniforms, so
-``p`` is rounded to a multiple of 2^-16 (the rescale uses that rounded ``p``, so the update
-stays unbiased). That is a few fused integer ops per element (the step is 1.27x an AdamW
-step), and statistically fine for masks (the tests check density, independence across
-leaves and steps, and unbiasedness);
-``prng="jax"`` uses ``jax.random.bernoulli`` with the key's own implementation (pass a
-``jax.random.key(seed, impl="rbg")`` key for the faster XLA generator on accelerators).
+(``benchmarks/child_tuning.py``; measured in ``benchmarks/results/child_tuning.md``), so
+the default ``prng="hash"`` draws them from a counter-based integer hash instead: two
+rounds of Wellons' ``lowbias32`` mixer over ``(counter, 64 seed bits)``, the seed coming
+from the state's key, the step and the leaf's path; each 32-bit hash gives two 16-bit
+uniforms, so ``p`` is rounded to a multiple of 2^-16 (the rescale uses that rounded ``p``,
+so the update stays unbiased). That is a few fused integer ops per element, and
+statistically fine for masks (the tests check density, independence across leaves and
+steps, and unbiasedness); ``prng="jax"`` uses ``jax.random.bernoulli`` with the key's own
+implementation (pass a ``jax.random.key(seed, impl="rbg")`` key for the faster XLA
+generator on accelerators).
 
 References:
   Xu, Luo, Zhang, Tan, Chang, Huang, Huang, "Raise a child in large language model:
@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradtx import _checks, _numerics, _paths, _random
+from gradtx import _checks, _numerics, _paths, _random, clipping
 
 PRNGS = ("hash", "jax")
 SCOPES = ("global", "per_leaf")
@@ -84,21 +84,21 @@ def _hash_threshold(p: jax.Array) -> jax.Array:
 def _bernoulli_masks(step_key: jax.Array, tree: Any, p: jax.Array, prng: str) -> Any:
   """One Bernoulli(p) mask per leaf; a leaf's mask depends on the key and its path only.
 
-  With ``prng="hash"``, ``p`` must already be a multiple of 2^-16 (see ``_hash_threshold``).
+  With ``prng="hash"``, ``p`` must already be a multiple of 2^-16 (see ``_hash_threshold``);
+  the hash takes its two seed words from the leaf key's data.
   """
-  paths, treedef = _paths.leaf_paths_and_treedef(tree)
-  if not paths:
-    return jax.tree.unflatten(treedef, [])
-  leaf_keys = _random.leaf_keys(step_key, paths)
-  seeds = jax.random.key_data(leaf_keys).reshape(len(paths), -1)[:, :2].astype(jnp.uint32)
-  threshold = _hash_threshold(p)
-  masks = []
-  for index, leaf in enumerate(jax.tree.leaves(tree)):
-    if prng == "hash":
-      masks.append(_hash_mask(seeds[index], jnp.shape(leaf), threshold))
-    else:
-      masks.append(jax.random.bernoulli(leaf_keys[index], p, jnp.shape(leaf)))
-  return jax.tree.unflatten(treedef, masks)
+  if prng == "hash":
+    threshold = _hash_threshold(p)
+
+    def draw(leaf_key, leaf):
+      seed = jax.random.key_data(leaf_key).reshape(-1)[:2].astype(jnp.uint32)
+      return _hash_mask(seed, jnp.shape(leaf), threshold)
+  else:
+
+    def draw(leaf_key, leaf):
+      return jax.random.bernoulli(leaf_key, p, jnp.shape(leaf))
+
+  return _random.per_leaf(step_key, tree, draw)
 
 
 def _masked_count_and_size(masks: Any) -> tuple[jax.Array, int]:
@@ -112,10 +112,13 @@ def _density(masks: Any) -> jax.Array:
   return kept / max(size, 1)
 
 
-def _apply_mask(updates: Any, masks: Any, scale: jax.Array | None) -> Any:
+def _apply_mask(updates: Any, masks: Any, scale: jax.Array | None,
+                invalid: jax.Array | None = None) -> Any:
+  """``u âŠ™ M`` (times ``scale``); every entry NaN where ``invalid`` (a bad traced ``p``)."""
   def leaf(u, m):
     kept = u if scale is None else (u * scale).astype(u.dtype)
-    return jnp.where(_numerics.sharded_like(m, u), kept, jnp.zeros_like(u))
+    out = jnp.where(_numerics.sharded_like(m, u), kept, jnp.zeros_like(u))
+    return out if invalid is None else jnp.where(invalid, jnp.asarray(jnp.nan, u.dtype), out)
 
   return jax.tree.map(leaf, updates, masks)
 
@@ -140,7 +143,7 @@ def child_tuning_f(
     key: jax.Array,
     rescale: bool = True,
     prng: str = "hash",
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""ChildTuning-F: a fresh Bernoulli(p) mask on every coordinate, every step.
 
   .. math::
@@ -154,10 +157,15 @@ def child_tuning_f(
   depends only on the key, the step and the leaf's path (so wrapping the transformation
   in ``optax.masked`` does not change the masks of the leaves it still sees).
   A NaN/inf gradient entry stays NaN/inf where the mask keeps it and becomes 0 where it
-  drops it; the state holds no gradient statistics, so nothing is poisoned.
+  drops it; the state holds no gradient statistics, so nothing is poisoned. Integer or
+  boolean updates are refused, naming their paths, when they would be divided by ``p``
+  (``rescale=True``, or a scheduled ``p``): the result would be truncated.
 
   Args:
-    reserve_p: the keep probability ``p`` in (0, 1], or a schedule ``count -> p``.
+    reserve_p: the keep probability ``p`` in (0, 1], or a schedule ``count -> p``. A
+      schedule (or a traced value) whose ``p`` falls outside (0, 1] at some step makes
+      that step's updates and ``mask_density`` all NaN (visible, not a plausible wrong
+      mask); a constant is checked at construction.
     key: a ``jax.random`` key; the state carries it forward, split every step. Under
       ``optax.inject_hyperparams`` list ``"key"`` in ``static_args``.
     rescale: divide kept coordinates by ``p`` (the paper's unbiased estimator; with
@@ -167,7 +175,7 @@ def child_tuning_f(
       key's implementation).
 
   Returns:
-    An ``optax.GradientTransformation`` whose state is :class:`ChildTuningFState`
+    An ``optax.GradientTransformationExtraArgs`` whose state is :class:`ChildTuningFState`
     (``mask_density`` for logging).
 
   Example:
@@ -187,10 +195,11 @@ def child_tuning_f(
   """
   _checks.check_in_interval("reserve_p", reserve_p, 0.0, 1.0, low_open=True)
   _checks.check_choice("prng", prng, PRNGS)
-  if not isinstance(rescale, bool):
-    raise TypeError(f"rescale must be a bool, got {rescale!r}")
+  _checks.check_bool("rescale", rescale)
   typed_key = _random.as_key(key)
   impl = jax.random.key_impl(typed_key)
+  # A constant p was checked above; a schedule's (or a traced) p is checked in the step.
+  checked = _checks.concrete_scalar(reserve_p) is not None
 
   def init_fn(params):
     del params
@@ -202,17 +211,20 @@ def child_tuning_f(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    p = jnp.asarray(reserve_p(state.count) if callable(reserve_p) else reserve_p,
-                    jnp.float32)
+    if rescale or not checked:  # 1/p and the NaN of a bad p need floats
+      _checks.check_float_leaves("updates", updates)
+    p = _numerics.scalar_or_schedule(reserve_p, state.count)
+    invalid = None if checked else ~((p > 0) & (p <= 1))
     if prng == "hash":  # the probability the hash mask really keeps with
       p = _hash_threshold(p).astype(jnp.float32) / 65536.0
     next_key, step_key = _random.split_state_key(state.rng_key, impl)
     masks = _bernoulli_masks(step_key, updates, p, prng)
-    new_updates = _apply_mask(updates, masks, 1.0 / p if rescale else None)
+    new_updates = _apply_mask(updates, masks, 1.0 / p if rescale else None, invalid)
+    density = _density(masks)
     new_state = ChildTuningFState(
         count=optax.safe_increment(state.count),
         rng_key=next_key,
-        mask_density=_density(masks),
+        mask_density=density if invalid is None else jnp.where(invalid, jnp.nan, density),
     )
     return new_updates, new_state
 
@@ -224,16 +236,15 @@ def child_tuning_f(
 
 
 def _clip(grads: Any, clip_norm: float | None, clip_scope: str) -> Any:
+  """Hard clipping of one gradient, by its global norm or every leaf by its own norm."""
   if clip_norm is None:
     return grads
-
-  def scale(norm):
-    return jnp.minimum(1.0, clip_norm / jnp.maximum(norm, jnp.finfo(norm.dtype).tiny))
-
   if clip_scope == "global":
-    factor = scale(optax.tree.norm(grads))
+    factor = clipping.clip_scale(clipping.global_norm(grads), clip_norm, "hard")
     return jax.tree.map(lambda g: g * factor.astype(g.dtype), grads)
-  return jax.tree.map(lambda g: g * scale(jnp.linalg.norm(g.ravel())).astype(g.dtype), grads)
+  return jax.tree.map(
+      lambda g: g * clipping.clip_scale(clipping.leaf_norm(g), clip_norm, "hard").astype(g.dtype),
+      grads)
 
 
 def _is_sequence_of_batches(batches: Any) -> bool:
@@ -287,27 +298,30 @@ def fisher_information(
     [5.0, 2.0]
 
   References:
-    Xu et al., EMNLP 2021, arXiv:2109.05687 (ChildTuning-D's Fisher pass).
+    Xu et al., "Raise a child in large language model: towards effective and
+    generalizable fine-tuning", EMNLP 2021, arXiv:2109.05687 (ChildTuning-D's Fisher
+    pass).
   """
   if clip_norm is not None:
     _checks.check_positive("clip_norm", clip_norm, allow_schedule=False)
   _checks.check_choice("clip_scope", clip_scope, ("per_leaf", "global"))
-  if not isinstance(per_example, bool):
-    raise TypeError(f"per_example must be a bool, got {per_example!r}")
+  _checks.check_bool("per_example", per_example)
   if not callable(loss_fn):
     raise TypeError(f"loss_fn must be callable as loss_fn(params, batch), got {loss_fn!r}")
+  _checks.check_float_leaves("params", params)
   grad = jax.grad(loss_fn)
+
+  def square(x):
+    return jnp.square(x.astype(_numerics.compute_dtype(x)))
 
   def squared(batch):
     """(sum of squared clipped gradients, number of terms) of one batch."""
     if not per_example:
-      g = _clip(grad(params, batch), clip_norm, clip_scope)
-      return jax.tree.map(lambda x: jnp.square(x.astype(_numerics.compute_dtype(x))), g), 1.0
-    one = lambda example: _clip(  # noqa: E731
+      return jax.tree.map(square, _clip(grad(params, batch), clip_norm, clip_scope)), 1.0
+    one = lambda example: _clip(
         grad(params, jax.tree.map(lambda a: a[None], example)), clip_norm, clip_scope)
     per = jax.vmap(one)(batch)
     n = jax.tree.leaves(batch)[0].shape[0]
-    square = lambda x: jnp.square(x.astype(_numerics.compute_dtype(x)))
     return jax.tree.map(lambda x: jnp.sum(square(x), 0), per), n
 
   zero = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), _numerics.compute_dtype(p)), params)
@@ -317,32 +331,37 @@ def fisher_information(
     sq, n = squared(batch)
     return jax.tree.map(jnp.add, total, sq), count + n
 
+  total, count = _sum_over_batches(add, zero, batches)
+  return jax.tree.map(lambda t: t / count.astype(t.dtype), total)
+
+
+def _sum_over_batches(add: Callable[..., Any], zero: Any, batches: Any) -> tuple[Any, Any]:
+  """``add(total, count, batch)`` folded over the batches: one jitted step per batch of a
+  sequence, or one ``lax.scan`` over a stacked pytree."""
+  count = jnp.zeros((), jnp.float32)
   if _is_sequence_of_batches(batches):
-    total, count, seen = zero, jnp.zeros((), jnp.float32), 0
+    total, seen = zero, 0
     for batch in batches:
       total, count = add(total, count, batch)
       seen += 1
     if not seen:
       raise ValueError("batches must yield at least one batch, got none")
-  else:
-    leaves = jax.tree.leaves(batches)
-    if not leaves:
-      raise ValueError("batches must hold at least one array, got an empty pytree")
-    num_batches = _checks.common_leading_size("batches", [
-        (p or "batches", x) for p, x in zip(_paths.tree_paths(batches), leaves, strict=True)],
-        what="number of batches")
-    if not num_batches:
-      raise ValueError("batches must yield at least one batch, got none")
+    return total, count
+  leaves = jax.tree.leaves(batches)
+  if not leaves:
+    raise ValueError("batches must hold at least one array, got an empty pytree")
+  num_batches = _checks.common_leading_size("batches", [
+      (p or "batches", x) for p, x in zip(_paths.tree_paths(batches), leaves, strict=True)],
+      what="number of batches")
+  if not num_batches:
+    raise ValueError("batches must yield at least one batch, got none")
 
-    @jax.jit
-    def scan(stacked):
-      def body(carry, batch):
-        return add(*carry, batch), None
+  @jax.jit
+  def scan(stacked):
+    return jax.lax.scan(lambda carry, batch: (add(*carry, batch), None), (zero, count),
+                        stacked)[0]
 
-      return jax.lax.scan(body, (zero, jnp.zeros((), jnp.float32)), stacked)[0]
-
-    total, count = scan(batches)
-  return jax.tree.map(lambda t: t / count.astype(t.dtype), total)
+  return scan(batches)
 
 
 def fisher_mask(
@@ -361,10 +380,13 @@ def fisher_mask(
   the host, as the original code does. ``scope="global"`` thresholds all included
   values together (the original); ``"per_leaf"`` thresholds every tensor by itself.
   Leaves that are not included get an all-True mask (they train freely, as the
-  original's embeddings and head do).
+  original's embeddings and head do). A NaN or inf Fisher value in an included leaf is
+  an error naming the leaf (it has no rank; ``numpy.percentile`` would make the threshold
+  NaN and silently freeze every included leaf).
 
   Args:
-    fisher: a pytree of non-negative arrays (:func:`fisher_information`).
+    fisher: a pytree of non-negative arrays (:func:`fisher_information`), finite in the
+      included leaves.
     reserve_p: the fraction ``p`` in (0, 1] of included coordinates to keep.
     include: path regexes (``re.fullmatch`` on the paths of ``gradtx.tree_paths``) of
       the leaves to select among; ``None`` = all leaves. The original selects the
@@ -382,7 +404,8 @@ def fisher_mask(
     ([True, True], [False, True, False, True])
 
   References:
-    Xu et al., EMNLP 2021, arXiv:2109.05687.
+    Xu et al., "Raise a child in large language model: towards effective and
+    generalizable fine-tuning", EMNLP 2021, arXiv:2109.05687.
   """
   _checks.check_in_interval("reserve_p", reserve_p, 0.0, 1.0, low_open=True)
   if _checks.concrete_scalar(reserve_p) is None:
@@ -401,6 +424,15 @@ def fisher_mask(
     # Every rule must claim a leaf; leaves no rule claims are simply not included.
     matches = _paths.match_rules(paths, rules, argname="include", has_default=True)
     selected = [m is not None for m in matches]
+  not_finite = [f"{path} ({int(np.sum(~np.isfinite(v)))} of {v.size})"
+                for path, v, s in zip(paths, values, selected, strict=True)
+                if s and not np.all(np.isfinite(v))]
+  if not_finite:
+    raise ValueError(
+        "fisher must be finite where a mask is chosen (a NaN or inf Fisher value has no "
+        "rank: it would freeze every included leaf); not finite at: "
+        f"{', '.join(not_finite[:8])}. Check the Fisher pass (NaN gradients, overflow) or "
+        "leave those leaves out of include")
   q = 100.0 * (1.0 - float(reserve_p))
   if scope == "global":
     chosen = [v.ravel() for v, s in zip(values, selected, strict=True) if s]
@@ -446,7 +478,7 @@ class ChildTuningDState(NamedTuple):
   mask_density: chex.Array
 
 
-def child_tuning_d(mask: Any, *, rescale: bool = False) -> optax.GradientTransformation:
+def child_tuning_d(mask: Any, *, rescale: bool = False) -> optax.GradientTransformationExtraArgs:
   r"""ChildTuning-D: a fixed mask, typically the top-p Fisher coordinates.
 
   .. math::
@@ -460,10 +492,11 @@ def child_tuning_d(mask: Any, *, rescale: bool = False) -> optax.GradientTransfo
 
   Args:
     mask: a boolean pytree, e.g. from :func:`fisher_mask`.
-    rescale: divide the kept coordinates by the mask's density.
+    rescale: divide the kept coordinates by the mask's density (then the updates must
+      be floating: integer leaves are refused, naming their paths).
 
   Returns:
-    An ``optax.GradientTransformation`` whose state is :class:`ChildTuningDState`.
+    An ``optax.GradientTransformationExtraArgs`` whose state is :class:`ChildTuningDState`.
 
   Example:
     >>> import jax.numpy as jnp, optax, gradtx
@@ -477,8 +510,7 @@ def child_tuning_d(mask: Any, *, rescale: bool = False) -> optax.GradientTransfo
     Xu et al., "Raise a child in large language model: towards effective and
     generalizable fine-tuning", EMNLP 2021, arXiv:2109.05687.
   """
-  if not isinstance(rescale, bool):
-    raise TypeError(f"rescale must be a bool, got {rescale!r}")
+  _checks.check_bool("rescale", rescale)
   paths = _paths.tree_paths(mask)
   leaves = jax.tree.leaves(mask)
   not_bool = [f"{p!r} ({jnp.result_type(x)})" for p, x in zip(paths, leaves, strict=True)
@@ -498,6 +530,8 @@ def child_tuning_d(mask: Any, *, rescale: bool = False) -> optax.GradientTransfo
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    if rescale:  # the division by the density needs floats
+      _checks.check_float_leaves("updates", updates)
     scale = 1.0 / jnp.maximum(state.mask_density, 1e-12) if rescale else None
     return _apply_mask(updates, state.mask, scale), state
 

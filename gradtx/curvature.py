@@ -28,23 +28,23 @@ from typing import Any, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from gradtx import _checks, _numerics, _paths, _random
+from gradtx import _checks, _numerics, _random
 
 ESTIMATORS = ("hutchinson",)
 
 
 def _rademacher(key: jax.Array, tree: Any) -> Any:
   """±1 per coordinate; a leaf's draw depends only on the key and its path."""
-  paths, treedef = _paths.leaf_paths_and_treedef(tree)
-  if not paths:
-    return tree
-  keys = _random.leaf_keys(key, paths)
-  draws = [jax.random.rademacher(keys[i], jnp.shape(leaf), leaf.dtype)
-           for i, leaf in enumerate(jax.tree.leaves(tree))]
-  return jax.tree.unflatten(treedef, draws)
+  return _random.per_leaf(
+      key, tree, lambda leaf_key, leaf: jax.random.rademacher(leaf_key, jnp.shape(leaf),
+                                                               leaf.dtype))
+
+
+def _check_samples(samples: Any) -> None:
+  _checks.check_static("samples", samples)
+  _checks.check_int("samples", samples, minimum=1)
 
 
 def hutchinson_diagonal(loss_fn: Callable[[Any], jax.Array], params: Any, key: jax.Array,
@@ -57,9 +57,10 @@ def hutchinson_diagonal(loss_fn: Callable[[Any], jax.Array], params: Any, key: j
 
   Args:
     loss_fn: ``loss_fn(params) -> scalar``.
-    params: where to evaluate the Hessian.
-    key: a ``jax.random`` key.
-    samples: the number S >= 1 of probe vectors.
+    params: where to evaluate the Hessian (floating leaves; integer ones are refused,
+      naming their paths).
+    key: a ``jax.random`` key (``jax.random.key(seed)`` or ``jax.random.PRNGKey(seed)``).
+    samples: the number S >= 1 of probe vectors; static (a Python int, not traced).
 
   Returns:
     A pytree like ``params``.
@@ -74,7 +75,9 @@ def hutchinson_diagonal(loss_fn: Callable[[Any], jax.Array], params: Any, key: j
   References:
     Bekas, Kokiopoulou, Saad, "An estimator for the diagonal of a matrix", 2007.
   """
-  _checks.check_int("samples", samples, minimum=1)
+  _check_samples(samples)
+  key = _random.as_key(key, argname="key")
+  _checks.check_float_leaves("params", params)
   grad = jax.grad(loss_fn)
 
   def one(sample_key):
@@ -104,7 +107,7 @@ def scale_by_diag_newton(
     estimator: str = "hutchinson",
     samples: int = 1,
     key: jax.Array,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions by the Hessian diagonal: ``g / (max(diag(H), 0) + λ)``.
 
   .. math::
@@ -123,15 +126,18 @@ def scale_by_diag_newton(
   silent zero step).
 
   Args:
-    damping: ``λ >= 0``.
+    damping: ``λ >= 0`` (a number, not a schedule).
     estimator: ``"hutchinson"`` (Rademacher probes of Hessian-vector products).
-    samples: probes per step, S >= 1.
+    samples: probes per step, S >= 1; static (under ``optax.inject_hyperparams`` list it
+      in ``static_args``).
     key: a ``jax.random`` key; the state carries it forward, split every step.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state, params,
     *, loss_fn=None, curvature=None)`` needs one of ``loss_fn(params) -> scalar`` (the
-    loss whose gradient ``updates`` is) or ``curvature`` (a pytree like ``params``).
+    loss whose gradient ``updates`` is) or ``curvature`` (a pytree with the paths and
+    leaf shapes of ``updates``; a mismatch is an error naming the paths). ``updates``
+    must be floating (integer leaves are refused, naming their paths).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, gradtx
@@ -146,11 +152,9 @@ def scale_by_diag_newton(
     Yao et al., "AdaHessian", AAAI 2021, arXiv:2006.00719 (Hutchinson diagonal).
     Su, "Gradient descent and EM are one idea", kexue.fm/archives/4277.
   """
-  x = _checks.concrete_scalar(damping)  # None for a tracer (inject_hyperparams): unchecked
-  if x is not None and not (x >= 0 and np.isfinite(x)):
-    raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
+  _checks.check_non_negative("damping", damping, allow_schedule=False)
   _checks.check_choice("estimator", estimator, ESTIMATORS)
-  _checks.check_int("samples", samples, minimum=1)
+  _check_samples(samples)
   typed = _random.as_key(key)
   impl = jax.random.key_impl(typed)
 
@@ -160,6 +164,7 @@ def scale_by_diag_newton(
 
   def update_fn(updates, state, params=None, *, loss_fn=None, curvature=None, **extra_args):
     del extra_args
+    _checks.check_float_leaves("updates", updates)  # g / (h + λ) would be truncated
     next_key, step_key = _random.split_state_key(state.rng_key, impl)
     if curvature is None:
       if loss_fn is None:
@@ -170,9 +175,8 @@ def scale_by_diag_newton(
         raise ValueError("scale_by_diag_newton with loss_fn needs the params: call "
                          "update(updates, state, params, loss_fn=...)")
       curvature = hutchinson_diagonal(loss_fn, params, step_key, samples)
-    elif jax.tree.structure(curvature) != jax.tree.structure(updates):
-      raise ValueError(f"curvature must have the structure of the updates, got paths "
-                       f"{_paths.tree_paths(curvature)} for paths {_paths.tree_paths(updates)}")
+    else:
+      _checks.check_same_structure("curvature", curvature, "the updates", updates)
     curvature = jax.tree.map(
         lambda h, g: h.astype(_numerics.compute_dtype(g)), curvature, updates)
     def direction(g, h):

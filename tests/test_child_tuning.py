@@ -13,6 +13,7 @@ choice, not something a reference can recompute.
 import functools
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -327,6 +328,31 @@ def test_f_nan_stays_where_kept_and_is_zeroed_where_dropped(prng):
       np.testing.assert_array_equal(out[k] != 0, mask[k])
 
 
+@pytest.mark.parametrize("prng", PRNGS)
+def test_f_reserve_p_schedule_out_of_range_gives_a_nan_step(prng):
+  """A schedule's p outside (0, 1] (only known under jit) makes that step visibly NaN.
+
+  Without the guard, p = 1.5 would keep everything (hash: p clipped to 1) and p = 0 would
+  drop everything or rescale by 2^16: plausible, wrong updates.
+  """
+  bad = [1.5, 0.0, -0.25, float("nan")]
+  schedule = lambda count: jnp.asarray([0.5, *bad, 0.5], jnp.float32)[count]
+  rng = np.random.default_rng(20)
+  g = rng.uniform(0.5, 2.0, 512).astype(np.float32)
+  tx = gradtx.child_tuning_f(schedule, key=jax.random.key(21), prng=prng)
+  outs, states = run_steps(tx, [{"w": jnp.asarray(g)}] * (len(bad) + 2))
+  q = p_effective(0.5, prng)
+  for t in (0, len(bad) + 1):  # the valid steps: g / p where kept, 0 elsewhere
+    u, kept = outs[t]["w"], outs[t]["w"] != 0
+    assert abs(kept.mean() - q) <= binomial_bound(q, g.size)
+    np.testing.assert_allclose(u[kept], g[kept].astype(np.float64) / q, rtol=2.0**-22)
+    np.testing.assert_allclose(float(states[t].mask_density), kept.mean(), rtol=1e-6)
+  for t in range(1, len(bad) + 1):
+    assert np.all(np.isnan(outs[t]["w"])), (bad[t - 1], outs[t]["w"][:8])
+    assert np.isnan(float(states[t].mask_density))
+    assert int(states[t].count) == t + 1
+
+
 def test_d_nan_stays_where_kept_and_is_zeroed_where_dropped():
   g = np.array([np.nan, np.nan, np.inf, -np.inf, 1.0, 2.0], np.float32)
   m = np.array([True, False, True, False, True, False])
@@ -575,6 +601,28 @@ def test_fisher_mask_matches_numpy_percentile(scope, p, include):
     assert abs(kept - p * n) <= 1.0
 
 
+def test_fisher_mask_refuses_a_non_finite_fisher_naming_the_leaf():
+  """An overflowing gradient makes the Fisher inf; numpy.percentile would then give a NaN
+  threshold and a mask that freezes every included leaf (checked here, as the failure
+  the error prevents)."""
+  params = {"layer": {"w": jnp.array([1.0, 2.0, 3.0])}, "head": jnp.array([1.0, 1.0])}
+  batches = [jnp.array([1e20, 1.0, 2.0]), jnp.array([3.0, 0.5, 1.0])]
+  fisher = gradtx.fisher_information(
+      lambda p, b: jnp.sum(p["layer"]["w"] * b) + jnp.sum(p["head"]), params, batches)
+  f = np.asarray(fisher["layer"]["w"], np.float64)
+  assert np.isinf(f[0]) and np.all(np.isfinite(f[1:]))  # (1e20)² overflows float32
+  with np.errstate(invalid="ignore"):
+    assert not np.any(f >= np.percentile(f, 50.0))  # what a silent mask would be
+  with pytest.raises(ValueError, match=r"fisher must be finite .*not finite at: "
+                                       r"layer/w \(1 of 3\)"):
+    gradtx.fisher_mask(fisher, 0.5)
+  # A leaf left out of include may be anything: the included ones are ranked as numpy does.
+  mask = gradtx.fisher_mask({"layer": {"w": jnp.asarray(f[1:])}, "head": fisher["layer"]["w"]},
+                            0.5, include="layer/.*")
+  np.testing.assert_array_equal(mask["layer"]["w"], f[1:] >= np.percentile(f[1:], 50.0))
+  np.testing.assert_array_equal(mask["head"], [True, True, True])
+
+
 @given(n=st.integers(1, 300), p=st.floats(0.01, 1.0), seed=st.integers(0, 2**32 - 1))
 def test_fisher_mask_keeps_the_top_p_fraction(n, p, seed):
   values = np.random.default_rng(seed).permutation(n).astype(np.float32)  # distinct
@@ -656,11 +704,6 @@ def _run_optax(tx, params, grad_fn, xs, ys):
   return params
 
 
-def _assert_trees_close(actual, expected):
-  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
-    np.testing.assert_allclose(np.asarray(a, np.float64), e, rtol=1e-5, atol=1e-6)
-
-
 def test_child_tuning_d_with_adamw_reproduces_original_optimizer():
   steps, lr, wd = 10, 1e-2, 0.1
   params, grad_fn, xs, ys = _model_setup(steps)
@@ -670,7 +713,8 @@ def test_child_tuning_d_with_adamw_reproduces_original_optimizer():
                    optax.adamw(lr, weight_decay=wd))
   got = _run_optax(tx, params, grad_fn, xs, ys)
   expected = _np_child_tuning_adamw(params, grad_fn, xs, ys, [mask] * steps, 1.0, lr, wd)
-  _assert_trees_close(got, expected)
+  chex.assert_trees_all_close(jax.tree.map(lambda a: np.asarray(a, np.float64), got),
+                              expected, rtol=1e-5, atol=1e-6)
   # Masked entries moved only by weight decay: θ_T = θ_0 (1 - lr·wd)^T.
   for g_, p0, m in zip(jax.tree.leaves(got), jax.tree.leaves(params), jax.tree.leaves(mask),
                        strict=True):
@@ -689,7 +733,8 @@ def test_child_tuning_f_with_adamw_reproduces_original_optimizer():
   # Rescaled by 1/p with the hash PRNG's rounded p (the rate the masks really have).
   expected = _np_child_tuning_adamw(params, grad_fn, xs, ys, masks,
                                     1.0 / p_effective(p, "hash"), lr, wd)
-  _assert_trees_close(got, expected)
+  chex.assert_trees_all_close(jax.tree.map(lambda a: np.asarray(a, np.float64), got),
+                              expected, rtol=1e-5, atol=1e-6)
   # Sanity: the reference is sensitive to the masks (another key would not match).
   other = [jax.tree.map(np.asarray, m) for m in f_masks(p, jax.random.key(10), params,
                                                           steps=steps)]
@@ -888,7 +933,7 @@ def test_fisher_mask_empty_include_is_an_error():
 
 
 def test_fisher_information_of_stacked_batches_runs_under_jit():
-  loss = lambda p, b: jnp.mean(b @ p["w"]) ** 2  # noqa: E731
+  loss = lambda p, b: jnp.mean(b @ p["w"]) ** 2
   params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)}
   batches = jnp.arange(40.0).reshape(5, 2, 4) / 40
   jitted = jax.jit(lambda p: gradtx.fisher_information(loss, p, batches))(params)

@@ -307,9 +307,12 @@ def test_update_errors():
     tx.update(g, state, g)
   with pytest.raises(ValueError, match=r"scale_by_diag_newton with loss_fn needs the params"):
     tx.update(g, state, loss_fn=lambda p: jnp.zeros(()))
-  with pytest.raises(ValueError, match=r"curvature must have the structure of the updates, got "
-                                       r"paths \['a'\] for paths \['a', 'b'\]"):
+  with pytest.raises(ValueError, match=r"curvature must have the structure of the updates: "
+                                       r"missing \['b'\]"):
     tx.update(g, state, g, curvature={"a": jnp.ones(2)})
+  with pytest.raises(ValueError, match=r"curvature must have the leaf shapes of the updates; "
+                                       r"these differ: b: \(1,\) vs \(3,\)"):
+    tx.update(g, state, g, curvature={"a": jnp.ones(2), "b": jnp.ones(1)})
 
 
 # ----------------------------------------------------------------------------- NaN / inf
