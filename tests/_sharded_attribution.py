@@ -19,17 +19,6 @@ RTOL, ATOL = 1e-5, 1e-6
 BATCH = 8  # 2 examples per device
 
 
-
-def _assert_close(actual, expected, what):
-  import jax
-  import numpy as np
-
-  jax.tree.map(
-      lambda a, e: np.testing.assert_allclose(a, e, rtol=RTOL, atol=ATOL, err_msg=what),
-      actual, expected,
-  )
-
-
 def _single_device(x):
   """``x`` committed to device 0 alone: the reference runs on one device."""
   import jax
@@ -133,29 +122,32 @@ def _ig_reference(name, fn):
 
 def case_integrated_gradients_jit_sharded_inputs(mesh):
   """A CNN's IG under jit with the batch (and targets) sharded over 'data'."""
+  import chex
   import jax
 
   pr = _problems()
   ref = _ig_reference("cnn", pr.cnn)
   run = jax.jit(lambda x, t: _ig(pr.cnn, x, t))
   out = run(_over_examples(mesh, pr.x), _over_examples(mesh, pr.target))
-  _assert_close(out, ref, "IG under jit, sharded vs one device")
+  chex.assert_trees_all_close(out, ref, rtol=RTOL, atol=ATOL)
   _assert_sharded_over_examples(mesh, out, "IG under jit")
 
 
 def case_integrated_gradients_jit_sharded_chunked(mesh):
   """As above with batch_size=3 (a scan over chunks of steps plus a remainder)."""
+  import chex
   import jax
 
   pr = _problems()
   ref = _ig_reference("cnn", pr.cnn)
   run = jax.jit(lambda x, t: _ig(pr.cnn, x, t, batch_size=3))
   out = run(_over_examples(mesh, pr.x), _over_examples(mesh, pr.target))
-  _assert_close(out, ref, "chunked IG under jit, sharded vs one device")
+  chex.assert_trees_all_close(out, ref, rtol=RTOL, atol=ATOL)
   _assert_sharded_over_examples(mesh, out, "chunked IG under jit")
 
 
 def _shard_map_ig(mesh, batch_size):
+  import chex
   import jax
   from jax.sharding import PartitionSpec as P
 
@@ -164,7 +156,7 @@ def _shard_map_ig(mesh, batch_size):
   per_device = lambda x, t: _ig(pr.cnn, x, t, batch_size=batch_size)
   run = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=P("data"), out_specs=P("data")))
   out = run(_over_examples(mesh, pr.x), _over_examples(mesh, pr.target))
-  _assert_close(out, ref, f"IG in shard_map (batch_size={batch_size}) vs one device")
+  chex.assert_trees_all_close(out, ref, rtol=RTOL, atol=ATOL)
   _assert_sharded_over_examples(mesh, out, "IG in shard_map")
 
 
@@ -180,6 +172,7 @@ def case_integrated_gradients_shard_map_chunked(mesh):
 
 def case_layer_integrated_gradients_jit_sharded_ids(mesh):
   """Token attributions at a linen embedding, token ids sharded over 'data'."""
+  import chex
   import jax
   import jax.numpy as jnp
 
@@ -194,12 +187,13 @@ def case_layer_integrated_gradients_jit_sharded_ids(mesh):
 
   ref = jax.jit(lig)(_single_device(pr.ids), _single_device(pr.target))
   out = jax.jit(lig)(_over_examples(mesh, pr.ids), _over_examples(mesh, pr.target))
-  _assert_close(out, ref, "LIG under jit, sharded vs one device")
+  chex.assert_trees_all_close(out, ref, rtol=RTOL, atol=ATOL)
   _assert_sharded_over_examples(mesh, out, "LIG under jit")
 
 
 def case_expected_gradients_jit_sharded(mesh):
   """Same key, same draws: EG of a sharded batch equals the single-device EG."""
+  import chex
   import jax
 
   import gradtx
@@ -216,11 +210,12 @@ def case_expected_gradients_jit_sharded(mesh):
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   out = jax.jit(eg)(_over_examples(mesh, pr.x), _over_examples(mesh, pr.target),
                     jax.device_put(pr.data, replicated), key)
-  _assert_close(out, ref, "EG under jit, sharded vs one device")
+  chex.assert_trees_all_close(out, ref, rtol=RTOL, atol=ATOL)
   _assert_sharded_over_examples(mesh, out, "EG under jit")
 
 
 def _explicit_mesh_ig(name, fn, batch_size):
+  import chex
   import jax
 
   pr = _problems()
@@ -228,7 +223,7 @@ def _explicit_mesh_ig(name, fn, batch_size):
   ref = _ig_reference(name, fn)
   run = jax.jit(lambda x, t: _ig(fn, x, t, batch_size=batch_size))
   out = run(_over_examples(mesh, pr.x), _over_examples(mesh, pr.target))
-  _assert_close(out, ref, "IG on an Explicit mesh, sharded vs one device")
+  chex.assert_trees_all_close(out, ref, rtol=RTOL, atol=ATOL)
   _assert_sharded_over_examples(mesh, out, "IG on an Explicit mesh")
 
 
@@ -253,8 +248,7 @@ def main():
   import jax
 
   assert jax.device_count() == NUM_DEVICES, jax.devices()
-  mesh = jax.make_mesh((NUM_DEVICES,), ("data",),
-                                    axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = jax.make_mesh((NUM_DEVICES,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   _multidevice.report(_multidevice.cases_of(globals()), mesh)
 
 

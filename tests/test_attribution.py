@@ -197,6 +197,30 @@ def test_jit_with_traced_target():
   np.testing.assert_allclose(delta, eager_delta, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_traced_target_out_of_range_gives_nan_rows(batch_size):
+  """Under jit the target cannot be checked: its bad examples are NaN, the rest exact."""
+  fn = _mlp(_mlp_params(jax.random.key(25)))
+  x = jax.random.normal(jax.random.key(26), (4, 5))
+  target = jnp.array([0, 3, 2, -1])  # C = 3: examples 1 and 3 are out of range
+
+  @jax.jit
+  def run(x, target):
+    return gradtx.integrated_gradients(fn, x, target=target, steps=5, batch_size=batch_size,
+                                       return_delta=True)
+
+  attr, delta = map(np.asarray, run(x, target))
+  assert np.all(np.isnan(attr[[1, 3]])) and np.all(np.isnan(delta[[1, 3]]))
+  for i in (0, 2):
+    ref = _loop_ig(lambda z, t=int(target[i]): fn(z[None])[0, t], x[i:i + 1],
+                   jnp.zeros((1, 5)), "gausslegendre", 5)
+    np.testing.assert_allclose(attr[i:i + 1], ref, rtol=1e-4, atol=1e-5)
+  assert np.all(np.isfinite(delta[[0, 2]]))
+  eg = jax.jit(lambda x, t: gradtx.expected_gradients(fn, x, x, key=jax.random.key(0),
+                                                      samples=3, target=t))(x, target)
+  assert np.all(np.isnan(np.asarray(eg)[[1, 3]])) and np.all(np.isfinite(np.asarray(eg)[[0, 2]]))
+
+
 def test_expected_gradients_matches_explicit_loop():
   fn = _mlp(_mlp_params(jax.random.key(16)))
   x = jax.random.normal(jax.random.key(17), (3, 5))
@@ -249,7 +273,8 @@ def test_errors():
   tree_fn = lambda t: t["a"].sum(1) + t["b"].sum(1)
   with pytest.raises(ValueError, match=r"baseline\['b'\].*got shape \(4,\)"):
     ig(tree_fn, {"a": x, "b": x}, baseline={"a": jnp.zeros(5), "b": jnp.zeros(4)})
-  with pytest.raises(ValueError, match="same pytree structure"):
+  with pytest.raises(ValueError, match=r"baseline must have the structure of inputs: "
+                                       r"missing \['b'\]"):
     ig(tree_fn, {"a": x, "b": x}, baseline={"a": jnp.zeros(5)})
   with pytest.raises(ValueError, match=r"target must be in \[0, 3\).*got 3"):
     ig(fn, x, target=3)

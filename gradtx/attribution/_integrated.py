@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradtx import _checks, _paths
+from gradtx import _checks, _chunking, _paths, _random
 
 METHODS = (
     "riemann_left",
@@ -69,6 +69,7 @@ def _quadrature(method: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _check_steps_and_method(steps: Any, method: Any) -> None:
+  _checks.check_static("steps", steps)
   _checks.check_int("steps", steps, minimum=1)
   _checks.check_choice("method", method, METHODS)
   if method == "riemann_trapezoid" and steps < 2:
@@ -78,25 +79,45 @@ def _check_steps_and_method(steps: Any, method: Any) -> None:
     )
 
 
+def _check_batch_size(batch_size: Any) -> None:
+  if batch_size is not None:
+    _checks.check_static("batch_size", batch_size)
+    _checks.check_int("batch_size", batch_size, minimum=1)
+
+
 def _name(argname: str, path: str) -> str:
   return f"{argname}[{path!r}]" if path else argname
 
 
 def _check_inputs(inputs: Any) -> tuple[list[str], list[jax.Array], Any, int]:
-  """Paths, leaves, treedef and the common batch size of ``inputs``."""
+  """Paths, leaves, treedef and the common batch size of a floating-point ``inputs``."""
   paths, treedef = _paths.leaf_paths_and_treedef(inputs)
   leaves = jax.tree.leaves(inputs)
   if not leaves:
     raise ValueError("inputs must hold at least one array, got an empty pytree")
-  for path, leaf in zip(paths, leaves, strict=True):
-    if not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
-      raise TypeError(
-          f"{_name('inputs', path)} must be a floating-point array (attributions need "
-          f"gradients), got dtype {jnp.asarray(leaf).dtype}; attribute integer inputs such "
-          f"as token ids at an embedding instead")
+  try:
+    _checks.check_float_leaves("inputs", inputs)
+  except TypeError as error:
+    raise TypeError(
+        f"{error} Attributions need floating-point inputs (they are interpolated and "
+        f"differentiated); attribute integer inputs such as token ids at their embedding "
+        f"with layer_integrated_gradients.") from None
   batch = _checks.common_leading_size(
       "inputs", [(_name("inputs", p), x) for p, x in zip(paths, leaves, strict=True)])
   return paths, leaves, treedef, batch
+
+
+def _output_shape(fn: Any, inputs: Any) -> tuple[int, ...]:
+  """The shape of ``fn(inputs)``, which must be one floating-point array."""
+  _checks.check_callable("fn", fn, call="fn(inputs) -> (N,) or (N, C) outputs")
+  out = jax.eval_shape(fn, inputs)
+  if not isinstance(out, jax.ShapeDtypeStruct):
+    raise TypeError(f"fn must return one array of shape (N,) or (N, C), got the pytree "
+                    f"{jax.tree.structure(out)}")
+  if not jnp.issubdtype(out.dtype, jnp.floating):
+    raise TypeError(f"fn must return real floating-point outputs (they are "
+                    f"differentiated), got dtype {out.dtype}")
+  return tuple(out.shape)
 
 
 def _broadcasts(shape: tuple[int, ...], to: tuple[int, ...]) -> bool:
@@ -111,10 +132,8 @@ def resolve_baseline(baseline: Any, paths, leaves, treedef, *, argname: str = "b
   """Per-leaf baselines broadcast to each leaf's full (N, ...) shape (``of`` names them)."""
   if baseline is None:
     return [jnp.zeros_like(x) for x in leaves]
-  if jax.tree.structure(baseline) != treedef:
-    raise ValueError(
-        f"{argname} must have the same pytree structure as {of}, got "
-        f"{jax.tree.structure(baseline)} for {argname} and {treedef} for {of}")
+  _checks.check_same_structure(argname, baseline, of, jax.tree.unflatten(treedef, leaves),
+                               shapes=False)
   out = []
   for path, x, b in zip(paths, leaves, jax.tree.leaves(baseline), strict=True):
     b = jnp.asarray(b)
@@ -123,18 +142,29 @@ def resolve_baseline(baseline: Any, paths, leaves, treedef, *, argname: str = "b
           f"{_name(argname, path)} must have the per-example shape {x.shape[1:]} of "
           f"{of} (or a shape that broadcasts to it, e.g. a scalar), or one per example "
           f"{x.shape}, got shape {b.shape}")
+    if jnp.issubdtype(b.dtype, jnp.inexact) and not jnp.issubdtype(x.dtype, jnp.inexact):
+      raise TypeError(
+          f"{_name(argname, path)} must hold {x.dtype} values like {of} (token ids are "
+          f"not interpolated, a float would be truncated), got dtype {b.dtype}; for a zero "
+          f"embedding pass layer_baseline=0.0")
     out.append(jnp.broadcast_to(b.astype(x.dtype), x.shape))
   return out
 
 
-def _check_target(target: Any, out_shape: tuple[int, ...], batch: int) -> Any:
-  """Validates ``target`` against ``fn``'s output shape; returns it as int or array."""
+def _check_target(target: Any, out_shape: tuple[int, ...],
+                  batch: int) -> tuple[Any, jax.Array | None]:
+  """``target`` checked against ``fn``'s output shape, as an int or array, and its bad rows.
+
+  A traced target cannot be checked in Python: the second value is then the (N,) mask of
+  examples whose target is outside [0, C), which :func:`_nan_rows` makes visible (NaN);
+  for a concrete target it is ``None`` (an out-of-range value raises here).
+  """
   if len(out_shape) == 1 and out_shape[0] == batch:
     if target is not None:
       raise ValueError(
           f"target must be None when fn returns one scalar per example (shape "
           f"{out_shape}), got {target!r}")
-    return None
+    return None, None
   if len(out_shape) != 2 or out_shape[0] != batch:
     raise ValueError(
         f"fn must map a batch of {batch} examples to shape ({batch},) or ({batch}, C), "
@@ -147,7 +177,10 @@ def _check_target(target: Any, out_shape: tuple[int, ...], batch: int) -> Any:
   if isinstance(target, jax.core.Tracer):
     if target.shape not in ((), (batch,)):
       raise ValueError(f"target must be an int or have shape ({batch},), got {target.shape}")
-    return target
+    if not jnp.issubdtype(target.dtype, jnp.integer):
+      raise TypeError(f"target must be an integer array, got dtype {target.dtype}")
+    bad = (target < 0) | (target >= num_classes)
+    return target, jnp.broadcast_to(bad, (batch,))
   arr = np.asarray(target)
   if arr.shape not in ((), (batch,)) or not np.issubdtype(arr.dtype, np.integer):
     raise ValueError(
@@ -157,7 +190,14 @@ def _check_target(target: Any, out_shape: tuple[int, ...], batch: int) -> Any:
     raise ValueError(
         f"target must be in [0, {num_classes}) (fn returns {num_classes} outputs per "
         f"example), got {arr[bad].tolist() if arr.ndim else int(arr)}")
-  return int(arr) if arr.ndim == 0 else jnp.asarray(arr)
+  return (int(arr) if arr.ndim == 0 else jnp.asarray(arr)), None
+
+
+def _nan_rows(bad: jax.Array | None, arrays: list[jax.Array]) -> list[jax.Array]:
+  """NaN in every row (example) of ``arrays`` that ``bad`` marks; as is without a mask."""
+  if bad is None:
+    return arrays
+  return [jnp.where(bad.reshape(bad.shape + (1,) * (a.ndim - 1)), jnp.nan, a) for a in arrays]
 
 
 def _scalar_fn(fn: Callable, treedef, target: Any) -> Callable:
@@ -176,34 +216,29 @@ def _scalar_fn(fn: Callable, treedef, target: Any) -> Callable:
 
 def _sum_over_steps(step_fn: Callable, step_args: Any, num_steps: int,
                     batch_size: int | None) -> Any:
-  """``Σ_k step_fn(step_args[k])``, evaluating at most ``batch_size`` steps at once.
-
-  Full chunks run under ``lax.scan`` (one chunk of vmapped steps live at a time); a
-  remainder that does not fill a chunk runs once more, vmapped, after the scan. The scan
-  starts from the first chunk's sum rather than from zeros, so its carry has the sums'
-  exact type (inside ``shard_map`` they vary over the mesh axis; zeros would not).
-  """
+  """``Σ_k step_fn(step_args[k])``, vmapped over at most ``batch_size`` steps at once."""
   vstep = jax.vmap(step_fn)
+  chunk_sum = lambda args: jax.tree.map(lambda g: jnp.sum(g, axis=0), vstep(args))
+  return _chunking.sum_chunks(chunk_sum, step_args, min(batch_size or num_steps, num_steps))
 
-  def chunk_sum(args):
-    return jax.tree.map(lambda g: jnp.sum(g, axis=0), vstep(args))
 
-  if batch_size is None or batch_size >= num_steps:
-    return chunk_sum(step_args)
-  num_chunks, rest = divmod(num_steps, batch_size)
-  full = num_chunks * batch_size
-  chunked = jax.tree.map(
-      lambda a: a[:full].reshape((num_chunks, batch_size) + a.shape[1:]), step_args)
-
-  def body(total, args):
-    return jax.tree.map(jnp.add, total, chunk_sum(args)), None
-
-  first = chunk_sum(jax.tree.map(lambda a: a[0], chunked))
-  total, _ = jax.lax.scan(body, first, jax.tree.map(lambda a: a[1:], chunked))
-  if rest:
-    tail = chunk_sum(jax.tree.map(lambda a: a[full:], step_args))
-    total = jax.tree.map(jnp.add, total, tail)
-  return total
+def _check_baselines(baselines: Any, paths, leaves, treedef) -> list[jax.Array]:
+  """Expected Gradients' reference data: per leaf a batch (M, ...) with a common M >= 1."""
+  if baselines is None:
+    raise TypeError("baselines must be the reference data (with the structure of inputs, "
+                    "every leaf a batch (M, ...)), got None")
+  _checks.check_same_structure("baselines", baselines, "inputs",
+                               jax.tree.unflatten(treedef, leaves), shapes=False)
+  data = [jnp.asarray(b) for b in jax.tree.leaves(baselines)]
+  for path, x, b in zip(paths, leaves, data, strict=True):
+    if b.ndim != x.ndim or b.shape[1:] != x.shape[1:] or b.shape[0] < 1:
+      raise ValueError(
+          f"{_name('baselines', path)} must be a batch (M, ...) of the input's "
+          f"per-example shape {x.shape[1:]}, got shape {b.shape}")
+  _checks.common_leading_size(
+      "baselines", [(_name("baselines", p), b) for p, b in zip(paths, data, strict=True)],
+      what="number of rows M")
+  return [b.astype(x.dtype) for x, b in zip(leaves, data, strict=True)]
 
 
 def _expand(a: jax.Array, x: jax.Array) -> jax.Array:
@@ -256,7 +291,9 @@ def integrated_gradients(
     batch_size: how many interpolation points (each a whole batch of N examples) are
       evaluated at once; ``None`` = all ``steps``. Memory scales with it, not ``steps``.
     target: with (N, C) outputs, the output to attribute: an int, or one int per
-      example (N,). Must be ``None`` for (N,) outputs.
+      example (N,). Must be ``None`` for (N,) outputs. A concrete target outside
+      [0, C) raises; a traced one (under ``jit``) cannot, so an example whose target is
+      outside [0, C) gets NaN attributions (and a NaN delta) instead.
     return_delta: also return the per-example completeness delta ``δ`` (N,).
 
   Returns:
@@ -279,12 +316,11 @@ def integrated_gradients(
     arXiv:1703.01365.
   """
   _check_steps_and_method(steps, method)
-  if batch_size is not None:
-    _checks.check_int("batch_size", batch_size, minimum=1)
+  _check_batch_size(batch_size)
+  _checks.check_bool("return_delta", return_delta)
   paths, leaves, treedef, batch = _check_inputs(inputs)
   base = resolve_baseline(baseline, paths, leaves, treedef)
-  out_shape = jax.eval_shape(fn, inputs).shape
-  target = _check_target(target, tuple(out_shape), batch)
+  target, bad_target = _check_target(target, _output_shape(fn, inputs), batch)
   scalar = _scalar_fn(fn, treedef, target)
   grad = jax.grad(lambda z: jnp.sum(scalar(z)))
   diffs = [x - b for x, b in zip(leaves, base, strict=True)]
@@ -299,7 +335,7 @@ def integrated_gradients(
   node_dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
   step_args = (jnp.asarray(alphas, node_dtype), jnp.asarray(weights, node_dtype))
   mean_grad = _sum_over_steps(step, step_args, steps, batch_size)
-  attrs = [d * g for d, g in zip(diffs, mean_grad, strict=True)]
+  attrs = _nan_rows(bad_target, [d * g for d, g in zip(diffs, mean_grad, strict=True)])
   result = jax.tree.unflatten(treedef, attrs)
   if not return_delta:
     return result
@@ -338,11 +374,13 @@ def expected_gradients(
     inputs: a floating-point batch (N, ...) or a pytree of batches sharing N.
     baselines: the reference data: with the structure of ``inputs``, every leaf a batch
       (M, ...) with the input's per-example shape and a common M >= 1.
-    key: a ``jax.random`` key.
+    key: a ``jax.random`` key (``jax.random.key(seed)`` or ``jax.random.PRNGKey(seed)``).
     samples: number of draws S >= 1 per example.
     batch_size: how many draws (each a whole batch of N examples) are evaluated at
       once; ``None`` = all ``samples``.
-    target: with (N, C) outputs, an int or one int per example.
+    target: with (N, C) outputs, an int or one int per example (a traced target
+      outside [0, C) gives that example NaN attributions, as in
+      :func:`integrated_gradients`).
 
   Returns:
     Attributions with the structure, shapes and dtypes of ``inputs``.
@@ -362,31 +400,18 @@ def expected_gradients(
     models with axiomatic attribution priors and expected gradients", Nature Machine
     Intelligence 2021, arXiv:1906.10670.
   """
+  _checks.check_static("samples", samples)
   _checks.check_int("samples", samples, minimum=1)
-  if batch_size is not None:
-    _checks.check_int("batch_size", batch_size, minimum=1)
+  _check_batch_size(batch_size)
+  key = _random.as_key(key, argname="key")
   paths, leaves, treedef, batch = _check_inputs(inputs)
-  if jax.tree.structure(baselines) != treedef:
-    raise ValueError(
-        f"baselines must have the same pytree structure as inputs, got "
-        f"{jax.tree.structure(baselines)} for baselines and {treedef} for inputs")
-  data = [jnp.asarray(b) for b in jax.tree.leaves(baselines)]
-  for path, x, b in zip(paths, leaves, data, strict=True):
-    if b.ndim != x.ndim or b.shape[1:] != x.shape[1:] or b.shape[0] < 1:
-      raise ValueError(
-          f"{_name('baselines', path)} must be a batch (M, ...) of the input's "
-          f"per-example shape {x.shape[1:]}, got shape {b.shape}")
-  num_data = _checks.common_leading_size(
-      "baselines", [(_name("baselines", p), b) for p, b in zip(paths, data, strict=True)],
-      what="number of rows M")
-  data = [b.astype(x.dtype) for x, b in zip(leaves, data, strict=True)]
-  out_shape = jax.eval_shape(fn, inputs).shape
-  target = _check_target(target, tuple(out_shape), batch)
+  data = _check_baselines(baselines, paths, leaves, treedef)
+  target, bad_target = _check_target(target, _output_shape(fn, inputs), batch)
   scalar = _scalar_fn(fn, treedef, target)
   grad = jax.grad(lambda z: jnp.sum(scalar(z)))
 
   k_idx, k_alpha = jax.random.split(key)
-  idx = jax.random.randint(k_idx, (samples, batch), 0, num_data)
+  idx = jax.random.randint(k_idx, (samples, batch), 0, data[0].shape[0])
   alpha = jax.random.uniform(k_alpha, (samples, batch))
 
   def step(args):
@@ -397,4 +422,4 @@ def expected_gradients(
     return [d * g / samples for d, g in zip(diffs, grad(point), strict=True)]
 
   attrs = _sum_over_steps(step, (idx, alpha), samples, batch_size)
-  return jax.tree.unflatten(treedef, attrs)
+  return jax.tree.unflatten(treedef, _nan_rows(bad_target, attrs))

@@ -18,10 +18,8 @@ sees the real inputs (so an attention mask built from token ids stays that of ``
   module's scope path inside ``apply`` joined by ``"/"`` (``"Embed_0"``,
   ``"encoder/layers_1/attn"``).
 * Flax nnx: the layer object is found by its attribute path in the root ``model``
-  (``"embed"``, ``"blocks/0/mlp"``; list indices are path parts) and its class is
-  swapped, for the duration of the call, for a subclass whose ``__call__`` is
-  intercepted. ``Module.perturb`` was not used: it needs a line in the model's code and
-  adds to the value rather than replacing it.
+  (``"embed"``, ``"blocks/0/mlp"``; list indices are path parts) and, for the duration
+  of the call, its ``__call__`` is intercepted (see ``_nnx_cut``).
 
 References:
   Sundararajan, Taly, Yan, "Axiomatic attribution for deep networks", ICML 2017,
@@ -90,7 +88,7 @@ _NNX_CLASSES: dict[type, type] = {}  # one intercepting subclass per layer class
 def _intercepting_class(cls: type) -> type:
   if cls not in _NNX_CLASSES:
 
-    def __call__(self, *args, **kwargs):  # noqa: N807
+    def __call__(self, *args, **kwargs):
       return _NNX_ACTIVE.cut(lambda: cls.__call__(self, *args, **kwargs))
 
     _NNX_CLASSES[cls] = type(cls.__name__, (cls,), {
@@ -115,7 +113,13 @@ def _nnx_cut(module: nnx.Module, cut: _Cut) -> Iterator[None]:
   original = type(module)
   previous = getattr(_NNX_ACTIVE, "cut", None)
   _NNX_ACTIVE.cut = cut
-  # object.__setattr__: nnx's own __setattr__ guards attribute writes under a trace.
+  # nnx (0.12) offers no supported way to replace a submodule's output from outside the
+  # model: no counterpart of linen's intercept_methods; Module.perturb needs a line in the
+  # model and adds to the value; nnx.capture(method_outputs=) only records; split/merge
+  # with a replaced submodule changes a copy, not the model fn calls; and setting the
+  # parent's attribute raises TraceContextError under jit when fn closes over the model.
+  # So this one instance's class is swapped (bypassing nnx's __setattr__) for a cached
+  # subclass (each new nnx class registers a graph-node type) that reads the thread-local.
   object.__setattr__(module, "__class__", _intercepting_class(original))
   try:
     yield
@@ -149,6 +153,24 @@ def _cut_fn(fn: Callable, layer: str, model: nnx.Module | None) -> Callable:
     return out, cut.outputs[0]
 
   return run
+
+
+def _check_lig_args(fn: Any, layer: Any, model: Any, baseline: Any, layer_baseline: Any,
+                    reduce: Any) -> nnx.Module | None:
+  """Checks the arguments of :func:`layer_integrated_gradients`; returns the nnx model."""
+  _checks.check_callable("fn", fn, call="fn(inputs) -> (N,) or (N, C) outputs")
+  if not isinstance(layer, str):
+    raise TypeError(f"layer must be a module path string such as 'Embed_0', got {layer!r}")
+  _checks.check_choice("reduce", reduce, REDUCTIONS)
+  if baseline is not None and layer_baseline is not None:
+    raise ValueError("pass at most one of baseline (input space) and layer_baseline "
+                     "(layer output space), got both")
+  if model is None and isinstance(fn, nnx.Module):
+    model = fn
+  if model is not None and not isinstance(model, nnx.Module):
+    raise TypeError(f"model must be a flax.nnx.Module (or None for linen), got "
+                    f"{type(model).__name__}")
+  return model
 
 
 def layer_integrated_gradients(
@@ -228,17 +250,10 @@ def layer_integrated_gradients(
     Sundararajan, Taly, Yan, "Axiomatic attribution for deep networks", ICML 2017,
     arXiv:1703.01365.
   """
-  if not isinstance(layer, str):
-    raise TypeError(f"layer must be a module path string such as 'Embed_0', got {layer!r}")
-  _checks.check_choice("reduce", reduce, REDUCTIONS)
-  if baseline is not None and layer_baseline is not None:
-    raise ValueError("pass at most one of baseline (input space) and layer_baseline "
-                     "(layer output space), got both")
-  if model is None and isinstance(fn, nnx.Module):
-    model = fn
-  if model is not None and not isinstance(model, nnx.Module):
-    raise TypeError(f"model must be a flax.nnx.Module (or None for linen), got "
-                    f"{type(model).__name__}")
+  model = _check_lig_args(fn, layer, model, baseline, layer_baseline, reduce)
+  _integrated._check_steps_and_method(steps, method)
+  _integrated._check_batch_size(batch_size)
+  _checks.check_bool("return_delta", return_delta)
   in_paths, in_treedef = _paths.leaf_paths_and_treedef(inputs)
   in_leaves = jax.tree.leaves(inputs)
   if not in_leaves:
@@ -269,5 +284,5 @@ def layer_integrated_gradients(
       method=method, batch_size=batch_size, target=target, return_delta=return_delta)
   if reduce is None:
     return attrs
-  summed = lambda tree: jax.tree.map(lambda a: jnp.sum(a, axis=-1), tree)  # noqa: E731
+  summed = lambda tree: jax.tree.map(lambda a: jnp.sum(a, axis=-1), tree)
   return (summed(attrs[0]), attrs[1]) if return_delta else summed(attrs)
