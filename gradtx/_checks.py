@@ -156,7 +156,9 @@ def check_static(name: str, value: Any) -> None:
     )
 
 
-def check_float_leaves(argname: str, tree: Any, *, allow_complex: bool = False) -> None:
+def check_float_leaves(argname: str, tree: Any, *, allow_complex: bool = False,
+                       hint: str = "Cast them (e.g. x.astype(jnp.float32)) or leave them "
+                                   "out of the transformation (optax.masked).") -> None:
   """Every leaf of ``tree`` is a real (or, if allowed, complex) floating array.
 
   Integer and boolean leaves would be truncated by the arithmetic; the message names
@@ -177,7 +179,7 @@ def check_float_leaves(argname: str, tree: Any, *, allow_complex: bool = False) 
     raise TypeError(
         f"{argname} must hold {allowed} arrays; these leaves are not: {', '.join(bad[:8])}"
         + (f", ... ({len(bad) - 8} more)" if len(bad) > 8 else "")
-        + ". Cast them (e.g. x.astype(jnp.float32)) or leave them out (optax.masked)."
+        + f". {hint}"
     )
 
 
@@ -212,3 +214,37 @@ def check_transformation(name: str, value: Any) -> None:
     label = getattr(value, "__name__", type(value).__name__)
     hint = f"; it is the factory {label}: call it, e.g. {label}(learning_rate=...)"
   raise TypeError(f"{name} must be an optax.GradientTransformation{hint}, got {value!r}")
+
+
+def check_non_negative(name: str, value: Any, *, allow_schedule: bool = True) -> None:
+  """``value`` >= 0 (and finite) when it is a concrete number (a damping, a weight decay)."""
+  if callable(value) and not allow_schedule:
+    raise TypeError(f"{name} must be a number >= 0, not a schedule, got {value!r}")
+  x = _scalar(name, value, "a finite number >= 0" + (" or a schedule" if allow_schedule else ""))
+  if x is not None and not (x >= 0 and math.isfinite(x)):
+    raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def check_finite(name: str, value: Any, *, allow_schedule: bool = True) -> None:
+  """``value`` is a finite number of any sign (a multiplier), or, where allowed, a schedule.
+
+  With ``allow_schedule=False`` a callable is refused: the value is used where only a
+  fixed number makes sense (a percentile, an EMA factor).
+  """
+  if callable(value) and not isinstance(value, jax.Array):
+    if allow_schedule:
+      return
+    raise TypeError(f"{name} must be a number, not a schedule (only a fixed number is "
+                    f"allowed here), got {value!r}")
+  x = _scalar(name, value, "a number or a schedule" if allow_schedule else "a number")
+  if x is not None and not math.isfinite(x):
+    raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def check_callable(name: str, value: Any, *, call: str = "") -> None:
+  """``value`` is callable; ``call`` shows how it will be called (``"fn(batch)"``)."""
+  if not callable(value):
+    got = (f"an array of shape {np.shape(value)}"
+           if isinstance(value, (np.ndarray, jax.Array)) else repr(value))
+    how = f" called as {call}" if call else ""
+    raise TypeError(f"{name} must be a function{how}, got {got}")
