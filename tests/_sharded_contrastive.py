@@ -15,15 +15,13 @@ NUM_DEVICES = _multidevice.NUM_DEVICES
 RTOL, ATOL = 1e-5, 1e-6
 
 
-
 def _assert_close(actual, expected, what):
-  import jax
-  import numpy as np
+  import chex
 
-  jax.tree.map(
-      lambda a, e: np.testing.assert_allclose(a, e, rtol=RTOL, atol=ATOL, err_msg=what),
-      actual, expected,
-  )
+  try:
+    chex.assert_trees_all_close(actual, expected, rtol=RTOL, atol=ATOL)
+  except AssertionError as e:
+    raise AssertionError(f"{what}: {e}") from None
 
 
 def _reference(encode, loss, params, inputs, chunk_size, rng, has_aux=False):

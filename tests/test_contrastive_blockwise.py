@@ -101,7 +101,7 @@ def test_float64_inputs_compute_in_float64():
   with jax.enable_x64(True):
     q, k = (x.astype(jnp.float64) for x in data(9, seed=5))
     labels = jnp.arange(9) % 2
-    total = lambda q: blockwise_row_losses(  # noqa: E731
+    total = lambda q: blockwise_row_losses(
         q, k, labels, labels, 3.0, exclude_self=False, block_size=4)[0].sum()
     loss, grad = jax.jit(jax.value_and_grad(total))(q)
     want, _ = np_row_losses(q, k, np.asarray(labels), np.asarray(labels), 3.0,
@@ -163,7 +163,7 @@ _DENSE = {}
 def _value_and_grads(name, block_size):
   a, b = data(12, seed=6)
   log_tau = jnp.log(jnp.float32(0.3))
-  fn = lambda a, b, log_tau: LOSSES[name](a, b, jnp.exp(log_tau), block_size)  # noqa: E731
+  fn = lambda a, b, log_tau: LOSSES[name](a, b, jnp.exp(log_tau), block_size)
   return jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2)))(a, b, log_tau)
 
 
@@ -208,7 +208,7 @@ def test_value_and_grad_at_65536_needs_under_1_gib_of_temporaries():
   shape = jax.ShapeDtypeStruct((65536, 128), jnp.float32)
 
   def temp_bytes(block_size):
-    fn = lambda a, b: gradtx.info_nce(a, b, temperature=0.1, block_size=block_size)  # noqa: E731
+    fn = lambda a, b: gradtx.info_nce(a, b, temperature=0.1, block_size=block_size)
     compiled = jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).lower(shape, shape).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 

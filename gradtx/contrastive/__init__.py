@@ -1,4 +1,4 @@
-"""Contrastive losses whose gradient accumulates exactly (TECHNIQUES.md §1).
+"""Contrastive losses whose gradient accumulates exactly (GradCache, arXiv:2101.06983).
 
 - Losses: :func:`info_nce` (CLIP, two towers), :func:`nt_xent` (SimCLR),
   :func:`supervised_contrastive`; ``block_size=`` streams them tile by tile.

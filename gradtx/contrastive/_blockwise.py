@@ -236,7 +236,9 @@ def blockwise_row_losses(
     >>> [round(float(x), 4) for x in loss], bool(ok.all())  # log(e + 2) - 1
     ([0.5514, 0.5514, 0.5514], True)
   """
+  _checks.check_static("block_size", block_size)
   _checks.check_int("block_size", block_size, minimum=1)
+  _checks.check_bool("exclude_self", exclude_self)
   if q.ndim != 2 or k.ndim != 2 or q.shape[1] != k.shape[1]:
     raise ValueError(f"q and k must be (B, d) arrays with the same d, got {q.shape} and {k.shape}")
   if q_labels.shape != q.shape[:1] or k_labels.shape != k.shape[:1]:

@@ -19,80 +19,164 @@ splits per sample. The two-pass algorithm:
 Cost: two encoder forwards and one backward; memory: one chunk's activations plus the
 representations. Loss-side parameters (a learnable temperature) get their gradient
 once, from step 2 — unlike summing k recomputed losses, which scales it by k.
+
+``_sharded.py`` runs the same passes on each device's rows; it uses this module through
+four functions: :func:`check_args` (construction), :func:`check_call` (each call),
+:func:`encode_chunks` (step 1) and :func:`pull_back` (step 3).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from gradtx import _checks
+from gradtx import _checks, _chunking, _random
 
 _METHODS = ("two_pass", "remat")
 
 
-def _batch_size(inputs: Any) -> int:
+# ----------------------------------------------------------------------------- checks
+
+
+def check_args(encode_fn: Any, loss_fn: Any, chunk_size: Any, has_aux: Any) -> None:
+  """The construction-time checks shared by the single-device and sharded versions."""
+  _check_encode_fn(encode_fn)
+  _check_loss_fn(loss_fn)
+  _checks.check_static("chunk_size", chunk_size)
+  _checks.check_int("chunk_size", chunk_size, minimum=1)
+  _checks.check_bool("has_aux", has_aux)
+
+
+def _check_loss_fn(loss_fn: Any) -> None:
+  if not callable(loss_fn):
+    raise TypeError(f"loss_fn must be a function loss_fn(params, reps) -> scalar, got "
+                    f"{loss_fn!r}")
+
+
+def _check_encode_fn(encode_fn: Any) -> None:
+  """``encode_fn`` can be called as ``encode_fn(params, inputs_chunk, rng)``."""
+  if not callable(encode_fn):
+    raise TypeError(f"encode_fn must be a function encode_fn(params, inputs_chunk, rng) -> "
+                    f"reps, got {encode_fn!r}")
+  try:
+    signature = inspect.signature(encode_fn)
+  except (TypeError, ValueError):  # a builtin or C callable: nothing to inspect
+    return
+  try:
+    signature.bind(None, None, None)
+  except TypeError:
+    name = getattr(encode_fn, "__name__", type(encode_fn).__name__)
+    raise TypeError(
+        f"encode_fn must take three positional arguments (params, inputs_chunk, rng), but "
+        f"{name} has the signature {signature}. Add the key parameter even if it is unused: "
+        f"def encode_fn(params, inputs, rng): ..., or wrap the function: "
+        f"lambda params, inputs, rng: {name}(params, inputs)"
+    ) from None
+
+
+def check_call(inputs: Any, extra_args: tuple, rng: Any) -> tuple[int, jax.Array | None]:
+  """``(batch size, typed key or None)`` of a call ``f(params, inputs, *extra_args, rng=rng)``."""
+  if extra_args:
+    raise TypeError(
+        f"pass the random key by keyword: f(params, inputs, rng=key), not as a third "
+        f"positional argument (got {len(extra_args)} extra positional argument(s))"
+    )
   leaves = jax.tree_util.tree_flatten_with_path(inputs)[0]
-  return _checks.common_leading_size(
+  if not leaves:
+    raise ValueError(f"inputs must hold at least one array with a batch axis (axis 0), got "
+                     f"{inputs!r}")
+  batch = _checks.common_leading_size(
       "inputs", [(jax.tree_util.keystr(path), x) for path, x in leaves])
-
-
-def _split(inputs: Any, chunk_size: int) -> tuple[Any, Any, int]:
-  """Splits axis 0 into ``n`` stacked full chunks and a (possibly empty) remainder."""
-  batch = _batch_size(inputs)
-  num_full = batch // chunk_size
-  full = jax.tree.map(
-      lambda x: x[: num_full * chunk_size].reshape(num_full, chunk_size, *x.shape[1:]), inputs
-  )
-  rest = jax.tree.map(lambda x: x[num_full * chunk_size:], inputs)
-  return full, rest, num_full
-
-
-def _chunk_key(rng: jax.Array | None, index: Any) -> jax.Array | None:
-  return None if rng is None else jax.random.fold_in(rng, index)
-
-
-def _concat(full: Any, rest: Any) -> Any:
-  """Inverse of ``_split`` for the representations."""
-  return jax.tree.map(
-      lambda f, r: jnp.concatenate([f.reshape(-1, *f.shape[2:]), r], axis=0), full, rest
-  )
-
-
-def _has_rows(rest: Any) -> bool:
-  return bool(jax.tree.leaves(rest)) and jax.tree.leaves(rest)[0].shape[0] > 0
-
-
-def _encode_all(encode_fn, params, full, rest, num_full, rng, encode=None, first_index=0):
-  """Representations of every chunk, chunk i encoded with key ``fold_in(rng, first_index + i)``.
-
-  ``first_index`` (possibly traced) numbers the chunks globally when this is one shard
-  of a larger batch (``_sharded.py``); it is 0 for a whole batch.
-  """
-  encode = encode or encode_fn
-  indices = first_index + jnp.arange(num_full)
-  reps_full = jax.lax.map(lambda c: encode(params, c[0], _chunk_key(rng, c[1])),
-                          (full, indices))
-  # One chunk's leaves, before concatenation (which fails obscurely on a scalar leaf).
-  _check_reps(jax.tree.map(lambda r: jax.ShapeDtypeStruct(r.shape[1:], r.dtype), reps_full))
-  if _has_rows(rest):
-    reps_rest = encode(params, rest, _chunk_key(rng, first_index + num_full))
-    _check_reps(reps_rest)
-  else:
-    reps_rest = jax.tree.map(lambda r: r[:0].reshape(0, *r.shape[2:]), reps_full)
-  return reps_full, reps_rest
+  if batch == 0:
+    raise ValueError("inputs must have at least one row: the batch (axis 0) is empty")
+  return batch, None if rng is None else _random.as_key(rng, argname="rng")
 
 
 def _check_reps(reps: Any) -> None:
+  """One chunk's representations are 2-D floating arrays, checked while tracing."""
   for path, leaf in jax.tree_util.tree_flatten_with_path(reps)[0]:
-    if leaf.ndim != 2:
+    if getattr(leaf, "ndim", None) != 2:
       raise ValueError(
           f"encode_fn must return 2-D representations (batch, features); the leaf at "
-          f"{jax.tree_util.keystr(path)} has shape {leaf.shape}"
+          f"{jax.tree_util.keystr(path)} has shape {getattr(leaf, 'shape', type(leaf))}"
       )
+  # Integer representations would get a zero gradient without a word.
+  _checks.check_float_leaves("the representations returned by encode_fn", reps)
+
+
+# ----------------------------------------------------------------------------- the passes
+
+
+def _keyed(inputs: Any, chunk_size: int, rng: jax.Array | None, first_index: Any) -> Any:
+  """``(inputs, chunk number of each row)``: chunk i gets ``fold_in(rng, first_index + i)``."""
+  if rng is None:
+    return inputs, None
+  batch = jax.tree.leaves(inputs)[0].shape[0]
+  return inputs, first_index + jnp.arange(batch) // chunk_size
+
+
+def _chunk_key(rng: jax.Array | None, chunk_numbers: Any) -> jax.Array | None:
+  return None if rng is None else jax.random.fold_in(rng, chunk_numbers[0])
+
+
+def _encode(encode_fn: Callable, params: Any, inputs_chunk: Any, key: Any) -> Any:
+  """``encode_fn`` on one chunk, its output checked; a clear error if it needs a key."""
+  try:
+    reps = encode_fn(params, inputs_chunk, key)
+  except TypeError as e:
+    if key is None and "NoneType" in str(e) and "key" in str(e):
+      raise TypeError(
+          "encode_fn uses its rng, but no key was passed (it got rng=None): call "
+          "f(params, inputs, rng=jax.random.key(0)) with a fresh key per step; chunk i "
+          "gets fold_in(rng, i)"
+      ) from e
+    raise
+  _check_reps(reps)
+  return reps
+
+
+def encode_chunks(encode_fn: Callable, params: Any, inputs: Any, *, chunk_size: int,
+                  rng: jax.Array | None, first_index: Any = 0) -> Any:
+  """The first encoder pass (step 1): every chunk's representations, concatenated.
+
+  Chunk ``i`` (consecutive ``chunk_size`` rows, the last one possibly shorter) is
+  encoded with the key ``fold_in(rng, first_index + i)``. ``first_index`` (possibly
+  traced) numbers the chunks globally when ``inputs`` is one device's shard of a larger
+  batch (``_sharded.py``); it is 0 for a whole batch.
+  """
+  def encode(chunk):
+    x, chunk_numbers = chunk
+    return _encode(encode_fn, params, x, _chunk_key(rng, chunk_numbers))
+
+  return _chunking.map_chunks(encode, _keyed(inputs, chunk_size, rng, first_index),
+                              chunk_size)
+
+
+def pull_back(encode_fn: Callable, params: Any, inputs: Any, reps_grad: Any, *,
+              chunk_size: int, rng: jax.Array | None, first_index: Any = 0) -> Any:
+  """The second encoder pass (step 3): ``Σ_i vjp(encode_fn(·, chunk_i, key_i))(G_i)``.
+
+  The result is the encoder's share of the gradient (the loss-side share comes from
+  :func:`representation_grad`).
+
+  ``reps_grad`` holds the rows ``G_i`` of these ``inputs`` (in order); chunks and keys
+  are those of :func:`encode_chunks`.
+  """
+  inputs, chunk_numbers = _keyed(inputs, chunk_size, rng, first_index)
+
+  def chunk_grad(chunk):
+    x, g, numbers = chunk
+    _, vjp = jax.vjp(lambda p: encode_fn(p, x, _chunk_key(rng, numbers)), params)
+    return vjp(g)[0]
+
+  return _chunking.sum_chunks(chunk_grad, (inputs, reps_grad, chunk_numbers), chunk_size)
+
+
+# ----------------------------------------------------------------------------- public
 
 
 def representation_grad(loss_fn: Callable, params: Any, reps: Any, *, has_aux: bool = False):
@@ -105,18 +189,33 @@ def representation_grad(loss_fn: Callable, params: Any, reps: Any, *, has_aux: b
   Args:
     loss_fn: ``loss_fn(params, reps) -> scalar`` (or ``(scalar, aux)`` with has_aux).
     params: the parameters (the loss may use some, e.g. a learnable temperature).
-    reps: the whole batch's representations (a pytree of (B, d) arrays).
+    reps: the whole batch's representations (a pytree of (B, d) floating arrays).
     has_aux: as in ``jax.value_and_grad``.
 
   Returns:
     ``(loss_or_(loss, aux), reps_grad, loss_params_grad)``.
+
+  Raises:
+    TypeError: ``reps`` has integer or boolean leaves (named by path), ``loss_fn`` is
+      not callable, ``has_aux`` is not a bool.
+
+  Example:
+    >>> import jax.numpy as jnp, gradtx
+    >>> loss = lambda p, h: p["scale"] * jnp.sum(h ** 2)
+    >>> value, reps_grad, params_grad = gradtx.representation_grad(
+    ...     loss, {"scale": 2.0}, jnp.array([[1.0, 2.0]]))
+    >>> float(value), reps_grad.tolist(), float(params_grad["scale"])  # 2Σh², 4h, Σh²
+    (10.0, [[4.0, 8.0]], 5.0)
   """
+  _check_loss_fn(loss_fn)
+  _checks.check_bool("has_aux", has_aux)
+  _checks.check_float_leaves("reps", reps)
   value, (params_grad, reps_grad) = jax.value_and_grad(loss_fn, argnums=(0, 1),
                                                        has_aux=has_aux)(params, reps)
   return value, reps_grad, params_grad
 
 
-def surrogate_loss(reps: Any, reps_grad: Any, *, scale: float = 1.0) -> jax.Array:
+def surrogate_loss(reps: Any, reps_grad: Any, *, scale: Any = 1.0) -> jax.Array:
   r"""``scale · Σ_i <h_i, stop_gradient(G_i)>``: its parameter gradient is the chunk's exact share.
 
   With ``G`` the whole batch's ``∂L/∂h`` (from :func:`representation_grad`), the
@@ -125,10 +224,23 @@ def surrogate_loss(reps: Any, reps_grad: Any, *, scale: float = 1.0) -> jax.Arra
   Under ``optax.MultiSteps(every_k_schedule=k)``, which *averages* the k micro-batch
   gradients, use ``scale=k`` and add the loss-side gradient unscaled on every call.
 
+  .. math::
+    S(\theta) = s \sum_i \langle h_i(\theta), \operatorname{sg}(G_i) \rangle, \qquad
+    \nabla_\theta S = s \sum_i \Big(\frac{\partial h_i}{\partial \theta}\Big)^{\!\top} G_i
+
   Args:
     reps: one micro-batch's representations, computed with gradients.
-    reps_grad: the matching rows of ``G`` (gradients are stopped here regardless).
-    scale: multiplies the surrogate (``k`` under MultiSteps averaging).
+    reps_grad: the matching rows of ``G``: the same tree structure and leaf shapes as
+      ``reps`` (gradients are stopped here regardless).
+    scale: ``s`` > 0, multiplies the surrogate (``k`` under MultiSteps averaging).
+
+  Returns:
+    The scalar surrogate, float32.
+
+  Raises:
+    ValueError: ``reps_grad`` does not have the structure or leaf shapes of ``reps``
+      (the message names the paths: a transposed ``G`` would otherwise be flattened and
+      paired with the wrong entries), or ``scale`` is not a finite number > 0.
 
   Example:
     >>> import jax, jax.numpy as jnp, gradtx
@@ -136,7 +248,14 @@ def surrogate_loss(reps: Any, reps_grad: Any, *, scale: float = 1.0) -> jax.Arra
     >>> G = jnp.array([[1.0, 0.0], [0.0, 2.0]])
     >>> jax.grad(lambda w: gradtx.surrogate_loss(x @ w, G))(w).tolist()  # xᵀ G
     [[1.0, 0.0], [0.0, 2.0]]
+
+  References:
+    Gao, Zhang, Han, Callan, "Scaling deep contrastive learning batch size under memory
+    limited setup" (GradCache), 2021, arXiv:2101.06983.
   """
+  _checks.check_same_structure("reps_grad", reps_grad, "reps", reps)
+  _checks.check_float_leaves("reps", reps)
+  _checks.check_positive("scale", scale, allow_schedule=False)
   products = jax.tree.map(
       lambda h, g: jnp.vdot(h.astype(jnp.float32), jax.lax.stop_gradient(g).astype(jnp.float32)),
       reps, reps_grad,
@@ -165,11 +284,11 @@ def cached_value_and_grad(
 
   Args:
     encode_fn: ``encode_fn(params, inputs_chunk, rng) -> reps_chunk``; ``rng`` is that
-      chunk's key (or ``None``); reps is a pytree of (chunk, d) arrays — two towers may
-      return a dict.
+      chunk's key (or ``None``); reps is a pytree of (chunk, d) floating arrays — two
+      towers may return a dict. A deterministic encoder still takes (and ignores) ``rng``.
     loss_fn: ``loss_fn(params, reps) -> scalar`` on the whole batch's representations;
       ``params`` is passed so loss-side parameters (a temperature) get their gradient.
-    chunk_size: rows per chunk (>= 1).
+    chunk_size: rows per chunk (a static int >= 1).
     method: ``"two_pass"`` (encode without gradients, loss gradient, re-encode with
       vjp: the GradCache algorithm) or ``"remat"`` (``lax.map`` over
       ``jax.checkpoint(encode_fn)``: autodiff rematerialises). Both are exact; see
@@ -178,7 +297,16 @@ def cached_value_and_grad(
       ``((loss, aux), grads)``.
 
   Returns:
-    ``f(params, inputs, *, rng=None) -> (loss, grads)``, jit-compatible.
+    ``f(params, inputs, *, rng=None) -> (loss, grads)``, jit-compatible. ``rng`` (a
+    ``jax.random`` key, by keyword) is required when ``encode_fn`` draws randomness.
+
+  Raises:
+    TypeError: ``encode_fn`` cannot be called as ``encode_fn(params, inputs, rng)``;
+      ``chunk_size`` is not a static int; (when ``f`` is called) the key is passed
+      positionally or is not a key, or ``encode_fn`` needs a key and got ``None``.
+    ValueError: ``chunk_size`` < 1, an unknown ``method``; (when ``f`` is called) the
+      leaves of ``inputs`` differ in batch size, ``encode_fn`` returns representations
+      that are not 2-D.
 
   Example:
     >>> import jax, jax.numpy as jnp, gradtx
@@ -195,72 +323,31 @@ def cached_value_and_grad(
     Gao, Zhang, Han, Callan, "Scaling deep contrastive learning batch size under memory
     limited setup" (GradCache), 2021, arXiv:2101.06983; Su, kexue.fm/archives/8471.
   """
-  _checks.check_int("chunk_size", chunk_size, minimum=1)
+  check_args(encode_fn, loss_fn, chunk_size, has_aux)
   _checks.check_choice("method", method, _METHODS)
+  passes = _remat if method == "remat" else _two_pass
 
-  def value_and_grad(params, inputs, *, rng=None):
-    full, rest, num_full = _split(inputs, chunk_size)
-    if method == "remat":
-      return _remat(encode_fn, loss_fn, has_aux, params, full, rest, num_full, rng)
-    return _two_pass(encode_fn, loss_fn, has_aux, params, full, rest, num_full, rng)
+  def value_and_grad(params, inputs, *extra_args, rng=None):
+    _, rng = check_call(inputs, extra_args, rng)
+    return passes(encode_fn, loss_fn, has_aux, params, inputs, chunk_size=chunk_size, rng=rng)
 
   return value_and_grad
 
 
-def _remat(encode_fn, loss_fn, has_aux, params, full, rest, num_full, rng):
+def _remat(encode_fn, loss_fn, has_aux, params, inputs, *, chunk_size, rng):
   encode = jax.checkpoint(encode_fn)
 
   def total_loss(p):
-    reps = _concat(*_encode_all(encode_fn, p, full, rest, num_full, rng, encode=encode))
-    _check_reps(reps)
-    return loss_fn(p, reps)
+    return loss_fn(p, encode_chunks(encode, p, inputs, chunk_size=chunk_size, rng=rng))
 
   return jax.value_and_grad(total_loss, has_aux=has_aux)(params)
 
 
-def _two_pass(encode_fn, loss_fn, has_aux, params, full, rest, num_full, rng):
+def _two_pass(encode_fn, loss_fn, has_aux, params, inputs, *, chunk_size, rng):
   # Pass 1: representations only; stop_gradient keeps autodiff from saving anything.
-  frozen = jax.lax.stop_gradient(params)
-  reps_full, reps_rest = _encode_all(encode_fn, frozen, full, rest, num_full, rng)
-  reps = _concat(reps_full, reps_rest)
-  _check_reps(reps)
-
-  value, reps_grad, grads = representation_grad(loss_fn, params, reps, has_aux=has_aux)
-
-  grads = _pull_back_all(encode_fn, params, full, rest, num_full, rng, reps_grad, reps_full,
-                         grads)
-  return value, grads
-
-
-def _pull_back_all(encode_fn, params, full, rest, num_full, rng, reps_grad, reps_full, grads,
-                   first_index=0):
-  """Pass 2: re-encodes each chunk with its key and adds ``vjp(G rows)`` to ``grads``.
-
-  ``reps_grad`` holds the rows of ``G`` of these inputs only (in ``_concat`` order);
-  ``first_index`` numbers the chunks as in :func:`_encode_all`.
-  """
-  grad_full, grad_rest = _split_like(reps_grad, full=reps_full)
-
-  def pull_back(acc, chunk):
-    inputs_chunk, g_chunk, index = chunk
-    _, vjp = jax.vjp(lambda p: encode_fn(p, inputs_chunk, _chunk_key(rng, index)), params)
-    return jax.tree.map(jnp.add, acc, vjp(g_chunk)[0]), None
-
-  grads, _ = jax.lax.scan(pull_back, grads,
-                          (full, grad_full, first_index + jnp.arange(num_full)))
-  if _has_rows(rest):
-    _, vjp = jax.vjp(lambda p: encode_fn(p, rest, _chunk_key(rng, first_index + num_full)),
-                     params)
-    grads = jax.tree.map(jnp.add, grads, vjp(grad_rest)[0])
-  return grads
-
-
-def _split_like(reps_grad: Any, *, full: Any) -> tuple[Any, Any]:
-  """Splits the whole batch's ``G`` like ``_split``: stacked full chunks, remainder."""
-  def head(g, f):
-    return g[: f.shape[0] * f.shape[1]].reshape(f.shape[0], f.shape[1], *g.shape[1:])
-
-  def tail(g, f):
-    return g[f.shape[0] * f.shape[1]:]
-
-  return jax.tree.map(head, reps_grad, full), jax.tree.map(tail, reps_grad, full)
+  reps = encode_chunks(encode_fn, jax.lax.stop_gradient(params), inputs,
+                       chunk_size=chunk_size, rng=rng)
+  value, reps_grad, loss_grads = representation_grad(loss_fn, params, reps, has_aux=has_aux)
+  encoder_grads = pull_back(encode_fn, params, inputs, reps_grad, chunk_size=chunk_size,
+                            rng=rng)
+  return value, jax.tree.map(jnp.add, loss_grads, encoder_grads)

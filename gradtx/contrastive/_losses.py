@@ -30,21 +30,38 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from gradtx import _checks
-
-
-def _compute_dtype(x: jax.Array) -> jnp.dtype:
-  return jnp.promote_types(x.dtype, jnp.float32)
+from gradtx import _checks, _numerics
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """Rows scaled to unit L2 norm (in at least float32); zero rows stay zero."""
-  x = x.astype(_compute_dtype(x))
+  r"""Rows scaled to unit L2 norm (in at least float32); zero rows stay zero.
+
+  .. math::
+    \hat x_i = \frac{x_i}{\max(\|x_i\|_2, \epsilon)}
+
+  Args:
+    x: an array whose last axis holds the features.
+    eps: ``ε`` > 0, the smallest norm divided by (rows shorter than it are scaled by
+      ``1/ε`` instead: a zero row stays zero).
+
+  Returns:
+    ``x`` with unit-norm rows, in float32 (float64 for float64 input).
+
+  Example:
+    >>> import jax.numpy as jnp, gradtx
+    >>> gradtx.l2_normalize(jnp.array([[3.0, 4.0], [0.0, 0.0]])).tolist()
+    [[0.6000000238418579, 0.800000011920929], [0.0, 0.0]]
+  """
+  _checks.check_positive("eps", eps, allow_schedule=False)
+  x = x.astype(_numerics.compute_dtype(x))
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
 def dense_row_losses(q, k, q_labels, k_labels, inv_temperature, *, exclude_self):
-  """Per-row loss ``ℓ_i`` and whether row i has a positive, from the dense B × B matrix."""
+  """Per-row loss ``ℓ_i`` and whether row i has a positive, from the dense B × B matrix.
+
+  The reference the blockwise path (``_blockwise.blockwise_row_losses``) must match.
+  """
   s = (q @ k.T) * inv_temperature
   allowed = jnp.ones(s.shape, bool)
   if exclude_self:
@@ -58,9 +75,14 @@ def dense_row_losses(q, k, q_labels, k_labels, inv_temperature, *, exclude_self)
 
 
 def _row_losses(q, k, q_labels, k_labels, temperature, *, exclude_self, block_size):
-  dtype = jnp.promote_types(_compute_dtype(q), _compute_dtype(k))
+  dtype = jnp.promote_types(_numerics.compute_dtype(q), _numerics.compute_dtype(k))
   q, k = q.astype(dtype), k.astype(dtype)
-  inv_temperature = 1.0 / jnp.asarray(temperature, dtype)
+  tau = jnp.asarray(temperature, dtype)
+  inv_temperature = 1.0 / tau
+  if _checks.concrete_scalar(temperature) is None:
+    # A traced τ (learnable) was not checked: τ ≤ 0 gives a visible NaN, not a loss with
+    # the sign of the similarities flipped.
+    inv_temperature = jnp.where(tau > 0, inv_temperature, jnp.nan)
   if block_size is None:
     return dense_row_losses(q, k, q_labels, k_labels, inv_temperature,
                             exclude_self=exclude_self)
@@ -81,11 +103,16 @@ def _check_representations(name: str, x: Any) -> None:
   if not hasattr(x, "ndim") or x.ndim != 2:
     shape = getattr(x, "shape", type(x).__name__)
     raise ValueError(f"{name} must be a 2-D array (batch, features), got shape {shape}")
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    raise TypeError(f"{name} must be a real array, got dtype {x.dtype}: the similarity "
+                    f"<q_i, k_j> of complex rows is not a real logit")
 
 
 def _check_common(temperature: Any, block_size: Any) -> None:
+  """τ: a scalar, > 0 when concrete (a traced τ ≤ 0 gives NaN); block_size: static int."""
   _checks.check_positive("temperature", temperature, allow_schedule=False)
   if block_size is not None:
+    _checks.check_static("block_size", block_size)
     _checks.check_int("block_size", block_size, minimum=1)
 
 
@@ -122,16 +149,23 @@ def info_nce(
   Args:
     a: (B, d) representations of the first tower (the anchors).
     b: (B, d) representations of the second tower.
-    temperature: τ > 0: a Python float or an array — a learnable parameter gets its
-      gradient (e.g. ``jnp.exp(log_tau)``).
+    temperature: τ > 0: a Python float or a scalar array — a learnable parameter gets
+      its gradient (e.g. ``jnp.exp(log_tau)``). A traced τ ≤ 0 gives a NaN loss.
     symmetric: average the a→b and b→a directions (CLIP).
     labels: optional (B,) integer labels; positives are all pairs with equal labels.
     normalize: use cosine similarity (rows scaled to unit norm first), as CLIP does.
     block_size: compute the loss in tiles of this many rows/columns without forming
-      the B × B matrix (streaming log-sum-exp, custom VJP); ``None`` = dense.
+      the B × B matrix (streaming log-sum-exp, custom VJP); ``None`` = dense. A static
+      Python int (it sets the tile shapes).
 
   Returns:
     The scalar loss, float32 (float64 for float64 inputs).
+
+  Raises:
+    TypeError: ``temperature`` is None, a string or a schedule; ``block_size`` is not
+      an int or is traced; ``symmetric`` or ``normalize`` not a bool; complex representations.
+    ValueError: a concrete ``temperature`` ≤ 0 or non-finite, or not a scalar;
+      ``block_size`` < 1; ``a`` and ``b`` not (B, d) arrays of the same shape; bad ``labels``.
 
   Example:
     >>> import jax.numpy as jnp, gradtx
@@ -152,6 +186,8 @@ def info_nce(
   if a.shape[1] != b.shape[1]:
     raise ValueError(f"a and b must have the same feature size, got {a.shape} and {b.shape}")
   _check_common(temperature, block_size)
+  _checks.check_bool("symmetric", symmetric)
+  _checks.check_bool("normalize", normalize)
   batch = a.shape[0]
   labels = jnp.arange(batch) if labels is None else _check_labels(labels, batch)
   if normalize:
@@ -183,11 +219,18 @@ def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature: Any,
   Args:
     z1: (B, d) representations of the first views.
     z2: (B, d) representations of the second views.
-    temperature: τ > 0, a Python float or a (learnable) array.
-    block_size: tile size for the blockwise loss; ``None`` = dense.
+    temperature: τ > 0, a Python float or a (learnable) scalar array; a traced τ ≤ 0
+      gives a NaN loss.
+    block_size: tile size for the blockwise loss (a static int); ``None`` = dense.
 
   Returns:
     The scalar loss.
+
+  Raises:
+    TypeError: ``temperature`` is None, a string or a schedule; ``block_size`` is not
+      an int or is traced; complex representations.
+    ValueError: a concrete ``temperature`` ≤ 0 or non-finite, or not a scalar;
+      ``block_size`` < 1; ``z1`` and ``z2`` not (B, d) arrays of the same shape.
 
   Example:
     >>> import jax.numpy as jnp, gradtx
@@ -229,11 +272,18 @@ def supervised_contrastive(z: jax.Array, labels: jax.Array, *, temperature: Any,
   Args:
     z: (N, d) representations (stack the views of each sample as separate rows).
     labels: (N,) integer class labels.
-    temperature: τ > 0, a Python float or a (learnable) array.
-    block_size: tile size for the blockwise loss; ``None`` = dense.
+    temperature: τ > 0, a Python float or a (learnable) scalar array; a traced τ ≤ 0
+      gives a NaN loss.
+    block_size: tile size for the blockwise loss (a static int); ``None`` = dense.
 
   Returns:
     The scalar loss.
+
+  Raises:
+    TypeError: ``temperature`` is None, a string or a schedule; ``block_size`` is not
+      an int or is traced; complex representations.
+    ValueError: a concrete ``temperature`` ≤ 0 or non-finite, or not a scalar;
+      ``block_size`` < 1; ``z`` not (N, d); ``labels`` not an (N,) integer array.
 
   Example:
     >>> import jax.numpy as jnp, gradtx

@@ -14,7 +14,8 @@ its own chunks, and the encoder gradients are summed over the devices:
 
 The last term (loss-side parameters, e.g. a learnable temperature) is the same on every
 device and is added once, after the sum. See ``_cached.py`` for the single-device
-algorithm; this module reuses its pieces inside ``jax.shard_map``.
+algorithm; this module runs its passes (``_cached.encode_chunks``, ``_cached.pull_back``)
+inside ``jax.shard_map``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gradtx import _checks
 from gradtx.contrastive import _cached
 
 
@@ -49,11 +49,29 @@ def _check_batch(batch: int, num_devices: int, batch_axis: str, chunk_size: int,
   return local
 
 
+def _check_mesh(mesh: object, batch_axis: object) -> None:
+  """A ``jax.sharding.Mesh`` with the axis ``batch_axis``, or a clear error."""
+  if mesh is None:
+    raise TypeError(
+        "sharded_cached_value_and_grad needs mesh=, the device mesh whose axis batch_axis "
+        "shards the batch, e.g. mesh=jax.make_mesh((jax.device_count(),), ('data',)); on "
+        "one device, use cached_value_and_grad"
+    )
+  if not isinstance(mesh, jax.sharding.Mesh):
+    raise TypeError(f"mesh must be a jax.sharding.Mesh (e.g. jax.make_mesh((n,), ('data',))), "
+                    f"got {type(mesh).__name__} {mesh!r}")
+  if batch_axis not in mesh.axis_names:
+    raise ValueError(
+        f"batch_axis must be an axis of the mesh, one of {tuple(mesh.axis_names)}, got "
+        f"{batch_axis!r}"
+    )
+
+
 def sharded_cached_value_and_grad(
     encode_fn: Callable,
     loss_fn: Callable,
     *,
-    mesh: jax.sharding.Mesh,
+    mesh: jax.sharding.Mesh | None = None,
     chunk_size: int,
     batch_axis: str = "data",
     has_aux: bool = False,
@@ -96,7 +114,8 @@ def sharded_cached_value_and_grad(
     loss_fn: ``loss_fn(params, reps) -> scalar`` on the *global* representations.
       Per-sample data the loss needs besides ``reps`` (labels) must be global too:
       close over the whole batch's array (replicated).
-    mesh: the device mesh; ``params`` and ``rng`` are replicated over it.
+    mesh: the device mesh (required), e.g. ``jax.make_mesh((jax.device_count(),),
+      ("data",))``; ``params`` and ``rng`` are replicated over it.
     chunk_size: rows per chunk on each device (>= 1). With ``rng``, the local batch
       ``B / n`` must be divisible by it (so the chunks are the single-device ones).
     batch_axis: the mesh axis that shards axis 0 of every leaf of ``inputs``; ``B``
@@ -108,6 +127,9 @@ def sharded_cached_value_and_grad(
     and gradients are replicated over the mesh.
 
   Raises:
+    TypeError: no ``mesh`` (or not a ``jax.sharding.Mesh``); ``encode_fn`` cannot be
+      called as ``encode_fn(params, inputs, rng)``; (when ``f`` is called) the key is
+      passed positionally or is not a key, or ``encode_fn`` needs a key and got ``None``.
     ValueError: ``batch_axis`` is not an axis of ``mesh``; (when ``f`` is called) the
       batch is not divisible by ``n``, or, with ``rng``, the local batch is not
       divisible by ``chunk_size``.
@@ -131,26 +153,19 @@ def sharded_cached_value_and_grad(
     transferable visual models from natural language supervision" (CLIP), 2021,
     arXiv:2103.00020 (global negatives by gathering features); Su, kexue.fm/archives/8471.
   """
-  _checks.check_int("chunk_size", chunk_size, minimum=1)
-  if batch_axis not in mesh.axis_names:
-    raise ValueError(
-        f"batch_axis must be an axis of the mesh, one of {tuple(mesh.axis_names)}, got "
-        f"{batch_axis!r}"
-    )
+  _cached.check_args(encode_fn, loss_fn, chunk_size, has_aux)
+  _check_mesh(mesh, batch_axis)
   num_devices = mesh.shape[batch_axis]
 
   def per_device(params, inputs, rng):
-    full, rest, num_full = _cached._split(inputs, chunk_size)
-    local = _cached._batch_size(inputs)
+    local = jax.tree.leaves(inputs)[0].shape[0]
     device = jax.lax.axis_index(batch_axis)
-    first_index = device * num_full  # global index of this device's first chunk
+    passes = dict(chunk_size=chunk_size, rng=rng,
+                  first_index=device * (local // chunk_size))  # this device's first chunk
 
     # Pass 1: this device's representations only, without gradients.
-    frozen = jax.lax.stop_gradient(params)
-    reps_full, reps_rest = _cached._encode_all(encode_fn, frozen, full, rest, num_full, rng,
-                                               first_index=first_index)
-    local_reps = _cached._concat(reps_full, reps_rest)
-    _cached._check_reps(local_reps)
+    local_reps = _cached.encode_chunks(encode_fn, jax.lax.stop_gradient(params), inputs,
+                                       **passes)
 
     # Global negatives: gather representations (not activations) from every device.
     reps = jax.tree.map(lambda h: jax.lax.all_gather(h, batch_axis, axis=0, tiled=True),
@@ -161,9 +176,7 @@ def sharded_cached_value_and_grad(
         lambda g: jax.lax.dynamic_slice_in_dim(g, device * local, local, axis=0), reps_grad)
 
     # Pass 2: pull this device's rows of G back through its own chunks; sum over devices.
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    encoder_grads = _cached._pull_back_all(encode_fn, params, full, rest, num_full, rng,
-                                           own_grad, reps_full, zeros, first_index=first_index)
+    encoder_grads = _cached.pull_back(encode_fn, params, inputs, own_grad, **passes)
     encoder_grads = jax.lax.psum(encoder_grads, batch_axis)
     return value, jax.tree.map(jnp.add, loss_grads, encoder_grads)
 
@@ -174,8 +187,8 @@ def sharded_cached_value_and_grad(
   sharded = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(batch_axis), P()),
                                   out_specs=P(), check_vma=False))
 
-  def value_and_grad(params, inputs, *, rng=None):
-    batch = _cached._batch_size(inputs)
+  def value_and_grad(params, inputs, *extra_args, rng=None):
+    batch, rng = _cached.check_call(inputs, extra_args, rng)
     _check_batch(batch, num_devices, batch_axis, chunk_size, rng is not None)
     replicated = NamedSharding(mesh, P())
     params = jax.device_put(params, replicated)
