@@ -197,7 +197,7 @@ def check_same_structure(name: str, tree: Any, ref_name: str, ref: Any, *,
     ) if part) or "the same paths in another order or nesting"
     raise ValueError(f"{name} must have the structure of {ref_name}: {detail}")
   if shapes:
-    bad = [f"{p}: {np.shape(a)} vs {np.shape(b)}" for p, a, b in zip(
+    bad = [f"{p or '<root>'}: {np.shape(a)} vs {np.shape(b)}" for p, a, b in zip(
         paths, jax.tree.leaves(tree), jax.tree.leaves(ref), strict=True)
            if np.shape(a) != np.shape(b)]
     if bad:

@@ -37,7 +37,12 @@ def as_key(key: Any, *, argname: str = "key") -> jax.Array:
   if not is_key(key):
     raise TypeError(f"{argname} must be a jax.random key (jax.random.key(seed) or "
                     f"jax.random.PRNGKey(seed)), got {_describe(key)}")
-  return jax.random.wrap_key_data(key)
+  try:
+    return jax.random.wrap_key_data(key)
+  except (TypeError, ValueError) as err:
+    raise TypeError(
+        f"{argname}: raw key data of shape {key.shape} is not a default-implementation key; "
+        f"pass a typed key instead (jax.random.key(seed, impl=...))") from err
 
 
 def _describe(value: Any) -> str:
