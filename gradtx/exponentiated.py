@@ -43,6 +43,21 @@ def _axes(params: Any, axis: Any) -> Any:
   return _paths.map_by_rules(params, axis, argname="axis", has_default=False)[0]
 
 
+def _check_axes(params: Any, axis: Any, name: str) -> None:
+  """Every leaf has the axis it is normalised along (a 0-d leaf has none); the rules, if
+  any, cover every leaf."""
+  paths, _ = _paths.leaf_paths_and_treedef(params)
+  axes = jax.tree.leaves(_axes(params, axis))
+  bad = [f"{path!r} (shape {np.shape(leaf)}, axis {ax})"
+         for path, leaf, ax in zip(paths, jax.tree.leaves(params), axes, strict=True)
+         if not -np.ndim(leaf) <= ax < np.ndim(leaf)]
+  if bad:
+    raise ValueError(f"{name}: axis must be an axis of every leaf (each slice along it is "
+                     f"normalised); these leaves have no such axis: {', '.join(bad[:8])}. "
+                     "Give them an axis they have with {regex: int} rules, or leave them "
+                     "out (optax.masked)")
+
+
 def _check_axis_value(axis: Any) -> None:
   if isinstance(axis, int) and not isinstance(axis, bool):
     return
@@ -64,7 +79,8 @@ def _require_params(params: Any, name: str) -> None:
 
 
 def _check_params(params: Any, name: str, *, strict: bool) -> None:
-  """Positive (``strict``) or non-negative params, checked when they are concrete."""
+  """Floating params, positive (``strict``) or non-negative where they are concrete."""
+  _checks.check_float_leaves("params", params)
   bad = []
   for path, leaf in zip(_paths.tree_paths(params), jax.tree.leaves(params), strict=True):
     if isinstance(leaf, jax.core.Tracer) or np.size(leaf) == 0:
@@ -89,7 +105,7 @@ def exponentiated_gradient(
     *,
     normalize: str | None = None,
     axis: Any = -1,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""Exponentiated-gradient update (EGU), optionally normalised onto the simplex.
 
   .. math::
@@ -100,7 +116,10 @@ def exponentiated_gradient(
   where ``d`` is the incoming direction (the gradient, or a preconditioned one). The
   simplex variant is computed as a softmax of ``log θ - η d`` (no overflow for large
   ``η d``), so after one step every slice along ``axis`` sums to 1 (the initial params
-  need only be positive). A NaN/inf direction gives NaN updates (propagated).
+  need only be positive). A NaN/inf direction gives NaN updates (propagated). Params
+  and directions must hold real floating arrays (integer and complex leaves are refused
+  at ``init`` / ``update``, naming their paths); for ``"simplex"`` every leaf must have
+  ``axis`` (a 0-d leaf is refused at ``init``, naming it).
 
   Args:
     learning_rate: ``η`` > 0, or a schedule ``count -> η``.
@@ -110,7 +129,7 @@ def exponentiated_gradient(
       every leaf, or ``{regex: int}`` path rules (``gradtx.tree_paths``).
 
   Returns:
-    An ``optax.GradientTransformation``; ``update`` needs ``params``.
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
 
   Example:
     >>> import jax.numpy as jnp, optax, gradtx
@@ -133,12 +152,13 @@ def exponentiated_gradient(
   def init_fn(params):
     _check_params(params, "exponentiated_gradient", strict=strict)
     if strict:
-      _axes(params, axis)  # rules must cover every leaf
+      _check_axes(params, axis, "exponentiated_gradient")
     return ExponentiatedGradientState(count=jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     _require_params(params, "exponentiated_gradient")
+    _checks.check_float_leaves("updates", updates)
     eta = _numerics.scalar_or_schedule(learning_rate, state.count)
 
     def egu(d, theta):
@@ -177,7 +197,7 @@ class EGPlusMinusState(NamedTuple):
 
 def eg_plus_minus(
     learning_rate: optax.ScalarOrSchedule, *, total: float
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""EG± (Kivinen & Warmuth): exponentiated gradient for signed parameters.
 
   .. math::
@@ -190,14 +210,16 @@ def eg_plus_minus(
   so ``‖θ‖₁ <= U``. At ``init``, ``θ^± = max(±θ, 0) + s`` with
   ``s = (U - ‖θ‖₁) / (2 n)`` (n coordinates), which needs ``‖θ‖₁ < U``. The update is
   computed from the state (not from ``params``), so EG± should end the chain.
-  A NaN/inf direction gives NaN updates and NaN ``θ^±`` (propagated).
+  A NaN/inf direction gives NaN updates and NaN ``θ^±`` (propagated). Params and
+  directions must hold real floating arrays (other leaves are refused, naming their paths).
 
   Args:
     learning_rate: ``η`` > 0, or a schedule ``count -> η``.
     total: the budget ``U`` > 0.
 
   Returns:
-    An ``optax.GradientTransformation`` whose state is :class:`EGPlusMinusState`.
+    An ``optax.GradientTransformationExtraArgs`` whose state is
+    :class:`EGPlusMinusState`.
 
   Example:
     >>> import jax.numpy as jnp, optax, gradtx
@@ -218,11 +240,13 @@ def eg_plus_minus(
   budget = total  # may be a tracer under optax.inject_hyperparams
 
   def init_fn(params):
+    _checks.check_float_leaves("params", params)
     leaves = jax.tree.leaves(params)
-    size = sum(int(np.size(x)) for x in leaves)
+    size = optax.tree.size(params)
     norm1 = sum(jnp.sum(jnp.abs(x.astype(_numerics.compute_dtype(x)))) for x in leaves)
-    concrete = not isinstance(norm1, jax.core.Tracer) and _checks.concrete_scalar(budget)
-    if leaves and concrete is not None and concrete and not float(norm1) < float(budget):
+    budget_value = _checks.concrete_scalar(budget)  # None when traced
+    if (leaves and budget_value is not None and not isinstance(norm1, jax.core.Tracer)
+        and not float(norm1) < budget_value):
       raise ValueError(f"eg_plus_minus needs ‖params‖₁ < total so that θ⁺, θ⁻ > 0; got "
                        f"‖params‖₁ = {float(norm1):g} and total = {total!r}")
     slack = (budget - norm1) / (2 * max(size, 1))
@@ -231,10 +255,12 @@ def eg_plus_minus(
       return jax.tree.map(
           lambda x: (jnp.maximum(sign * x, 0) + slack.astype(x.dtype)) if size else x, params)
 
-    return EGPlusMinusState(jnp.zeros((), jnp.int32), split(1), split(-1))
+    return EGPlusMinusState(count=jnp.zeros((), jnp.int32), theta_plus=split(1),
+                            theta_minus=split(-1))
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    _checks.check_float_leaves("updates", updates)
     eta = _numerics.scalar_or_schedule(learning_rate, state.count)
 
     # In log space: θ± ⊙ e^{∓ηd} / Z as exp(log θ± ∓ ηd - log Z), so a large |ηd| cannot
@@ -263,16 +289,17 @@ def eg_plus_minus(
 
     new_updates = jax.tree.map(change, plus, minus, state.theta_plus, state.theta_minus,
                                updates)
-    return new_updates, EGPlusMinusState(optax.safe_increment(state.count), plus, minus)
+    return new_updates, EGPlusMinusState(count=optax.safe_increment(state.count),
+                                         theta_plus=plus, theta_minus=minus)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-class NormalizedMultiplicativeState(NamedTuple):
-  """State of :func:`normalized_multiplicative` (none is needed)."""
+# The state of :func:`normalized_multiplicative` (none is needed); the name stays importable.
+NormalizedMultiplicativeState = optax.EmptyState
 
 
-def normalized_multiplicative(*, axis: Any = 0) -> optax.GradientTransformation:
+def normalized_multiplicative(*, axis: Any = 0) -> optax.GradientTransformationExtraArgs:
   r"""The normalised multiplicative update that is EM's M-step for pLSA-type models.
 
   .. math::
@@ -287,15 +314,18 @@ def normalized_multiplicative(*, axis: Any = 0) -> optax.GradientTransformation:
   (``θ ⊙ (1 - η d)`` normalised, as ``η → ∞``). ``-d`` must be >= 0 with a positive sum
   along ``axis``; otherwise the result is NaN/negative (not checked inside jit). As in
   EM, a coordinate whose expected count is 0 (a word that never occurs) becomes 0, and
-  ``log 0`` in the next loss is then -inf: drop such rows or smooth the counts.
+  ``log 0`` in the next loss is then -inf: drop such rows or smooth the counts. Params
+  and directions must hold real floating arrays, and every leaf must have ``axis`` (a 0-d
+  leaf is refused at ``init``); the errors name the leaves.
 
   Args:
     axis: the axis each distribution lies along: an int for every leaf, or
       ``{regex: int}`` path rules.
 
   Returns:
-    An ``optax.GradientTransformation``; ``update`` needs ``params`` (> 0) and the
-    gradient of the loss (negative log-likelihood) as the incoming updates.
+    An ``optax.GradientTransformationExtraArgs`` (state ``optax.EmptyState``);
+    ``update`` needs ``params`` (> 0) and the gradient of the loss (negative
+    log-likelihood) as the incoming updates.
 
   Example:
     >>> import jax.numpy as jnp, gradtx
@@ -313,12 +343,13 @@ def normalized_multiplicative(*, axis: Any = 0) -> optax.GradientTransformation:
 
   def init_fn(params):
     _check_params(params, "normalized_multiplicative", strict=True)
-    _axes(params, axis)
-    return NormalizedMultiplicativeState()
+    _check_axes(params, axis, "normalized_multiplicative")
+    return optax.EmptyState()
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     _require_params(params, "normalized_multiplicative")
+    _checks.check_float_leaves("updates", updates)
 
     def leaf(d, theta, ax):
       dt = _numerics.compute_dtype(theta)

@@ -40,20 +40,35 @@ SCALES = ("global", "per_leaf", "none")
 RULES = ("egdd", "su")
 
 
+def _zeros(params: Any) -> Any:
+  """Zeros like ``params`` in their compute dtype (at least float32)."""
+  return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), _numerics.compute_dtype(p)), params)
+
+
 def _vdot(a: Any, b: Any) -> jax.Array:
-  """``Σ a ⊙ b`` over every leaf, in float32 (a sum of products: shards reduce cleanly)."""
-  terms = [jnp.sum(x.astype(jnp.float32) * y.astype(jnp.float32))
-           for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)]
-  return sum(terms, jnp.zeros((), jnp.float32))
+  """``Σ a ⊙ b`` over every leaf of two real trees, as a sum of products.
+
+  Not ``optax.tree.vdot``: optax 0.2.8 compares JAX versions as strings, so with JAX 0.10 it
+  takes its ``jnp.vdot`` (``ravel``) path, which fails on arrays sharded over an explicit
+  mesh ("contracting dimensions are sharded"); a sum of products reduces shards cleanly.
+  """
+  return optax.tree.sum(optax.tree.mul(a, b))
 
 
 def _cosine(a: Any, b: Any) -> jax.Array:
-  """``<a, b> / (‖a‖ ‖b‖)``, 0 when either is 0 (the first step has no previous one).
+  """``<a, b> / (‖a‖ ‖b‖)`` over every leaf, 0 when either is 0 (the first step has no
+  previous direction).
 
-  A NaN/inf in either gives NaN (propagated, not hidden as "no agreement").
+  A NaN/inf in either gives NaN (propagated, not hidden as "no agreement"). The square
+  roots are safe: where a norm is 0 the root is taken of 1 instead, so the derivative of
+  the branch ``jnp.where`` drops is finite and a meta-gradient through the first step is
+  not NaN (``sqrt'(0)`` is infinite, and ``0 · inf`` is NaN).
   """
-  norms = jnp.sqrt(_vdot(a, a) * _vdot(b, b))
-  return jnp.where(norms == 0, 0.0, _vdot(a, b) / jnp.where(norms == 0, 1.0, norms))
+  a_sq, b_sq = optax.tree.norm(a, squared=True), optax.tree.norm(b, squared=True)
+  zero = (a_sq == 0) | (b_sq == 0)
+  norms = jnp.sqrt(jnp.where(zero, 1.0, a_sq)) * jnp.sqrt(jnp.where(zero, 1.0, b_sq))
+  # 0 where a norm is 0, yet NaN if the other one is NaN/inf (0 · inf): still visible.
+  return jnp.where(zero, 0.0 * (a_sq + b_sq), _vdot(a, b) / norms)
 
 
 def _check_range(name: str, value: Any) -> tuple[float, float]:
@@ -67,21 +82,49 @@ def _check_range(name: str, value: Any) -> tuple[float, float]:
   return low, high
 
 
-def _f32(tree: Any) -> Any:
-  return jax.tree.map(lambda x: x.astype(_numerics.compute_dtype(x)), tree)
+def _checked_base(base: Any) -> optax.GradientTransformationExtraArgs:
+  """``base`` checked to be a transformation (not a factory), with extra-args support."""
+  _checks.check_transformation("base", base)
+  return optax.with_extra_args_support(base)
 
 
 def _gain_statistics(gains: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Mean, min and max over every gain, reduced leaf by leaf (no concatenated copy)."""
-  leaves = [g.astype(jnp.float32) for g in jax.tree.leaves(gains) if g.size]
-  if not leaves:
+  """Mean, min and max over every gain (float32), reduced leaf by leaf (no concatenated
+  copy); 1 when there are no gains."""
+  count = optax.tree.size(gains)
+  if not count:
     one = jnp.ones((), jnp.float32)
     return one, one, one
-  total = sum(jnp.sum(g) for g in leaves)
-  count = sum(g.size for g in leaves)
-  lowest = jnp.min(jnp.stack([jnp.min(g) for g in leaves]))
-  highest = jnp.max(jnp.stack([jnp.max(g) for g in leaves]))
-  return total / count, lowest, highest
+  stats = (optax.tree.sum(gains) / count, optax.tree.min(gains), optax.tree.max(gains))
+  return optax.tree.cast(stats, jnp.float32)
+
+
+def _new_gains(gains: Any, grad_ema: Any, g: Any, *, kind: str, rule: str, gain_lr: float,
+               low: float, high: float) -> Any:
+  """EGDD's ``clip(p ⊙ e^{η_p sign(g) ⊙ sign(ḡ)})`` or Su's ``clip(p ⊙ e^{η_p g_{t-1} ⊙ g})``."""
+  if kind == "none":
+    return ()
+  if rule == "su":
+    agreement = jax.tree.map(jnp.multiply, grad_ema, g)
+  else:
+    agreement = jax.tree.map(lambda e, x: jnp.sign(e) * jnp.sign(x), grad_ema, g)
+  if kind == "per_leaf":
+    agreement = jax.tree.map(lambda a: jnp.mean(a) if a.size else jnp.zeros(()), agreement)
+  new = jax.tree.map(lambda p, a: jnp.clip(p * jnp.exp(gain_lr * a), low, high),
+                     gains, agreement)
+  return optax.tree.cast_like(new, gains)  # per-leaf float32 gains stay float32 under x64
+
+
+def _new_scale(lr_scale: Any, g: Any, prev: Any, *, kind: str, scale_lr: float, low: float,
+               high: float) -> Any:
+  """``clip(s e^{η_s cos(g, m_{t-1})})``, the cosine over the tree or per leaf."""
+  if kind == "none":
+    return lr_scale
+  if kind == "global":
+    return jnp.clip(lr_scale * jnp.exp(scale_lr * _cosine(g, prev)), low, high)
+  return jax.tree.map(
+      lambda s, x, m: jnp.clip(s * jnp.exp(scale_lr * _cosine(x, m)), low, high),
+      lr_scale, g, prev)
 
 
 class EGStepSizeState(NamedTuple):
@@ -124,7 +167,7 @@ def eg_step_size(
     gain_range: tuple[float, float] = (0.01, 100.0),
     scale_range: tuple[float, float] = (0.1, 10.0),
     rule: str = "egdd",
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""Learning-rate gains and scale adapted by exponentiated gradient (EGDD, or Su's rule).
 
   With ``d_t`` the base direction of ``g_t`` (e.g. Adam's ``m̂/(√v̂+ε)``):
@@ -142,10 +185,15 @@ def eg_step_size(
   EGDD); per-leaf gains use the mean of the sign agreement over the leaf. Su's rule
   (``rule="su"``) is ``p_t = clip(p_{t-1} ⊙ exp(η_p g_{t-1} ⊙ g_t))`` with no scale and no
   EMA. Gains and scale start at 1. A NaN/inf gradient makes the update and the adapted
-  statistics NaN (propagated, visible in ``gain_mean`` / ``lr_scale``).
+  statistics NaN (propagated, visible in ``gain_mean`` / ``lr_scale``). Params and
+  updates must hold real floating arrays (integer and complex leaves are refused, naming
+  their paths: the sign rule and the cosine are defined for real numbers). The update is
+  differentiable: a meta-gradient through unrolled steps (w.r.t. the initial params or
+  ``learning_rate``) is finite, the first step's zero cosine included.
 
   Args:
-    base: the base direction, e.g. ``optax.scale_by_adam()`` or ``optax.trace(0.9)``
+    base: the base direction, a transformation (not a factory: ``optax.scale_by_adam()``,
+      not ``optax.adam``), e.g. ``optax.scale_by_adam()`` or ``optax.trace(0.9)``
       (momentum, as EGDD wraps) or ``optax.identity()`` (SGD).
     learning_rate: the base learning rate ``η`` > 0, or a schedule.
     gain_lr: ``η_p`` > 0 (lingvo default 0.01). For ``rule="su"`` it is Su's ``γ``,
@@ -160,7 +208,7 @@ def eg_step_size(
     rule: ``"egdd"`` or ``"su"``.
 
   Returns:
-    An ``optax.GradientTransformation`` giving the full update (use it like
+    An ``optax.GradientTransformationExtraArgs`` giving the full update (use it like
     ``optax.adam``); state :class:`EGStepSizeState`.
 
   Example:
@@ -190,11 +238,12 @@ def eg_step_size(
   scale_low, scale_high = _check_range("scale_range", scale_range)
   if rule == "su":
     scale = "none"
-  base = optax.with_extra_args_support(base)
+  base = _checked_base(base)
 
   def init_fn(params):
-    zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.promote_types(
-        p.dtype, jnp.float32)), params)
+    _checks.check_float_leaves("params", params)
+    zeros = _zeros(params)
+    one = jnp.ones((), jnp.float32)
     if gains == "per_coordinate":
       init_gains = jax.tree.map(jnp.ones_like, zeros)
     elif gains == "per_leaf":
@@ -205,59 +254,35 @@ def eg_step_size(
       init_scale = jax.tree.map(lambda _: jnp.ones((), jnp.float32), zeros)
     else:
       init_scale = jnp.ones((), jnp.float32)
-    one = jnp.ones((), jnp.float32)
-    return EGStepSizeState(jnp.zeros((), jnp.int32), base.init(params), init_gains, zeros,
-                           zeros, init_scale, one, one, one)
-
-  def new_gains(state, g):
-    if gains == "none":
-      return ()
-    if rule == "su":
-      agreement = jax.tree.map(jnp.multiply, state.grad_ema, g)
-    else:
-      agreement = jax.tree.map(lambda e, x: jnp.sign(e) * jnp.sign(x), state.grad_ema, g)
-    if gains == "per_leaf":
-      agreement = jax.tree.map(lambda a: jnp.mean(a) if a.size else jnp.zeros(()), agreement)
-    return jax.tree.map(
-        lambda p, a: jnp.clip(p * jnp.exp(gain_lr * a), gain_low, gain_high),
-        state.gains, agreement)
-
-  def new_scale(state, g):
-    if scale == "none":
-      return state.lr_scale
-    if scale == "global":
-      return jnp.clip(state.lr_scale * jnp.exp(scale_lr * _cosine(g, state.prev_direction)),
-                      scale_low, scale_high)
-    return jax.tree.map(
-        lambda s, x, m: jnp.clip(s * jnp.exp(scale_lr * _cosine(x, m)), scale_low, scale_high),
-        state.lr_scale, g, state.prev_direction)
+    return EGStepSizeState(
+        count=jnp.zeros((), jnp.int32), base_state=base.init(params), gains=init_gains,
+        grad_ema=zeros, prev_direction=zeros, lr_scale=init_scale, gain_mean=one,
+        gain_min=one, gain_max=one)
 
   def update_fn(updates, state, params=None, **extra_args):
-    g = _f32(updates)
+    _checks.check_float_leaves("updates", updates)
+    g = optax.tree.cast_like(updates, state.grad_ema)
     directions, base_state = base.update(updates, state.base_state, params, **extra_args)
-    gains_t = new_gains(state, g)
-    scale_t = new_scale(state, g)
-    if gains == "none":
-      scaled = _f32(directions)
-    else:
-      scaled = jax.tree.map(lambda p, d: p * d.astype(_numerics.compute_dtype(d)),
-                            gains_t, directions)
+    gains_t = _new_gains(state.gains, state.grad_ema, g, kind=gains, rule=rule,
+                         gain_lr=gain_lr, low=gain_low, high=gain_high)
+    scale_t = _new_scale(state.lr_scale, g, state.prev_direction, kind=scale,
+                         scale_lr=scale_lr, low=scale_low, high=scale_high)
+    if gains != "none":
+      directions = jax.tree.map(jnp.multiply, gains_t, directions)
+    scaled = optax.tree.cast_like(directions, state.prev_direction)
     eta = _numerics.scalar_or_schedule(learning_rate, state.count)
     if scale == "per_leaf":
       steps = jax.tree.map(lambda s, m: -eta * s * m, scale_t, scaled)
     else:
-      steps = jax.tree.map(lambda m: -eta * scale_t * m, scaled)
-    new_updates = jax.tree.map(lambda u, x: u.astype(x.dtype), steps, updates)
-    if rule == "su":
-      grad_ema = g
-    else:
-      grad_ema = jax.tree.map(lambda e, x: beta * e + (1 - beta) * x, state.grad_ema, g)
+      steps = optax.tree.scale(-eta * scale_t, scaled)
+    grad_ema = g if rule == "su" else optax.tree.update_moment(g, state.grad_ema, beta, 1)
     gain_mean, gain_min, gain_max = _gain_statistics(gains_t)
-    scale_t = jax.tree.map(lambda x: x.astype(jnp.float32), scale_t)
     new_state = EGStepSizeState(
-        optax.safe_increment(state.count), base_state, gains_t, grad_ema, scaled, scale_t,
-        gain_mean, gain_min, gain_max)
-    return new_updates, new_state
+        count=optax.safe_increment(state.count), base_state=base_state, gains=gains_t,
+        grad_ema=grad_ema, prev_direction=scaled,
+        lr_scale=optax.tree.cast(scale_t, jnp.float32), gain_mean=gain_mean,
+        gain_min=gain_min, gain_max=gain_max)
+    return optax.tree.cast_like(steps, updates), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -283,7 +308,7 @@ def hypergradient_descent(
     learning_rate: float,
     hyper_lr: float,
     multiplicative: bool = False,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""Hypergradient descent (Baydin et al.): the learning rate descends its own gradient.
 
   .. math::
@@ -300,17 +325,19 @@ def hypergradient_descent(
   ``optax.inject_hyperparams`` list it in ``static_args`` (changing it later has no
   effect).
   A NaN/inf gradient makes ``α`` NaN (propagated, visible in the state's
-  ``current_learning_rate``).
+  ``current_learning_rate``). Params and updates must hold real floating arrays (integer
+  and complex leaves are refused, naming their paths). A meta-gradient through unrolled
+  steps is finite, the multiplicative rule's first (zero) cosine included.
 
   Args:
-    base: the base direction, e.g. ``optax.identity()`` (SGD-HD) or
-      ``optax.scale_by_adam()`` (Adam-HD).
+    base: the base direction, a transformation (not a factory), e.g.
+      ``optax.identity()`` (SGD-HD) or ``optax.scale_by_adam()`` (Adam-HD).
     learning_rate: the initial ``α_0`` > 0.
     hyper_lr: ``β`` > 0.
     multiplicative: use the multiplicative (cosine) rule.
 
   Returns:
-    An ``optax.GradientTransformation`` giving the full update; state
+    An ``optax.GradientTransformationExtraArgs`` giving the full update; state
     :class:`HypergradientDescentState`.
 
   Example:
@@ -331,25 +358,27 @@ def hypergradient_descent(
   """
   _checks.check_positive("learning_rate", learning_rate, allow_schedule=False)
   _checks.check_positive("hyper_lr", hyper_lr, allow_schedule=False)
-  if not isinstance(multiplicative, bool):
-    raise TypeError(f"multiplicative must be a bool, got {multiplicative!r}")
-  base = optax.with_extra_args_support(base)
+  _checks.check_bool("multiplicative", multiplicative)
+  base = _checked_base(base)
 
   def init_fn(params):
-    zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.promote_types(
-        p.dtype, jnp.float32)), params)
-    return HypergradientDescentState(base.init(params), zeros,
-                                     jnp.asarray(learning_rate, jnp.float32))
+    _checks.check_float_leaves("params", params)
+    return HypergradientDescentState(
+        base_state=base.init(params), prev_direction=_zeros(params),
+        current_learning_rate=jnp.asarray(learning_rate, jnp.float32))
 
   def update_fn(updates, state, params=None, **extra_args):
+    _checks.check_float_leaves("updates", updates)
     directions, base_state = base.update(updates, state.base_state, params, **extra_args)
-    g = _f32(updates)
+    g = optax.tree.cast_like(updates, state.prev_direction)
     if multiplicative:
       alpha = state.current_learning_rate * (1 + hyper_lr * _cosine(g, state.prev_direction))
     else:
       alpha = state.current_learning_rate + hyper_lr * _vdot(g, state.prev_direction)
     alpha = alpha.astype(jnp.float32)
     new_updates = jax.tree.map(lambda d, u: (-alpha * d).astype(u.dtype), directions, updates)
-    return new_updates, HypergradientDescentState(base_state, _f32(directions), alpha)
+    prev = optax.tree.cast_like(directions, state.prev_direction)
+    return new_updates, HypergradientDescentState(
+        base_state=base_state, prev_direction=prev, current_learning_rate=alpha)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -432,3 +432,10 @@ def test_inf_direction_gives_nan_updates_as_documented():
     tx = gradtx.exponentiated_gradient(0.5, normalize=normalize)
     u, _ = tx.update({"w": jnp.array([[np.inf, 0.0, 0.0]])}, tx.init(theta), theta)
     assert np.isnan(u["w"][0, 0]), normalize
+
+
+def test_normalized_multiplicative_state_is_optax_empty_state():
+  theta = {"p": jnp.full((2,), 0.5)}
+  state = gradtx.normalized_multiplicative().init(theta)
+  assert isinstance(state, optax.EmptyState) and state == ()
+  assert gradtx.NormalizedMultiplicativeState is optax.EmptyState  # the public name stays

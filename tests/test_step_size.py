@@ -11,6 +11,7 @@ momentum, Adam) also written in numpy; numpy gets closed-form gradients, gradtx
 
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,9 +110,9 @@ def np_cos(a, b):
 
 
 def np_eg_step_size(base, *, learning_rate, gain_lr, scale_lr, beta, gains, scale, gain_range,
-                    scale_range, rule, steps=STEPS):
+                    scale_range, rule, steps=STEPS, theta0=THETA0):
   """The docstring's equations, step by step; returns per step (u, logged fields)."""
-  theta = {k: v.astype(np.float64) for k, v in THETA0.items()}
+  theta = {k: v.astype(np.float64) for k, v in theta0.items()}
   lr = learning_rate if callable(learning_rate) else (lambda t: learning_rate)
   if rule == "su":
     scale = "none"
@@ -235,8 +236,9 @@ def test_su_rule_by_hand():
 # ----------------------------------------------------------------------------- hypergradient
 
 
-def np_hypergradient(base, *, learning_rate, hyper_lr, multiplicative, steps=STEPS):
-  theta = {k: v.astype(np.float64) for k, v in THETA0.items()}
+def np_hypergradient(base, *, learning_rate, hyper_lr, multiplicative, steps=STEPS,
+                     theta0=THETA0):
+  theta = {k: v.astype(np.float64) for k, v in theta0.items()}
   alpha, prev = learning_rate, {k: np.zeros(s) for k, s in SHAPES.items()}
   out = []
   for _ in range(steps):
@@ -303,6 +305,87 @@ def test_docstring_example_by_hand():
   # α_1 = 0.1 (no previous direction); w_1 = 3.6; α_2 = 0.1 + 0.01 · 3.6 · 4.0
   np.testing.assert_allclose(state.current_learning_rate, 0.1 + 0.01 * 3.6 * 4.0, rtol=1e-6)
   np.testing.assert_allclose(params["w"], [3.6 - 0.244 * 3.6], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- meta-gradients
+
+META_STEPS = 3
+META = {
+    # name: (gradtx factory of the learning rate, numpy reference of (lr, θ0), base lr)
+    "eg_step_size-adam": (
+        lambda lr: gradtx.eg_step_size(optax.scale_by_adam(), learning_rate=lr, gain_lr=0.05,
+                                       scale_lr=0.05),
+        lambda lr, theta0: np_eg_step_size(
+            NpAdam(), learning_rate=lr, gain_lr=0.05, scale_lr=0.05, beta=0.9,
+            gains="per_coordinate", scale="global", gain_range=(0.01, 100.0),
+            scale_range=(0.1, 10.0), rule="egdd", steps=META_STEPS, theta0=theta0),
+        0.05),
+    "hypergradient-multiplicative-adam": (
+        lambda lr: gradtx.hypergradient_descent(optax.scale_by_adam(), learning_rate=lr,
+                                                hyper_lr=0.1, multiplicative=True),
+        lambda lr, theta0: np_hypergradient(NpAdam(), learning_rate=lr, hyper_lr=0.1,
+                                            multiplicative=True, steps=META_STEPS,
+                                            theta0=theta0),
+        0.05),
+}
+
+
+def np_loss_after(np_run, lr, theta0):
+  """The loss after the numpy reference's unrolled steps from ``theta0`` (float64)."""
+  theta = {k: v.astype(np.float64) for k, v in theta0.items()}
+  for u, _ in np_run(lr, theta):
+    theta = {k: theta[k] + u[k] for k in theta}
+  return sum(0.5 * np.sum(CURVATURE[k] * (theta[k] - TARGET[k]) ** 2) for k in theta)
+
+
+@pytest.mark.parametrize("name", list(META))
+def test_meta_gradient_is_finite_and_matches_finite_differences(name):
+  """∂L(θ_3)/∂θ_0 and ∂L(θ_3)/∂η through three unrolled steps (the first one's cosine is
+  0, whose square root used to make these NaN), against central differences of the
+  numpy reference in float64."""
+  make_tx, np_run, lr = META[name]
+
+  def unrolled(lr, theta0):
+    tx = make_tx(lr)
+    params, state = theta0, tx.init(theta0)
+    for _ in range(META_STEPS):
+      updates, state = tx.update(jax.grad(loss)(params), state, params)
+      params = optax.apply_updates(params, updates)
+    return loss(params)
+
+  d_lr, d_theta = jax.jit(jax.grad(unrolled, argnums=(0, 1)))(jnp.float32(lr), params32())
+  h = 1e-6
+  theta0 = {k: v.astype(np.float64) for k, v in THETA0.items()}
+  fd_theta = {}
+  for k, v in theta0.items():
+    fd_theta[k] = np.zeros(v.shape)
+    for i in np.ndindex(v.shape):
+      e = np.zeros(v.shape)
+      e[i] = h
+      fd_theta[k][i] = (np_loss_after(np_run, lr, {**theta0, k: v + e})
+                        - np_loss_after(np_run, lr, {**theta0, k: v - e})) / (2 * h)
+  fd_lr = (np_loss_after(np_run, lr + h, theta0) - np_loss_after(np_run, lr - h, theta0)) / (2 * h)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(d_theta)) and np.isfinite(d_lr)
+  np.testing.assert_allclose(d_lr, fd_lr, rtol=2e-3)
+  chex.assert_trees_all_close(jax.tree.map(np.asarray, d_theta), fd_theta, rtol=2e-3,
+                              atol=1e-4)
+
+
+@pytest.mark.parametrize("rule", ["egdd", "su"])
+def test_per_leaf_gains_keep_their_dtype_under_x64(rule):
+  """float64 params: the per-leaf gains and scales stay float32 (a lax.scan carry must not
+  change dtype; they became float64 after one step)."""
+  tx = gradtx.eg_step_size(optax.identity(), learning_rate=0.1, gains="per_leaf",
+                           scale="per_leaf", rule=rule)
+  with jax.enable_x64(True):
+    params = {"w": jnp.array([1.0, -2.0], jnp.float64)}
+
+    def step(state, _):
+      return tx.update(params, state, params)[1], None
+
+    state, _ = jax.lax.scan(step, tx.init(params), length=2)
+  assert state.gains["w"].dtype == jnp.float32
+  assert state.grad_ema["w"].dtype == jnp.float64
 
 
 # ----------------------------------------------------------------------------- errors
@@ -383,6 +466,15 @@ def test_eg_step_size_nan_gradient_is_visible_in_gains(rule):
   u, state = nan_second_step(egss(rule=rule))
   assert np.isnan(u["w"][0])
   assert np.isnan(state.gain_mean) and np.isnan(state.gain_min) and np.isnan(state.gain_max)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_first_step_nan_gradient_is_visible_in_lr_scale(bad):
+  """On the first step the previous direction is 0 (cosine 0), yet a NaN/inf still shows."""
+  tx = egss(gains="none")
+  params = {"w": jnp.array([1.0, -2.0, 0.5])}
+  _, state = tx.update({"w": jnp.array([bad, 1.0, 1.0])}, tx.init(params), params)
+  assert np.isnan(state.lr_scale)
 
 
 def test_eg_step_size_nan_gradient_is_visible_in_lr_scale():
