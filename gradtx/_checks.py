@@ -205,14 +205,18 @@ def check_same_structure(name: str, tree: Any, ref_name: str, ref: Any, *,
                        + ", ".join(bad[:8]))
 
 
-def check_transformation(name: str, value: Any) -> None:
-  """``value`` is an optax transformation, not the factory that makes one."""
+def check_transformation(name: str, value: Any, *, example: str | None = None) -> None:
+  """``value`` is an optax transformation, not the factory that makes one.
+
+  ``example`` is what to write instead (``"optax.scale_by_adam()"``); by default the
+  factory called with a learning rate.
+  """
   if isinstance(value, optax.GradientTransformation):
     return
   hint = ""
   if callable(value):
     label = getattr(value, "__name__", type(value).__name__)
-    hint = f"; it is the factory {label}: call it, e.g. {label}(learning_rate=...)"
+    hint = f"; it is the factory {label}: call it, e.g. {example or label + '(learning_rate=...)'}"
   raise TypeError(f"{name} must be an optax.GradientTransformation{hint}, got {value!r}")
 
 

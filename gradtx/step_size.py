@@ -84,7 +84,7 @@ def _check_range(name: str, value: Any) -> tuple[float, float]:
 
 def _checked_base(base: Any) -> optax.GradientTransformationExtraArgs:
   """``base`` checked to be a transformation (not a factory), with extra-args support."""
-  _checks.check_transformation("base", base)
+  _checks.check_transformation("base", base, example="optax.scale_by_adam()")
   return optax.with_extra_args_support(base)
 
 
