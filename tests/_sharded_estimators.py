@@ -60,6 +60,18 @@ def case_lean_per_device(mesh):
   _compare(mesh, num_samples=8, lean=True)
 
 
+def case_per_leaf_population_per_device(mesh):
+  """The default strategy without its flat population (leaves that cannot share a vector)."""
+  from gradtx.estimators import _es
+
+  flattenable = _es._flattenable
+  _es._flattenable = lambda p: False
+  try:
+    _compare(mesh, num_samples=8, shaping="standardize")
+  finally:
+    _es._flattenable = flattenable
+
+
 def case_population_not_divisible(mesh):
   import jax.numpy as jnp
   import pytest

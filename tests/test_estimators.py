@@ -5,16 +5,21 @@ The statistical checks use bounds of 5 standard errors (a false alarm has probab
 independent estimates with its closed form within a chi-square-based band.
 """
 
+import dataclasses
+import inspect
 import zlib
 
+import chex
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import optax
 import pytest
 
 import gradtx
 from gradtx import estimators
+from gradtx.estimators import _common, _es
 
 
 def _reference_noise(key, index, shapes, noise="gaussian"):
@@ -49,13 +54,13 @@ def _linear(p):
     (False, None, "standardize", "gaussian"),
 ])
 def test_es_gradient_equals_numpy_reference(antithetic, baseline, shaping, noise):
-  f = lambda p: jnp.sum(jnp.sin(p["a"])) + jnp.sum(p["b"] ** 2)  # noqa: E731
+  f = lambda p: jnp.sum(jnp.sin(p["a"])) + jnp.sum(p["b"] ** 2)
   params = {"a": jnp.linspace(-1.0, 1.0, 6), "b": jnp.array([[0.5, -0.2], [0.1, 0.3]])}
   shapes = {"a": (6,), "b": (2, 2)}
   key, n, sigma = jax.random.key(3), 8, 0.1
   got = gradtx.es_gradient(f, params, key, sigma=sigma, num_samples=n, antithetic=antithetic,
                            noise=noise, shaping=shaping, baseline=baseline)
-  np_f = lambda p: np.sum(np.sin(p["a"])) + np.sum(p["b"] ** 2)  # noqa: E731
+  np_f = lambda p: np.sum(np.sin(p["a"])) + np.sum(p["b"] ** 2)
   base = {k: np.asarray(v, np.float64) for k, v in params.items()}
   draws = n // 2 if antithetic else n
   eps = [_reference_noise(key, j, shapes, noise) for j in range(draws)]
@@ -87,8 +92,8 @@ def _average_ranks(values):
 def test_centered_ranks_match_numpy():
   values = jnp.array([0.3, -1.0, 2.0, 0.0, 5.0, -3.0])
   want = np.argsort(np.argsort(np.asarray(values))) / 5 - 0.5
-  np.testing.assert_allclose(estimators._centered_ranks(values), want, rtol=1e-6)
-  assert float(estimators._centered_ranks(values).sum()) == pytest.approx(0.0, abs=1e-7)
+  np.testing.assert_allclose(_common.centered_ranks(values), want, rtol=1e-6)
+  assert float(_common.centered_ranks(values).sum()) == pytest.approx(0.0, abs=1e-7)
 
 
 def test_centered_ranks_average_ties_and_rank_nan_last():
@@ -96,13 +101,13 @@ def test_centered_ranks_average_ties_and_rank_nan_last():
   want = _average_ranks(np.where(np.isnan(values), np.inf, values)) / 7 - 0.5
   # 0.25 ×2 share ranks 0, 1 → 0.5; 0.5 ×3 share 2, 3, 4 → 3; NaN is last (7).
   np.testing.assert_allclose(want * 7 + 3.5, [3, 0.5, 3, 6, 0.5, 3, 7, 5])
-  np.testing.assert_allclose(estimators._centered_ranks(jnp.asarray(values, jnp.float32)),
+  np.testing.assert_allclose(_common.centered_ranks(jnp.asarray(values, jnp.float32)),
                              want, rtol=1e-6)
 
 
 def test_centered_ranks_on_a_plateau_give_zero_estimate():
   # A flat objective (every member ties) gives no direction, not a position artefact.
-  flat = lambda p: jnp.floor(jnp.sum(p["w"]) * 0.0)  # noqa: E731
+  flat = lambda p: jnp.floor(jnp.sum(p["w"]) * 0.0)
   g = gradtx.es_gradient(flat, {"w": jnp.ones(5)}, jax.random.key(0), sigma=0.1,
                          num_samples=16, shaping="centered_rank")
   np.testing.assert_array_equal(np.asarray(g["w"]), np.zeros(5))
@@ -133,7 +138,7 @@ def test_es_mean_is_the_gradient_of_a_linear_function(noise):
 def test_antithetic_variance_on_a_quadratic_has_the_closed_form(noise):
   a = jnp.array([1.0, 2.0, 0.5, 3.0])
   theta = jnp.array([0.5, -1.0, 2.0, 0.1])
-  f = lambda p: 0.5 * jnp.sum(a * p["w"] ** 2) + jnp.sum(p["w"])  # noqa: E731
+  f = lambda p: 0.5 * jnp.sum(a * p["w"] ** 2) + jnp.sum(p["w"])
   g = np.asarray(a * theta + 1.0, np.float64)
   pairs = 4
   draws = _many(lambda k: gradtx.es_gradient(f, {"w": theta}, k, sigma=0.5,
@@ -148,7 +153,7 @@ def test_antithetic_variance_on_a_quadratic_has_the_closed_form(noise):
 
 
 def test_forward_gradient_is_unbiased_with_the_closed_form_variance():
-  f = lambda p: jnp.sum(jnp.sin(p["w"]))  # noqa: E731
+  f = lambda p: jnp.sum(jnp.sin(p["w"]))
   theta = jnp.array([0.1, 1.0, -2.0])
   g = np.cos(np.asarray(theta, np.float64))
   k = 2
@@ -186,7 +191,7 @@ def test_policy_gradient_and_zeroth_order_agree_on_smoothed_accuracy():
   x = jnp.asarray(rng.normal(size=(32, 5)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, 3, 32))
   params = {"w": jnp.asarray(rng.normal(size=(5, 3)) * 0.5, jnp.float32)}
-  accuracy = lambda p: jnp.mean(jax.nn.softmax(x @ p["w"])[jnp.arange(32), labels])  # noqa: E731
+  accuracy = lambda p: jnp.mean(jax.nn.softmax(x @ p["w"])[jnp.arange(32), labels])
   exact = np.asarray(jax.grad(accuracy)(params)["w"]).ravel()
   policy = gradtx.score_function_gradient(
       lambda p, y: jnp.sum(jax.nn.log_softmax(x @ p["w"])[jnp.arange(32), y]) / 32,
@@ -195,7 +200,7 @@ def test_policy_gradient_and_zeroth_order_agree_on_smoothed_accuracy():
       sample_fn=lambda p, k: jax.random.categorical(k, x @ p["w"]), num_samples=20_000)
   zeroth = gradtx.es_gradient(accuracy, params, jax.random.key(2), sigma=0.05,
                               num_samples=20_000)
-  cos = lambda a, b: float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))  # noqa: E731
+  cos = lambda a, b: float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
   policy, zeroth = np.asarray(policy["w"]).ravel(), np.asarray(zeroth["w"]).ravel()
   assert cos(policy, exact) > 0.97 and cos(zeroth, exact) > 0.97
   assert cos(policy, zeroth) > 0.95
@@ -207,7 +212,7 @@ def test_policy_gradient_and_zeroth_order_agree_on_smoothed_accuracy():
 
 
 def test_same_key_same_estimate_and_modes_agree():
-  f = lambda p: jnp.sum(jnp.tanh(p["a"] @ p["b"]))  # noqa: E731
+  f = lambda p: jnp.sum(jnp.tanh(p["a"] @ p["b"]))
   params = {"a": jnp.ones((3, 4)) * 0.3, "b": jnp.linspace(-1, 1, 8).reshape(4, 2)}
   kw = dict(sigma=0.05, num_samples=10)
   key = jax.random.key(9)
@@ -245,11 +250,84 @@ def test_traced_sigma_equals_a_python_sigma():
 
 
 def test_lean_mode_never_materialises_the_population():
-  f = lambda p: jnp.sum(p["w"] ** 2)  # noqa: E731
+  f = lambda p: jnp.sum(p["w"] ** 2)
   params = {"w": jnp.ones(1000)}
   text = str(jax.make_jaxpr(lambda p: gradtx.es_gradient(
       f, p, jax.random.key(0), sigma=0.1, num_samples=64, lean=True))(params))
   assert "f32[1000]" in text and "f32[32,1000]" not in text and "f32[64,1000]" not in text
+
+
+def test_flat_and_per_leaf_populations_give_the_same_estimate(monkeypatch):
+  """The default strategy's flat population (one raveled vector, for XLA:CPU's speed) and
+  its per-leaf population evaluate the same perturbed members."""
+  f = lambda p: jnp.sum(jnp.tanh(p["a"] @ p["b"])) + jnp.sum(p["c"] ** 3)
+  params = {"a": jnp.ones((3, 4)) * 0.3, "b": jnp.linspace(-1, 1, 8).reshape(4, 2),
+            "c": jnp.array(0.7)}
+  key = jax.random.key(1)
+  def estimate(p):
+    return gradtx.es_gradient(f, p, key, sigma=0.05, num_samples=6, shaping="standardize")
+
+  assert _es._flattenable(params)
+  flat = jax.jit(estimate)(params)
+  asked = []
+  monkeypatch.setattr(_es, "_flattenable", lambda p: asked.append(p) and False)
+  per_leaf = jax.jit(lambda p: estimate(p))(params)  # a new function: traced again
+  assert asked
+  chex.assert_trees_all_close(flat, per_leaf, rtol=1e-6, atol=1e-7)
+
+
+def test_es_gradient_and_zeroth_order_share_one_set_of_defaults():
+  parameters = inspect.signature(gradtx.es_gradient).parameters
+  defaults = {name: p.default for name, p in parameters.items()
+              if p.default is not inspect.Parameter.empty}
+  fields = {f.name: f.default for f in dataclasses.fields(estimators.ESOptions)
+            if f.default is not dataclasses.MISSING}
+  assert defaults == fields
+  forward = inspect.signature(gradtx.forward_gradient).parameters["num_directions"].default
+  assert forward == estimators.ForwardOptions().num_directions == 1
+
+
+# --------------------------------------------------------------------------------------
+# Low-precision params: the members are rounded to the leaf's dtype.
+
+
+def _bf16_reference(fn_np, theta, key, sigma, n):
+  """The documented antithetic estimate on members rounded to bfloat16 (numpy, float64)."""
+  steps = np.float32(sigma) * np.array([1.0, -1.0], np.float32)
+  total = np.zeros(theta.shape, np.float64)
+  for j in range(n // 2):
+    eps = _reference_noise(key, j, {"w": theta.shape})["w"].astype(np.float32)
+    members = [(theta.astype(np.float32) + s * eps).astype(ml_dtypes.bfloat16) for s in steps]
+    plus, minus = (fn_np(m.astype(np.float64)) for m in members)
+    total += (plus - minus) * eps
+  return total / (n * sigma)
+
+
+def test_es_on_bfloat16_params_equals_the_numpy_reference_on_rounded_members():
+  c = np.array([1.0, -2.0, 0.5, 3.0])
+  theta = np.array([0.01, -0.3, 1.0, 2.5]).astype(ml_dtypes.bfloat16)
+  params = {"w": jnp.asarray(theta)}
+  f = lambda p: jnp.sum(jnp.sin(p["w"].astype(jnp.float32)) * jnp.asarray(c, jnp.float32))
+  key, sigma, n = jax.random.key(5), 0.02, 8  # spacing at 2.5: 2^-6 = 0.0156 <= sigma
+  want = _bf16_reference(lambda m: np.sum(np.sin(m) * c), theta, key, sigma, n)
+  for got in (gradtx.es_gradient(f, params, key, sigma=sigma, num_samples=n),
+              jax.jit(lambda p: gradtx.es_gradient(f, p, key, sigma=sigma, num_samples=n))(
+                  params)):
+    assert got["w"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got["w"], np.float64), want, rtol=1e-2, atol=1e-3)
+
+
+def test_es_on_bfloat16_params_at_the_spacing_is_unbiased():
+  """σ equal to the largest spacing: the mean estimate of a linear function is its
+  gradient (below the spacing it would be a fraction of it, hence the error and NaN)."""
+  theta = jnp.asarray(np.array([0.02, -0.6, 1.5, 3.0]), jnp.bfloat16)
+  sigma = float(np.max(np.spacing(np.abs(np.asarray(theta)))))  # 2^-6 at 3.0
+  pairs = 8
+  draws = _many(lambda k: gradtx.es_gradient(
+      lambda p: jnp.dot(p["w"].astype(jnp.float32), jnp.asarray(W, jnp.float32)),
+      {"w": theta}, k, sigma=sigma, num_samples=2 * pairs)["w"].astype(jnp.float32))
+  se = np.sqrt((W @ W + W**2) / pairs / draws.shape[0])
+  assert np.all(np.abs(draws.mean(0) - W) < 5 * se + 0.01 * np.abs(W)), (draws.mean(0), se)
 
 
 # --------------------------------------------------------------------------------------
@@ -257,7 +335,7 @@ def test_lean_mode_never_materialises_the_population():
 
 
 def test_zeroth_order_trains_a_piecewise_constant_objective():
-  loss = lambda p: jnp.sum(jnp.round(p["w"] * 10) ** 2)  # noqa: E731  (gradient 0 a.e.)
+  loss = lambda p: jnp.sum(jnp.round(p["w"] * 10) ** 2)  # gradient 0 a.e.
   tx = optax.chain(gradtx.zeroth_order("es", key=jax.random.key(0), sigma=0.2,
                                        num_samples=32), optax.adam(0.1))
   params = {"w": jnp.array([2.0, -1.5, 1.0])}
@@ -280,7 +358,7 @@ def test_zeroth_order_on_a_subset_next_to_true_gradients():
   never perturbed and ``fill_masked`` rebuilds the tree for ``loss_fn``."""
   x = jnp.linspace(-1, 1, 12).reshape(6, 2)
   y = jnp.array([0.0, 1.0, 0.5, -0.5, 1.0, 0.0])
-  full_loss = lambda p: jnp.mean((jnp.tanh(x @ p["body"]) @ p["head"] - y) ** 2)  # noqa: E731
+  full_loss = lambda p: jnp.mean((jnp.tanh(x @ p["body"]) @ p["head"] - y) ** 2)
   params = {"body": jnp.ones((2, 3)) * 0.1, "head": jnp.ones(3) * 0.2}
   seen = []
 

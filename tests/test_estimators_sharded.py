@@ -5,8 +5,8 @@ imported, so the checks run in one subprocess (``tests/_sharded_estimators.py``)
 per module (the ``multidevice_records`` fixture of ``conftest.py``); each case is a
 test here: antithetic Gaussian, plain sampling with the f(θ) baseline and Rademacher
 noise, centered-rank shaping (global ranks over devices), the
-leave-one-out mean with chunks, lean evaluation per device, and the error for a
-population that does not split evenly.
+leave-one-out mean with chunks, lean evaluation per device, the per-leaf (not flat)
+population per device, and the error for a population that does not split evenly.
 """
 
 import os
@@ -20,6 +20,7 @@ CASES = (
     "centered_rank_shaping_is_global",
     "leave_one_out_mean_and_chunks",
     "lean_per_device",
+    "per_leaf_population_per_device",
     "population_not_divisible",
 )
 
