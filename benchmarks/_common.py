@@ -2,9 +2,11 @@
 
 A benchmark is ``python benchmarks/<name>.py [--quick] [--out DIR]``: it prints a
 markdown table and writes ``<name>.json``, ``<name>.md`` and ``<name>.png`` to ``DIR``
-(``benchmarks/results/`` by default).
+(``benchmarks/results/`` by default, ``benchmarks/results/quick/`` with ``--quick``, so a
+quick run never overwrites the committed full results; an explicit ``--out`` that holds a
+full result of the benchmark is refused to a quick run).
 
-Timings follow one rule (DESIGN.md, "Proof that it works"): the machines are noisy and
+Timings follow one rule (README, "Benchmarks and notebooks"): the machines are noisy and
 shared, so absolute times are not comparable between runs. Every function under
 comparison is jit-compiled and warmed up, then timed in *rounds*: each round calls every
 function once, in a fresh random order, blocking until its result is ready. A ratio is
@@ -19,6 +21,7 @@ import json
 import os
 import platform
 import random
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -30,21 +33,54 @@ import numpy as np
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def parse_args(description: str,
-               configure: Callable[[argparse.ArgumentParser], None] | None = None,
-               ) -> argparse.Namespace:
-  """``--quick`` (small sizes, few repeats: under a minute) and ``--out DIR``.
+QUICK_DIR = RESULTS_DIR / "quick"
 
-  ``configure(parser)``, if given, adds a benchmark's own options.
+
+def parse_args(description: str,
+               configure: Callable[[argparse.ArgumentParser], None] | None = None, *,
+               argv: Sequence[str] | None = None, name: str | None = None,
+               ) -> argparse.Namespace:
+  """``--quick`` (small sizes, few repeats: about a minute) and ``--out DIR``, checked.
+
+  ``configure(parser)``, if given, adds a benchmark's own options. Without ``--out``,
+  results go to ``benchmarks/results/`` (``benchmarks/results/quick/`` with ``--quick``).
+
+  Args:
+    description: the help text's first line.
+    configure: adds options to the parser.
+    argv: the arguments (default ``sys.argv[1:]``).
+    name: the benchmark (default: the running script's file name).
+
+  Raises:
+    SystemExit: ``--out`` is an existing file, or a quick run's ``--out`` holds a full
+      result of this benchmark; the message names the option, the path and what to do.
   """
   parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--quick", action="store_true",
-                      help="small sizes and few repeats (finishes in under a minute)")
-  parser.add_argument("--out", type=Path, default=RESULTS_DIR,
-                      help=f"directory for the .json/.md/.png results (default {RESULTS_DIR})")
+                      help="small sizes and few repeats (about a minute)")
+  parser.add_argument("--out", type=Path, default=None,
+                      help=f"directory for the .json/.md/.png results (default {RESULTS_DIR}, "
+                           f"{QUICK_DIR} with --quick)")
   if configure is not None:
     configure(parser)
-  return parser.parse_args()
+  args = parser.parse_args(argv)
+  if args.out is None:
+    args.out = QUICK_DIR if args.quick else RESULTS_DIR
+  name = name or Path(sys.argv[0]).stem
+  if args.out.exists() and not args.out.is_dir():
+    raise SystemExit(f"--out {str(args.out)!r} is an existing file, not a folder: give a "
+                     f"folder for {name}'s results (default {RESULTS_DIR})")
+  previous = args.out / f"{name}.json"
+  if args.quick and previous.is_file():
+    try:
+      full = json.loads(previous.read_text()).get("quick") is False
+    except ValueError:
+      full = False
+    if full:
+      raise SystemExit(f"--out {str(args.out)!r} holds the full results of {name} "
+                       f"({previous.name}), which this --quick run would overwrite; give "
+                       f"another --out (quick runs go to {QUICK_DIR} by default)")
+  return args
 
 
 def time_interleaved(
@@ -122,6 +158,42 @@ def environment() -> dict[str, Any]:
       "python": platform.python_version(),
       "machine": platform.machine(),
   }
+
+
+def fmt_ratio(ratio: Mapping[str, float] | None, digits: int = 3) -> str:
+  """A :func:`paired_ratio`'s median for a table (``—`` when not measured)."""
+  return "—" if ratio is None else f"{ratio['median']:.{digits}f}"
+
+
+def fmt_ci(ratio: Mapping[str, float] | None, digits: int = 3) -> str:
+  """A :func:`paired_ratio`'s 95% confidence interval, ``low–high`` (``—``: not measured)."""
+  return "—" if ratio is None else f"{ratio['ci_low']:.{digits}f}–{ratio['ci_high']:.{digits}f}"
+
+
+def init_dense(key: Any, dims: Sequence[int], names: Sequence[str],
+               gains: float | Sequence[float] = 2.0) -> dict[str, dict[str, Any]]:
+  """Dense layers ``{name: {"kernel", "bias"}}``: kernels ``N(0, gain / fan_in)``, biases 0.
+
+  Args:
+    key: a ``jax.random`` key (split into one key per layer), or a numpy ``Generator``
+      (drawn layer by layer in float32; no XLA program per shape, seconds of a quick run).
+    dims: ``[inputs, hidden..., outputs]``, one more than ``names``.
+    names: the layers' names.
+    gains: 2 (He), 1 (LeCun), or one gain per layer.
+  """
+  gains = [gains] * len(names) if isinstance(gains, int | float) else list(gains)
+  shapes = list(zip(dims[:-1], dims[1:], strict=True))
+  if isinstance(key, np.random.Generator):
+    def kernel(i, shape):
+      draw = key.standard_normal(shape).astype(np.float32)
+      return jax.numpy.asarray(draw / np.sqrt(shape[0] / gains[i]))
+  else:
+    keys = jax.random.split(key, len(names))
+
+    def kernel(i, shape):
+      return jax.random.normal(keys[i], shape) * (gains[i] / shape[0]) ** 0.5
+  return {name: {"kernel": kernel(i, shape), "bias": jax.numpy.zeros((shape[1],), np.float32)}
+          for i, (name, shape) in enumerate(zip(names, shapes, strict=True))}
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -30,7 +30,7 @@ time of a variant's step, ``(step - AdamW step) / AdamW update`` (same round), s
 its masks cost in AdamW updates; XLA's static cost analysis of the compiled steps (bytes
 accessed) is reported as a deterministic check on memory traffic.
 
-Fine-tuning set-up (``gradtx.tour._data.load_data``: sklearn digits, a fixed stratified
+Fine-tuning set-up (``gradtx.tour.load_data``: sklearn digits, a fixed stratified
 70/30 split, standardised): an MLP ``embed`` → ``layer_0..2`` → ``head`` (width 256,
 ReLU) is pretrained with Adam on the digits 0-4 of the train split. Each seed then draws
 50 train examples of each digit 5-9 (250 in all), a new 5-way head (fresh init: the
@@ -78,7 +78,7 @@ from overhead import compile_step, gradtx_step, init_mlp, loss_fn
 from tqdm.auto import tqdm
 
 import gradtx
-from gradtx.tour._data import MLP, load_data
+from gradtx.tour import MLP, load_data
 
 NAME = "child_tuning"
 RESERVE_P = 0.3  # the original's default
@@ -440,11 +440,9 @@ def report(cfg, quick, rows, num_params, finetune) -> str:
   overhead_table = _common.markdown_table(
       ["variant", "optimizer", "step / AdamW step", "95% CI", "extra time in AdamW updates",
        "95% CI (extra)", "XLA bytes / AdamW", "mask density"],
-      [[row["variant"], f"`{row['optimizer']}`", f"{row['vs_adamw']['median']:.3f}",
-        f"{row['vs_adamw']['ci_low']:.3f}–{row['vs_adamw']['ci_high']:.3f}",
-        f"{row['extra_in_adamw_updates']['median']:.2f}",
-        f"{row['extra_in_adamw_updates']['ci_low']:.2f}–"
-        f"{row['extra_in_adamw_updates']['ci_high']:.2f}",
+      [[row["variant"], f"`{row['optimizer']}`", _common.fmt_ratio(row["vs_adamw"]),
+        _common.fmt_ci(row["vs_adamw"]), _common.fmt_ratio(row["extra_in_adamw_updates"], 2),
+        _common.fmt_ci(row["extra_in_adamw_updates"], 2),
         f"{row['xla_bytes_ratio']:.3f}", f"{row['mask_density']:.3f}"] for row in rows])
   ms = default["median_ms"]
   extra = lambda row: row["extra_in_adamw_updates"]["median"]

@@ -1,7 +1,7 @@
 r"""Clipped GD is arbitrarily faster than fixed-step GD when the initial gradient is large.
 
 Zhang, He, Sra, Jadbabaie, "Why gradient clipping accelerates training: a theoretical
-justification for adaptivity", ICLR 2020, arXiv:1905.11881 (TECHNIQUES.md §6, the
+justification for adaptivity", ICLR 2020, arXiv:1905.11881 (the
 paper's Remark 5). On an (L0, L1)-smooth function, ``‖∇²f(x)‖ <= L0 + L1‖∇f(x)‖``, the
 curvature grows with the gradient, so a fixed step must be small enough for the
 steepest point the run visits, where ``‖∇f‖`` is about ``M = ‖∇f(x0)‖``; the paper's
@@ -45,7 +45,7 @@ Methods (all through optax, jit-compiled, ``lax.scan`` inside a ``lax.while_loop
 - hard / soft clipped GD: ``optax.chain(gradtx.clip_by_global_norm(γ, mode=...),
   optax.sgd(η))``, best over ``η ∈ [1e-2, 100]`` (17, 4 per decade) × ``γ ∈ [1e-2, 100]``
   (9, 2 per decade); also the untuned *theory* choice ``η = 1/L0, γ = L0/L1``, for which
-  soft clipping takes exactly the step ``η* = 1/(L0 + L1‖g‖)`` of TECHNIQUES.md §6 and
+  soft clipping takes exactly the step ``η* = 1/(L0 + L1‖g‖)`` of Zhang et al. and
   hard clipping ``min(1/L0, 1/(L1‖g‖))`` (Zhang et al.'s clipped-GD theorem uses this
   form with an extra safety factor 1/10).
 

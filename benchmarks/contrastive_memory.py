@@ -1,4 +1,4 @@
-"""Memory and step time of exact large-batch contrastive gradients (TECHNIQUES.md §1).
+"""Memory and step time of exact large-batch contrastive gradients (GradCache, arXiv:2101.06983).
 
 Claim: ``gradtx.cached_value_and_grad`` computes the full-batch gradient of a contrastive
 loss with one chunk's encoder activations in memory (target: compiled temporary memory
@@ -572,6 +572,10 @@ def main():
   reason = blockwise_status()
   device = f"{_common.environment()['device']} ({jax.default_backend()})"
   if args.section == "transformer":
+    if not (args.out / f"{NAME}.json").is_file():
+      raise SystemExit(f"--section transformer keeps the MLP section of "
+                       f"{args.out / NAME}.json, which does not exist: run the whole "
+                       f"benchmark into --out {str(args.out)!r} first")
     previous = json.loads((args.out / f"{NAME}.json").read_text())
     if previous["quick"] != args.quick:
       raise SystemExit(f"{args.out / NAME}.json has quick={previous['quick']}, "

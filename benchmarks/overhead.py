@@ -61,17 +61,9 @@ def layer_names(num_blocks: int) -> list[str]:
 
 
 def init_mlp(key: jax.Array, width: int, num_blocks: int) -> dict[str, dict[str, jax.Array]]:
-  """``embed``: 784 → width, ``block_i``: width → width, ``head``: width → 10."""
-  names = layer_names(num_blocks)
+  """``embed``: 784 → width, ``block_i``: width → width, ``head``: width → 10 (He normal)."""
   dims = [784] + [width] * (num_blocks + 1) + [10]
-  params = {}
-  for name, fan_in, fan_out, k in zip(names, dims[:-1], dims[1:],
-                                      jax.random.split(key, len(names)), strict=True):
-    params[name] = {
-        "kernel": jax.random.normal(k, (fan_in, fan_out)) * (2.0 / fan_in) ** 0.5,
-        "bias": jnp.zeros((fan_out,)),
-    }
-  return params
+  return _common.init_dense(key, dims, layer_names(num_blocks))
 
 
 def loss_fn(params, x, y):
@@ -286,7 +278,7 @@ def max_abs_diff(a, b) -> float:
 # ------------------------------------------------------------------------- reporting
 
 
-def plot(rows, out_dir):
+def plot(rows, num_params, out_dir):
   plt = _common.pyplot()
   labels = [row["transformation"] for row in rows][::-1]
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
@@ -305,7 +297,8 @@ def plot(rows, out_dir):
     ax.set_title(title)
     ax.set_xlabel("step-time ratio (median over rounds; bars: 95% CI)")
   axes[0].set_yticks(y, labels)
-  fig.suptitle("Adam train step of a 5M-parameter MLP: overhead of each transformation")
+  fig.suptitle(f"Adam train step of a {num_params / 1e6:.2g}M-parameter MLP: overhead of "
+               "each transformation")
   _common.save_figure(fig, out_dir, NAME)
 
 
@@ -355,9 +348,9 @@ def main():
   table = _common.markdown_table(
       ["transformation", "gradtx / hand-written", "95% CI", "gradtx / adam", "hand / adam",
        "XLA bytes gradtx / hand", f"max \\|Δθ\\| after {CHECK_STEPS} steps"],
-      [[row["transformation"], f"{row['vs_hand']['median']:.3f}",
-        f"{row['vs_hand']['ci_low']:.3f}–{row['vs_hand']['ci_high']:.3f}",
-        f"{row['vs_adam']['median']:.3f}", f"{row['hand_vs_adam']['median']:.3f}",
+      [[row["transformation"], _common.fmt_ratio(row["vs_hand"]),
+        _common.fmt_ci(row["vs_hand"]), _common.fmt_ratio(row["vs_adam"]),
+        _common.fmt_ratio(row["hand_vs_adam"]),
         f"{row['xla_bytes_ratio']:.4f}", f"{row['max_abs_param_diff']:.1e}"] for row in rows])
   worst = max(rows, key=lambda row: row["vs_hand"]["median"])
   quick = " (quick)" if args.quick else ""
@@ -386,7 +379,7 @@ def main():
       "target": {"vs_hand_max": 1.05},
       "rows": rows,
   })
-  plot(rows, args.out)
+  plot(rows, num_params, args.out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 r"""EG± vs gradient descent on a sparse linear target with dense inputs (Kivinen & Warmuth).
 
-TECHNIQUES.md §3. Kivinen & Warmuth (1997) bound the online square loss of GD by
+Kivinen & Warmuth (1997, "Exponentiated gradient versus gradient descent for linear
+predictors") bound the online square loss of GD by
 roughly ``‖w*‖₂² · max‖x‖₂²`` and that of EG± by ``U² · max‖x‖∞² · ln(2d)`` (``U >=
 ‖w*‖₁`` its budget). With ``d`` dense inputs (``‖x‖₂² ≈ d``, ``‖x‖∞`` of order 1) and
 a target with ``k << d`` non-zero weights, the first grows like ``k·d`` and the second

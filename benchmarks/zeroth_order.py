@@ -1,4 +1,4 @@
-"""Zeroth-order gradients (TECHNIQUES.md §8): speed vs evosax, lean memory, digits training.
+"""Zeroth-order gradients (OpenAI-ES, arXiv:1703.03864): speed, lean memory, digits training.
 
 Claims: ``gradtx.zeroth_order("es", ...)`` produces OpenAI-ES gradient estimates at least
 as fast as evosax's ``Open_ES`` (target: estimates per second >= 1.0x evosax's, same
@@ -55,7 +55,7 @@ compiled only; at 1e6 the three modes are also executed and must give the same e
 (same key; ``max |Δĝ|``).
 
 **Training** (section ``training``): the MLP 64 → 128 → 10 (9,610 parameters) on
-``load_digits`` (``gradtx.tour._data.load_data``: stratified 70/30 split, standardised per
+``load_digits`` (``gradtx.tour.load_data``: stratified 70/30 split, standardised per
 pixel; 1257 train, 540 test images); the same initialisation and the same sequence of
 training batches (each 256 distinct training images, drawn uniformly) for:
 
@@ -120,13 +120,8 @@ TRAIN = {"steps": 1000, "eval_every": 40, "es_population": 100, "es_sigma": 0.1,
 
 def init_mlp(key: jax.Array, hidden: int, inputs: int = 64, classes: int = 10) -> dict:
   """``hidden``: 64 → H (ReLU), ``head``: H → 10; He-normal kernels, zero biases."""
-  k1, k2 = jax.random.split(key)
-  return {
-      "hidden": {"kernel": jax.random.normal(k1, (inputs, hidden)) * (2.0 / inputs) ** 0.5,
-                 "bias": jnp.zeros((hidden,))},
-      "head": {"kernel": jax.random.normal(k2, (hidden, classes)) * (1.0 / hidden) ** 0.5,
-               "bias": jnp.zeros((classes,))},
-  }
+  return _common.init_dense(key, [inputs, hidden, classes], ["hidden", "head"],
+                            gains=(2.0, 1.0))
 
 
 def init_linear(key: jax.Array, inputs: int = 64, classes: int = 10) -> dict:
@@ -165,7 +160,7 @@ def count(tree) -> int:
 
 
 def load_digits():
-  from gradtx.tour._data import load_data
+  from gradtx.tour import load_data
 
   return load_data()
 
@@ -596,14 +591,6 @@ def training(data, *, quick: bool, bar) -> tuple[list[dict[str, Any]], dict[str,
 # ------------------------------------------------------------------------- reporting
 
 
-def _fmt_ratio(ratio) -> str:
-  return "—" if ratio is None else f"{ratio['median']:.2f}"
-
-
-def _fmt_ci(ratio) -> str:
-  return "—" if ratio is None else f"{ratio['ci_low']:.2f}–{ratio['ci_high']:.2f}"
-
-
 def _fmt_diff(d) -> str:
   return "—" if d is None else f"{d['max_abs']:.1e} ({d['rel']:.1e})"
 
@@ -702,8 +689,9 @@ def main():
       [[r["problem"], f"{r['num_params']:,}", r["population"],
         f"{r['estimates_per_s']['gradtx']:.0f}",
         f"{r['estimates_per_s']['evosax']:.0f}" if "evosax" in r["estimates_per_s"] else "—",
-        _fmt_ratio(r["vs_evosax"]), _fmt_ci(r["vs_evosax"]), _fmt_ratio(r["lean_vs_evosax"]),
-        _fmt_ratio(r["lean_vs_default"]),
+        _common.fmt_ratio(r["vs_evosax"], 2), _common.fmt_ci(r["vs_evosax"], 2),
+        _common.fmt_ratio(r["lean_vs_evosax"], 2),
+        _common.fmt_ratio(r["lean_vs_default"], 2),
         "—" if r["xla_flops_vs_evosax"] is None else f"{r['xla_flops_vs_evosax']:.2f}",
         _fmt_diff(r["agreement"]["gradtx_vs_numpy"]),
         _fmt_diff(r["agreement"]["gradtx_vs_evosax"]),

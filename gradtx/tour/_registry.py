@@ -2,25 +2,27 @@
 
 A part is a function ``run(ctx: Context) -> PartResult`` registered with :func:`part`
 under a name; :data:`PARTS` holds them in registration order. A :class:`PartResult`
-holds table :class:`Row` s, :class:`Figure` s of :class:`Panel` s, and findings.
+holds its own table (:class:`Column` s and :class:`Row` s of numbers), figures (see
+``_report``), and findings. Values are numbers; they are formatted only when a
+table is written (:meth:`Column.cell`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
-
-import numpy as np
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from gradtx.tour._data import Dataset
 
-_SPIKE_EVERY = 50
+if TYPE_CHECKING:
+  from gradtx.tour._report import Figure
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Sizes of the tour; ``quick`` shrinks every part to run in well under a minute."""
+  """Sizes of the tour; ``quick`` shrinks every part to run in about a minute."""
 
   quick: bool = False
   seeds: int = 3
@@ -28,79 +30,76 @@ class Config:
   pretrain_steps: int = 1000
   finetune_steps: int = 400
   batch_size: int = 64
-  spike_every: int = _SPIKE_EVERY
-  optimizers: tuple[str, ...] = ("sgd", "adam")
 
   @classmethod
   def make(cls, quick: bool, seeds: int | None = None) -> Config:
     if quick:
       return cls(quick=True, seeds=seeds or 2, steps=300, pretrain_steps=300,
-                 finetune_steps=150, optimizers=("sgd",))
+                 finetune_steps=150)
     return cls(seeds=seeds or 3)
+
+
+Value = float | int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+  """A column of a part's table: ``key`` into :attr:`Row.values`, its header and format.
+
+  ``fmt`` is a format spec; ``spread`` names a value shown after this one as ``± spread``.
+  A missing value shows as ``-``, a non-finite one as ``nan (diverged)``.
+
+  Example:
+    >>> from gradtx.tour import Column
+    >>> Column("acc", "test acc", ".3f", spread="acc_std").cell({"acc": 0.95, "acc_std": 0.01})
+    '0.950 ± 0.010'
+  """
+
+  key: str
+  header: str
+  fmt: str = ".3g"
+  spread: str | None = None
+
+  def cell(self, values: Mapping[str, Value]) -> str:
+    value = values.get(self.key)
+    if value is None:
+      return "-"
+    if not math.isfinite(value):
+      return "nan (diverged)"
+    text = format(value, self.fmt)
+    if self.spread is not None and values.get(self.spread) is not None:
+      text += f" ± {format(values[self.spread], self.fmt)}"
+    return text
+
+
+#: The columns most parts share: the final full-batch training loss and test accuracy.
+TRAIN_LOSS = Column("train_loss", "train loss")
+TEST_ACC = Column("test_acc", "test acc", ".3f", spread="test_acc_std")
 
 
 @dataclasses.dataclass
 class Row:
-  """One line of a results table: means over seeds (``test_acc_std``: their spread).
+  """One line of a part's table: numbers keyed by the part's :class:`Column` keys.
 
-  ``clipped_steps`` is the mean number of steps with ``clip_scale < 1`` (``None`` when
-  the transformation has no ``clip_scale``); ``clean`` says whether the run saw only
-  the plain task (no injected faults); ``chance`` is the accuracy of guessing.
-  ``extras`` are more columns, shown in the part's own table in ``report.md``.
+  ``clean`` marks a supervised classifier trained on the plain task (no injected faults,
+  no mis-set hyperparameter), whose ``test_acc`` must clear ``chance`` by far.
   """
 
   technique: str
   setting: str
-  train_loss: float
-  test_acc: float
-  test_acc_std: float = 0.0
-  clipped_steps: float | None = None
-  steps: int = 0
+  values: dict[str, Value]
   clean: bool = True
-  chance: float = 0.1
-  extras: dict[str, str] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass
-class Panel:
-  """One axes of a figure: named curves, over steps unless ``x`` is given.
-
-  Or an ``image`` (2-D, e.g. heatmaps tiled into one array) instead of curves, drawn on
-  a diverging colour scale symmetric around 0 (NaN pixels blank); ``x`` and
-  ``xticklabels`` then label its columns, and ``logy``/``ymax``/``vlines`` are unused.
-  """
-
-  title: str
-  curves: dict[str, np.ndarray]
-  ylabel: str = "loss"
-  logy: bool = True
-  vlines: Sequence[float] = ()
-  x: Sequence[float] | None = None
-  xlabel: str = "step"
-  xticklabels: Sequence[str] | None = None
-  ymax: float | None = None
-  image: np.ndarray | None = None
-
-
-@dataclasses.dataclass
-class Figure:
-  """A PNG: ``name`` is the file stem; panels are laid out in a row.
-
-  A label keeps its colour across the panels of a figure.
-  """
-
-  name: str
-  title: str
-  panels: list[Panel]
+  chance: float | None = 0.1
 
 
 @dataclasses.dataclass
 class PartResult:
-  """What a part returns: rows for the tables, figures, and findings in markdown."""
+  """What a part returns: its table, figures, and findings (markdown lines)."""
 
+  columns: list[Column]
   rows: list[Row]
   figures: list[Figure] = dataclasses.field(default_factory=list)
-  findings: str = ""
+  findings: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

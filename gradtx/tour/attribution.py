@@ -14,7 +14,8 @@ import optax
 
 import gradtx
 from gradtx.attribution import METHODS
-from gradtx.tour._registry import Context, Figure, Panel, PartResult, Row, part
+from gradtx.tour._registry import TEST_ACC, TRAIN_LOSS, Column, Context, PartResult, Row, part
+from gradtx.tour._report import Figure, Panel, direction
 from gradtx.tour._training import init_params, run_compiled, train
 
 _STEPS = 50  # quadrature nodes of the table's Integrated Gradients (Captum's default)
@@ -94,13 +95,18 @@ def _relative(delta: Any, change: np.ndarray) -> float:
   return float(np.abs(np.asarray(delta, np.float64)).mean() / np.abs(change).mean())
 
 
-def _stats(delta: Any, change: np.ndarray) -> dict[str, str]:
-  return {"mean |δ|": f"{np.abs(np.asarray(delta, np.float64)).mean():.1e}",
-          "relative δ": f"{_relative(delta, change):.1e}"}
+def _stats(delta: Any, change: np.ndarray) -> dict[str, float]:
+  return {"mean_delta": float(np.abs(np.asarray(delta, np.float64)).mean()),
+          "rel_delta": _relative(delta, change)}
 
 
 @part("attribution", "Integrated Gradients: attributions that add up", _ATTRIBUTION_ABOUT)
 def _attribution(ctx: Context) -> PartResult:
+  """The attributions of one trained classifier.
+
+  Longer than 60 lines: a part reads top to bottom (data, runs, table, figure); its
+  pieces share the runs' arrays, which smaller functions would pass around by the dozen.
+  """
   cfg, data = ctx.config, ctx.data
   sizes = _sizes(cfg.quick)
   model = SmoothMLP()
@@ -155,17 +161,16 @@ def _attribution(ctx: Context) -> PartResult:
       lambda x, y: gradtx.layer_integrated_gradients(
           fn, x, "layer_0", baseline=base, steps=_STEPS, target=y, return_delta=True), x, y)
 
-  common = dict(train_loss=float(runs.train_loss[0]), test_acc=float(runs.test_acc[0]),
-                steps=cfg.steps)
-  rows = [Row("gradient × (x − x')", "first-order term at x", extras=_stats(
-      first_order_delta, change), **common)]
+  common = {"train_loss": float(runs.train_loss[0]), "test_acc": float(runs.test_acc[0])}
+  rows = [Row("gradient × (x − x')", "first-order term at x",
+              {**common, **_stats(first_order_delta, change)})]
   for method in sizes.methods:
     rows.append(Row("integrated_gradients", f"{method}, {_STEPS} steps",
-                    extras=_stats(ig(method, _STEPS)[1], change), **common))
+                    {**common, **_stats(ig(method, _STEPS)[1], change)}))
   rows.append(Row("expected_gradients", f"{sizes.eg_samples} samples, training images as "
-                  "baselines", extras=_stats(eg_delta, change), **common))
+                  "baselines", {**common, **_stats(eg_delta, change)}))
   rows.append(Row("layer_integrated_gradients", f"layer_0 (64 units), gausslegendre, "
-                  f"{_STEPS} steps", extras=_stats(layer_delta, change), **common))
+                  f"{_STEPS} steps", {**common, **_stats(layer_delta, change)}))
 
   shown = len(_SHOW)
   maps = [x - base, grad, times_input, ig("gausslegendre", _STEPS)[0], expected]
@@ -186,20 +191,30 @@ def _attribution(ctx: Context) -> PartResult:
              x=list(range(len(sizes.sweep))), xlabel="steps",
              xticklabels=[str(s) for s in sizes.sweep])])
 
-  gl = _relative(ig("gausslegendre", _STEPS)[1], change)
-  trap = _relative(ig("riemann_trapezoid", _STEPS)[1], change)
-  first = _relative(first_order_delta, change)
-  findings = [
+  return PartResult(_COLUMNS, rows, [heatmaps, convergence], _findings(rows, sweep, sizes))
+
+
+_COLUMNS = [TRAIN_LOSS, TEST_ACC, Column("mean_delta", "mean |δ|", ".1e"),
+            Column("rel_delta", "relative δ", ".1e")]
+
+
+def _findings(rows: list[Row], sweep: dict[str, list[float]], sizes: _Sizes) -> list[str]:
+  """The findings, worded from the rows' relative deltas and the convergence sweep."""
+  rel = {(r.technique, r.setting): r.values["rel_delta"] for r in rows}
+  gl = rel["integrated_gradients", f"gausslegendre, {_STEPS} steps"]
+  trap = rel["integrated_gradients", f"riemann_trapezoid, {_STEPS} steps"]
+  first, layer = rows[0].values["rel_delta"], rows[-1].values["rel_delta"]
+  return [
       f"- Completeness: with {_STEPS} Gauss–Legendre nodes the attributions add up to "
       f"F(x) − F(x') within relative δ {gl:.1e} (≤ {_CHECK:g}: "
       f"{'yes' if gl <= _CHECK else 'NO'}); the trapezoid rule's δ at {_STEPS} steps is "
-      f"{trap:.1e}; the first-order term `(x − x') ⊙ ∇F(x)` misses by {first:.2g} of the "
-      "change: the baseline is far from x, and the gradient at x alone does not account "
-      "for the change.",
+      f"{trap:.1e}, {direction(trap, gl, 'smaller', 'larger')} than Gauss–Legendre's; the "
+      f"first-order term `(x − x') ⊙ ∇F(x)` misses by {first:.2g} of the change, "
+      f"{direction(first, trap, 'less', 'more')} than the trapezoid rule: the gradient at x "
+      "alone does not account for the change from a distant baseline.",
       f"- Steps for the convergence figure: {', '.join(map(str, sizes.sweep))}; "
       + "; ".join(f"{m} {v[0]:.1e} → {v[-1]:.1e}" for m, v in sweep.items()) + ".",
       f"- Expected Gradients add up only in expectation (δ is Monte-Carlo error over "
-      f"{sizes.eg_samples} draws); layer IG at `layer_0` is complete like input IG "
-      f"(relative δ {rows[-1].extras['relative δ']}).",
+      f"{sizes.eg_samples} draws); layer IG at `layer_0` has relative δ {layer:.1e}, "
+      f"{direction(layer, _CHECK, 'within', 'beyond')} the {_CHECK:g} that input IG meets.",
   ]
-  return PartResult(rows, [heatmaps, convergence], "\n".join(findings))

@@ -11,8 +11,8 @@ import optax
 
 import gradtx
 from gradtx.tour._data import MLP
-from gradtx.tour._registry import Context, Figure, Panel, PartResult, Row, part
-from gradtx.tour._report import _mean_curve, _mean_std
+from gradtx.tour._registry import TEST_ACC, TRAIN_LOSS, Column, Context, PartResult, Row, part
+from gradtx.tour._report import Figure, Panel, direction, mean_curve, mean_std
 from gradtx.tour._training import init_params, run_compiled, train
 
 _SHOTS = 50  # fine-tuning images per new digit
@@ -135,6 +135,11 @@ def _take(tree: Any, i: Any) -> Any:
 
 @part("child_tuning", "ChildTuning-F/D fine-tuning on digits", _CHILD_TUNING_ABOUT)
 def _child_tuning(ctx: Context) -> PartResult:
+  """Pretraining, Fisher masks and every fine-tuning in one compiled program.
+
+  Longer than 60 lines: a part reads top to bottom (data, runs, table, figure); its
+  pieces share the runs' arrays, which smaller functions would pass around by the dozen.
+  """
   cfg, data = ctx.config, ctx.data
   model, seeds = MLP(), cfg.seeds
   y_train, y_test = np.asarray(data.y_train), np.asarray(data.y_test)
@@ -186,51 +191,21 @@ def _child_tuning(ctx: Context) -> PartResult:
   rows, losses, densities = [], {}, {}
   for m, (name, setting, settings) in enumerate(methods):
     sel = slice(m * seeds, (m + 1) * seeds)
-    acc_mean, acc_std = _mean_std(acc[sel])
+    acc_mean, acc_std = mean_std(acc[sel])
     has_mask = any(k != "lr" for k in settings)
-    rows.append(Row(
-        technique=name, setting=setting, train_loss=_mean_std(train_loss[sel])[0],
-        test_acc=acc_mean, test_acc_std=acc_std, steps=cfg.finetune_steps, chance=0.2,
-        extras={"mask density": f"{density[sel].mean():.3f}" if has_mask else "-",
-                "body moved": f"{moved[sel].mean():.3f}"}))
-    losses[name] = _mean_curve(loss[sel])
+    rows.append(Row(name, setting, {
+        "train_loss": mean_std(train_loss[sel])[0], "test_acc": acc_mean,
+        "test_acc_std": acc_std,
+        "mask_density": float(density[sel].mean()) if has_mask else None,
+        "body_moved": float(moved[sel].mean())}, chance=0.2))
+    losses[name] = mean_curve(loss[sel])
     if has_mask:
       densities[name] = density[sel][0]
 
   layer_density = {leaf: np.mean([[np.mean(mk["params"][layer][leaf]) for layer in _LAYERS]
                                    for mk in masks], axis=0) for leaf in ("kernel", "bias")}
-  hidden = layer_density["kernel"][1:-1]
-  by = {r.technique: r for r in rows}
-  f_grad, f_upd, plain, slow = (by[n] for n in (
-      "child_tuning_f, gradient", "child_tuning_f, update", "adamw", "adamw, lr × √p"))
-  masked = [r for r in rows if r.extras["mask density"] != "-"]
-  best = max(masked, key=lambda r: r.test_acc)
-  spread = max(r.test_acc_std for r in rows)
-  verdict = (f"{best.technique} beats it by more than that" if
-             best.test_acc > plain.test_acc + spread else "no mask beats plain AdamW here")
-  gap = lambda a, b: abs(np.log(a.train_loss / b.train_loss))  # noqa: E731
-  closer = "closer to" if gap(f_grad, slow) < gap(f_grad, plain) else "not closer to"
-  findings = "\n".join([
-      f"- Pretraining on 0–4 ({len(old)} images, {cfg.pretrain_steps} steps) reaches test "
-      f"accuracy {pre.test_acc.mean():.3f} on 0–4. Fine-tuned on 5–9 from {_SHOTS * 5} "
-      f"images, plain AdamW scores {plain.test_acc:.3f} ± {plain.test_acc_std:.3f} and the "
-      f"masked rows {min(r.test_acc for r in masked):.3f}–{best.test_acc:.3f} (largest "
-      f"seed spread ± {spread:.3f}): {verdict}.",
-      f"- ChildTuning-F before AdamW ends at train loss {f_grad.train_loss:.3g}, {closer} "
-      f"AdamW with the learning rate × √{_P:g} ({slow.train_loss:.3g}) than to plain "
-      f"AdamW ({plain.train_loss:.3g}): Su's √p. After AdamW it keeps AdamW's step on "
-      f"average (train loss {f_upd.train_loss:.3g}).",
-      f"- Body moved: before AdamW, F moves every coordinate ({f_grad.extras['body moved']})"
-      f"; D after AdamW freezes all but its {_P:g} of the body "
-      f"({by['child_tuning_d, update'].extras['body moved']}), while D before AdamW lets "
-      "AdamW's weight decay move the masked coordinates "
-      f"({by['child_tuning_d, gradient'].extras['body moved']}): a zero gradient gives a "
-      "zero Adam step, but not a zero decay.",
-      f"- The D mask keeps {layer_density['kernel'][0]:.2f} of `embed/kernel`, "
-      f"{min(hidden):.2f}–{max(hidden):.2f} of the hidden kernels and "
-      f"{np.mean(layer_density['bias'][:-1]):.2f} of the body's biases: one global "
-      "threshold over the body, not one per layer.",
-  ])
+  findings = _findings({r.technique: r.values for r in rows}, layer_density,
+                       pre.test_acc.mean(), len(old), cfg.pretrain_steps)
   figure = Figure("child_tuning", f"Fine-tuning on 5–9 from {_SHOTS} images per digit "
                   "(mean over seeds)", [
       Panel("minibatch loss", losses),
@@ -240,4 +215,44 @@ def _child_tuning(ctx: Context) -> PartResult:
             ylabel="fraction kept", logy=False, x=range(len(_LAYERS)), xlabel="layer",
             xticklabels=_LAYERS),
   ])
-  return PartResult(rows, [figure], findings)
+  columns = [TRAIN_LOSS, TEST_ACC, Column("mask_density", "mask density", ".3f"),
+             Column("body_moved", "body moved", ".3f")]
+  return PartResult(columns, rows, [figure], findings)
+
+
+def _findings(by: dict[str, dict[str, Any]], layer_density: dict[str, np.ndarray],
+              pre_acc: float, pre_images: int, pre_steps: int) -> list[str]:
+  """The findings, worded from the rows' values (``by`` technique)."""
+  f_grad, f_upd, plain, slow = (by[n] for n in (
+      "child_tuning_f, gradient", "child_tuning_f, update", "adamw", "adamw, lr × √p"))
+  d_grad, d_upd = by["child_tuning_d, gradient"], by["child_tuning_d, update"]
+  masked = {n: v for n, v in by.items() if v["mask_density"] is not None}
+  best = max(masked, key=lambda n: masked[n]["test_acc"])
+  spread = max(v["test_acc_std"] for v in by.values())
+  verdict = (f"{best} beats it by more than that"
+             if masked[best]["test_acc"] > plain["test_acc"] + spread
+             else "no mask beats plain AdamW by more than that")
+  gap = lambda a, b: abs(np.log(a["train_loss"] / b["train_loss"]))
+  hidden = layer_density["kernel"][1:-1]
+  return [
+      f"- Pretraining on 0–4 ({pre_images} images, {pre_steps} steps) reaches test "
+      f"accuracy {pre_acc:.3f} on 0–4. Fine-tuned on 5–9 from {_SHOTS * 5} images, plain "
+      f"AdamW scores {plain['test_acc']:.3f} ± {plain['test_acc_std']:.3f} and the masked "
+      f"rows {min(v['test_acc'] for v in masked.values()):.3f}–"
+      f"{masked[best]['test_acc']:.3f} (largest seed spread ± {spread:.3f}): {verdict}.",
+      f"- ChildTuning-F before AdamW ends at train loss {f_grad['train_loss']:.3g}, "
+      f"{direction(gap(f_grad, slow), gap(f_grad, plain), 'closer to', 'farther from')} "
+      f"AdamW with the learning rate × √{_P:g} ({slow['train_loss']:.3g}) than to plain "
+      f"AdamW ({plain['train_loss']:.3g}) (Su's √p). After AdamW it ends at "
+      f"{f_upd['train_loss']:.3g}, {direction(f_upd['train_loss'], plain['train_loss'])} "
+      "than plain AdamW.",
+      f"- Body moved: before AdamW, F moves {f_grad['body_moved']:.3f} of the body's "
+      f"coordinates; D after AdamW {d_upd['body_moved']:.3f} (its mask keeps {_P:g}), D "
+      f"before AdamW {d_grad['body_moved']:.3f} "
+      f"({direction(d_grad['body_moved'], d_upd['body_moved'], 'less', 'more')} than "
+      "after): a zero gradient gives a zero Adam step, but not a zero weight decay.",
+      f"- The D mask keeps {layer_density['kernel'][0]:.2f} of `embed/kernel`, "
+      f"{min(hidden):.2f}–{max(hidden):.2f} of the hidden kernels and "
+      f"{np.mean(layer_density['bias'][:-1]):.2f} of the body's biases: one global "
+      "threshold over the body, not one per layer.",
+  ]

@@ -12,10 +12,11 @@ import optax
 
 import gradtx
 from gradtx.tour._data import MLP
-from gradtx.tour._registry import _SPIKE_EVERY, Context, Figure, Panel, PartResult, part
-from gradtx.tour._report import _fmt_loss, _mean_curve, _row
+from gradtx.tour._registry import TEST_ACC, TRAIN_LOSS, Column, Context, PartResult, Row, part
+from gradtx.tour._report import Figure, Panel, direction, finite, fmt_loss, mean_curve, run_values
 from gradtx.tour._training import Runs, init_params, train
 
+_SPIKE_EVERY = 50
 _CLIP_MAX_NORM = 1.0
 _NUM_LEAVES = 10  # the MLP's 5 Dense layers, a kernel and a bias each
 _SPIKE_FACTORS = {"sgd": 100.0, "adam": 1000.0}
@@ -35,9 +36,12 @@ Adam (lr 1e-3), with each clipping rule chained in front of the optimizer: none;
 defaults). Every run is trained twice from the same initialisation and minibatches:
 on clean gradients, and with *injected gradient spikes*: every {_SPIKE_EVERY}th gradient
 is multiplied by {_SPIKE_FACTORS["sgd"]:g} (SGD) or {_SPIKE_FACTORS["adam"]:g} (Adam),
-a stand-in for a corrupted batch. "Clipped steps" counts the steps with
-`clip_scale < 1`, read from the optimizer state with `optax.tree_utils`; "spikes
-clipped" counts the spiked steps among them; "spike ×" is how much larger a spiked
+a stand-in for a corrupted batch (Adam only in full mode). "Clipped steps" counts the
+steps with `clip_scale < 1`, read from the optimizer state with `optax.tree_utils`
+(`-` without clipping); "spikes clipped" counts the spiked steps among them; "mean
+scale" is the mean `clip_scale` over steps (soft clipping scales every step by
+`γ / (γ + ‖g‖)`, so it counts every step as clipped; the scale says by how much); "spike
+×" is how much larger a spiked
 step was than a typical one after clipping (median of `‖g‖·clip_scale` over spike steps
 divided by its median over the others): about the spike factor without clipping, near 1
 when a rule neutralises spikes.
@@ -55,81 +59,118 @@ def _clip_rules(steps: int) -> list[tuple[str, optax.GradientTransformation | No
   ]
 
 
-def _spike_stats(runs: Runs, sel: Any, every: int) -> dict[str, str]:
-  """Extras for a spiked row: spiked steps clipped, and the residual spike size."""
-  steps = runs.loss.shape[-1]
-  spike = (np.arange(steps) + 1) % every == 0
-  applied = runs.grad_norm[sel] * np.nan_to_num(runs.clip_scale[sel], nan=1.0)
+def _optimizers(quick: bool) -> tuple[str, ...]:
+  return ("sgd",) if quick else ("sgd", "adam")
+
+
+def min_clip_scale(opt_state: Any) -> jax.Array:
+  """The smallest ``clip_scale`` anywhere in an optimizer state (NaN if there is none).
+
+  Reads every field named ``clip_scale`` (``optax.tree_utils.tree_get_all_with_path``),
+  so it works for chains, per-leaf clipping (a tree of scales) and ``by_path``.
+  """
+  found = optax.tree_utils.tree_get_all_with_path(opt_state, "clip_scale")
+  scales = [jnp.min(leaf) for _, value in found for leaf in jax.tree.leaves(value)]
+  if not scales:
+    return jnp.full((), jnp.nan, jnp.float32)
+  return jnp.min(jnp.stack(scales)).astype(jnp.float32)
+
+
+def _spike(grads: Any, t: jax.Array, factor: jax.Array) -> Any:
+  """Multiplies the gradient by the run's ``factor`` at every ``_SPIKE_EVERY``-th step."""
+  scale = jnp.where((t + 1) % _SPIKE_EVERY == 0, factor, 1.0)
+  return jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
+
+
+def _logs(grads: Any, opt_state: Any) -> dict[str, jax.Array]:
+  return {"grad_norm": gradtx.global_norm(grads), "clip_scale": min_clip_scale(opt_state)}
+
+
+def _clip_values(runs: Runs, sel: Any, spikes: bool) -> dict[str, float | None]:
+  """Clipped steps, mean scale and, for spiked runs, spikes clipped and residual spike size."""
+  scale = runs.logs["clip_scale"][sel]
+  spike = (np.arange(scale.shape[-1]) + 1) % _SPIKE_EVERY == 0
+  applied = runs.logs["grad_norm"][sel] * np.nan_to_num(scale, nan=1.0)
   gain = np.mean(np.median(applied[:, spike], 1) / np.median(applied[:, ~spike], 1))
-  caught = runs.clipped()[sel][:, spike].sum(-1).mean()
-  has_clip = not np.all(np.isnan(runs.clip_scale[sel]))
-  return {"spikes clipped": f"{caught:.0f}/{spike.sum()}" if has_clip else "-",
-          "spike ×": f"{gain:.3g}"}
+  clipped = scale < 1.0 - 1e-6
+  has_clip = not np.all(np.isnan(scale))
+  return {"clipped_steps": float(clipped.sum(-1).mean()) if has_clip else None,
+          "spikes_clipped": float(clipped[:, spike].sum(-1).mean())
+          if has_clip and spikes else None,
+          "mean_scale": float(scale.mean()) if has_clip else None,
+          "spike_gain": float(gain) if spikes else None}
 
 
 @part("clipping", "Gradient clipping, clean and with injected spikes", _CLIPPING_ABOUT)
 def _clipping(ctx: Context) -> PartResult:
   cfg, data = ctx.config, ctx.data
   model = MLP()
-  seeds, steps, every = cfg.seeds, cfg.steps, cfg.spike_every
+  seeds, steps = cfg.seeds, cfg.steps
   keys = jax.random.split(jax.random.key(1), (2, seeds))
   # Runs are [clean seeds..., spiked seeds...]: same init and minibatches, paired.
   init = jax.tree.map(lambda a: jnp.concatenate([a, a]), init_params(model, keys[0]))
   batch_keys = jnp.concatenate([keys[1], keys[1]])
   clean, spiked = slice(0, seeds), slice(seeds, 2 * seeds)
+  optimizers = _optimizers(cfg.quick)
 
-  jobs = [(opt, name, clip) for opt in cfg.optimizers for name, clip in _clip_rules(steps)]
+  jobs = [(opt, name, clip) for opt in optimizers for name, clip in _clip_rules(steps)]
   rows, curves = [], {}
   for opt, name, clip in ctx.track(jobs):
     tx = _OPTIMIZERS[opt]() if clip is None else optax.chain(clip, _OPTIMIZERS[opt]())
     factor = _SPIKE_FACTORS[opt]
-    factors = np.concatenate([np.ones(seeds), np.full(seeds, factor)])
+    factors = jnp.asarray(np.concatenate([np.ones(seeds), np.full(seeds, factor)]),
+                          jnp.float32)
     runs = train(model.apply, tx, init, data, steps=steps, keys=batch_keys,
-                 batch_size=cfg.batch_size, spike_factor=factors, spike_every=every)
-    rows.append(_row(name, f"{opt}, clean", runs, clean))
-    rows.append(_row(name, f"{opt}, spikes ×{factor:g}", runs, spiked, clean=False,
-                     extras=_spike_stats(runs, spiked, every)))
-    curves.setdefault((opt, "clean"), {})[name] = _mean_curve(runs.loss, clean)
-    curves.setdefault((opt, "spikes"), {})[name] = _mean_curve(runs.loss, spiked)
+                 batch_size=cfg.batch_size, per_run=factors, grad_hook=_spike, log_fn=_logs)
+    for sel, setting, is_clean in ((clean, "clean", True),
+                                   (spiked, f"spikes ×{factor:g}", False)):
+      values = {**run_values(runs, sel), **_clip_values(runs, sel, spikes=not is_clean)}
+      rows.append(Row(name, f"{opt}, {setting}", values, clean=is_clean))
+    curves.setdefault((opt, "clean"), {})[name] = mean_curve(runs.loss, clean)
+    curves.setdefault((opt, "spikes"), {})[name] = mean_curve(runs.loss, spiked)
     if clip is not None:
-      curves.setdefault((opt, "clipped"), {})[name] = np.cumsum(runs.clipped()[spiked].mean(0))
+      clipped = runs.logs["clip_scale"][spiked] < 1.0 - 1e-6
+      curves.setdefault((opt, "clipped"), {})[name] = np.cumsum(clipped.mean(0))
 
-  spike_steps = [s for s in range(steps) if (s + 1) % every == 0]
-  figures, lines = [], []
-  for opt in cfg.optimizers:
-    factor = _SPIKE_FACTORS[opt]
-    figures.append(Figure(f"clipping_{opt}", f"{opt}: minibatch loss (mean over seeds) and "
-                          "clipped steps; grey lines mark the spikes", [
-        Panel(f"{opt}, clean gradients", curves[opt, "clean"]),
-        Panel(f"{opt}, spikes ×{factor:g} every {every} steps", curves[opt, "spikes"],
-              vlines=spike_steps, ymax=20.0),
-        Panel(f"{opt}, spikes: cumulative clipped steps", curves[opt, "clipped"],
-              ylabel="clipped steps", logy=False, vlines=spike_steps),
-    ]))
-    by = {(r.technique, r.clean): r for r in rows if r.setting.startswith(opt + ",")}
-    base, base_clean = by["none", False], by["none", True]
-    clipped = [r for (t, c), r in by.items() if not c and t != "none"]
-    worst = max(clipped, key=lambda r: _finite(r.train_loss))
-    counts = ", ".join(f"{r.technique} {r.clipped_steps:.0f} ({r.extras['spikes clipped']} "
-                       "spikes)" for r in clipped)
-    lines += [
-        f"- {opt}: spikes ×{factor:g} take the unclipped run from train loss "
-        f"{_fmt_loss(base_clean.train_loss)} (test acc {base_clean.test_acc:.3f}) to "
-        f"{_fmt_loss(base.train_loss)} (test acc {base.test_acc:.3f}); with any clipping "
-        f"rule the worst spiked run ends at {_fmt_loss(worst.train_loss)} "
-        f"({worst.technique}, test acc {worst.test_acc:.3f}).",
-        f"- {opt}, clipped steps out of {steps} with spikes: {counts}.",
-    ]
-  lines.append(
-      "- A fixed γ cannot tell a spike from a large gradient: it clips the large gradients "
-      "of early training, and lets through late spikes of gradients that have shrunk "
-      "(harmless here: the damaging spike is the first, early one). Soft clipping scales "
-      "every step; AutoClip clips whatever exceeds the 10th percentile of past norms (most "
-      "steps, spikes included); ZClip, after its 25-step warm-up, clips the spikes and "
-      "little else."
-  )
-  return PartResult(rows, figures, "\n".join(lines))
+  spike_steps = [s for s in range(steps) if (s + 1) % _SPIKE_EVERY == 0]
+  figures = [Figure(f"clipping_{opt}", f"{opt}: minibatch loss (mean over seeds) and "
+                    "clipped steps; grey lines mark the spikes", [
+      Panel(f"{opt}, clean gradients", curves[opt, "clean"]),
+      Panel(f"{opt}, spikes ×{_SPIKE_FACTORS[opt]:g} every {_SPIKE_EVERY} steps",
+            curves[opt, "spikes"], vlines=spike_steps, ymax=20.0),
+      Panel(f"{opt}, spikes: cumulative clipped steps", curves[opt, "clipped"],
+            ylabel="clipped steps", logy=False, vlines=spike_steps),
+  ]) for opt in optimizers]
+  columns = [TRAIN_LOSS, TEST_ACC, Column("clipped_steps", f"clipped steps (of {steps})", ".0f"),
+             Column("spikes_clipped", f"spikes clipped (of {len(spike_steps)})", ".0f"),
+             Column("mean_scale", "mean scale", ".3f"), Column("spike_gain", "spike ×")]
+  findings = [line for opt in optimizers for line in _findings(rows, opt, steps)]
+  return PartResult(columns, rows, figures, findings)
 
 
-def _finite(x: float) -> float:
-  return x if math.isfinite(x) else math.inf
+def _findings(rows: list[Row], opt: str, steps: int) -> list[str]:
+  """The findings for one optimizer, worded from its rows."""
+  by = {(r.technique, r.clean): r.values for r in rows if r.setting.startswith(opt + ",")}
+  base, base_clean = by["none", False], by["none", True]
+  rules = [t for (t, c) in by if not c and t != "none"]
+  worst = max(rules, key=lambda t: finite(by[t, False]["train_loss"]))
+  every = [t for t in rules if by[t, False]["clipped_steps"] >= steps - 0.5]
+  spikes_only = [t for t in rules if t not in every
+                 and by[t, False]["spike_gain"] < 0.1 * base["spike_gain"]]
+  counts = ", ".join(f"{t} {by[t, False]['clipped_steps']:.0f} "
+                     f"({by[t, False]['spikes_clipped']:.0f} spikes, mean scale "
+                     f"{by[t, False]['mean_scale']:.2f})" for t in rules)
+  factor = _SPIKE_FACTORS[opt]
+  return [
+      f"- {opt}: spikes ×{factor:g} take the unclipped run from train loss "
+      f"{fmt_loss(base_clean['train_loss'])} (test acc {base_clean['test_acc']:.3f}) to "
+      f"{fmt_loss(base['train_loss'])} (test acc {base['test_acc']:.3f}); with clipping, "
+      f"the worst spiked run ends at {fmt_loss(by[worst, False]['train_loss'])} ({worst}, "
+      f"test acc {by[worst, False]['test_acc']:.3f}), "
+      f"{direction(by[worst, False]['train_loss'], base['train_loss'])} than without.",
+      f"- {opt}, clipped steps out of {steps} with spikes: {counts}.",
+      f"- {opt}: rules that scale every step: {', '.join(every) or 'none'}; rules that "
+      f"shrink the spikes more than 10× below the unclipped spike × "
+      f"({base['spike_gain']:.3g}) while leaving some steps alone: "
+      f"{', '.join(spikes_only) or 'none'}.",
+  ]

@@ -13,8 +13,9 @@ import numpy as np
 import optax
 
 import gradtx
-from gradtx.tour._registry import Context, Figure, Panel, PartResult, Row, part
-from gradtx.tour._report import smooth
+from gradtx.tour._data import raw_digits
+from gradtx.tour._registry import TEST_ACC, Column, Context, PartResult, Row, part
+from gradtx.tour._report import Figure, Panel, direction, smooth
 from gradtx.tour._training import _COMPILER_OPTIONS
 
 _TEMPERATURE = 0.1
@@ -57,7 +58,7 @@ same chunk of 128); and the exact gradient of the large batch's loss with
 *linear probes* (softmax regression, {_PROBE_STEPS} Adam steps on standardised 128-d
 features) are trained on all training labels ("test acc") and on {_SHOTS} labels per
 class ({_LABEL_DRAWS} random draws per encoder); a randomly initialised encoder and the
-raw pixels are probed the same way. "train loss" is the all-label probe's cross-entropy;
+raw pixels are probed the same way. "probe loss" is the all-label probe's cross-entropy;
 "NT-Xent @B" is the loss of a fixed set of B (the large batch) augmented pairs at the end.
 """
 
@@ -227,20 +228,6 @@ def _shots(y_train: np.ndarray, seed: int = 0) -> np.ndarray:
   ])
 
 
-def _raw_digits(data) -> tuple[np.ndarray, np.ndarray]:
-  """The tour's split of the digits as intensities in [0, 1] (augmentations shift them)."""
-  from sklearn.datasets import load_digits
-  from sklearn.model_selection import train_test_split
-
-  x, y = load_digits(return_X_y=True)
-  x_train, x_test, y_train, y_test = train_test_split(
-      x / 16.0, y, test_size=0.3, random_state=0, stratify=y)
-  # The same split as ``load_data``'s defaults; the standardised copy must match it.
-  assert np.array_equal(y_train, np.asarray(data.y_train)), "split differs from load_data"
-  assert np.array_equal(y_test, np.asarray(data.y_test)), "split differs from load_data"
-  return np.asarray(x_train, np.float32), np.asarray(x_test, np.float32)
-
-
 _METHODS = {
     "small": "nt_xent, small batch",
     "naive": "nt_xent, naive accumulation",
@@ -251,12 +238,18 @@ _METHODS = {
 @part("contrastive", "Contrastive pre-training at a large batch, in chunks",
       _CONTRASTIVE_ABOUT)
 def _contrastive(ctx: Context) -> PartResult:
+  """Pre-training by segments, probes along the way, then every final probe.
+
+  Longer than 60 lines: a part reads top to bottom (data, runs, table, figure); its
+  pieces share the runs' arrays, which smaller functions would pass around by the dozen.
+  """
   cfg, data = ctx.config, ctx.data
   sizes = _sizes(cfg.quick)
   # Quick runs are dominated by compilation, full runs by the steps (see _training).
   options = _COMPILER_OPTIONS if cfg.quick else None
   methods = [m for m in _METHODS if not (cfg.quick and m == "naive")]
-  x_train, x_test = (jnp.asarray(a) for a in _raw_digits(data))
+  x_train, _, x_test, _ = (np.asarray(a, np.float32) for a in raw_digits(data))
+  x_train, x_test = jnp.asarray(x_train), jnp.asarray(x_test)
   y_train, y_test = data.y_train, data.y_test
   shots = jnp.asarray(_shots(np.asarray(y_train)))
   model = Encoder()
@@ -330,42 +323,49 @@ def _contrastive(ctx: Context) -> PartResult:
              "raw pixels": np.full(len(checkpoints), float(np.mean(final["pixels"][0])))},
             x=checkpoints, ylabel="test accuracy", logy=False),
   ])
-  return PartResult(rows, [figure], _findings(rows, sizes))
+  return PartResult(_columns(sizes.large), rows, [figure], _findings(rows, sizes))
 
 
 def _probe_row(technique: str, setting: str, few: Any, train_ce: Any, acc: Any, *,
                steps: int, eval_loss: Any, large: int) -> Row:
   few_acc = np.asarray(few).mean(-1)  # per encoder, over the label draws
-  return Row(
-      technique=technique, setting=setting,
-      train_loss=float(np.mean(train_ce)), test_acc=float(np.mean(acc)),
-      test_acc_std=float(np.std(acc)), steps=steps,
-      extras={
-          f"probe acc, {_SHOTS} labels/class": f"{few_acc.mean():.3f} ± {few_acc.std():.3f}",
-          f"NT-Xent @{large}": "-" if eval_loss is None else f"{np.mean(eval_loss):.3f}",
-      },
-  )
+  return Row(technique, setting, {
+      "probe_loss": float(np.mean(train_ce)), "test_acc": float(np.mean(acc)),
+      "test_acc_std": float(np.std(acc)), "few_acc": float(few_acc.mean()),
+      "few_acc_std": float(few_acc.std()),
+      "nt_xent_large": None if eval_loss is None else float(np.mean(eval_loss)),
+      "steps": steps})
 
 
-def _findings(rows: list[Row], sizes: _Sizes) -> str:
-  by = {r.technique: r for r in rows}
-  few = lambda r: r.extras[f"probe acc, {_SHOTS} labels/class"]
-  nt = lambda r: r.extras[f"NT-Xent @{sizes.large}"]
+def _columns(large: int) -> list[Column]:
+  return [Column("probe_loss", "probe loss"), TEST_ACC,
+          Column("few_acc", f"probe acc, {_SHOTS} labels/class", ".3f", spread="few_acc_std"),
+          Column("nt_xent_large", f"NT-Xent @{large}", ".3f"),
+          Column("steps", "pre-training steps", "d")]
+
+
+def _findings(rows: list[Row], sizes: _Sizes) -> list[str]:
+  by = {r.technique: r.values for r in rows}
+  few = lambda v: f"{v['few_acc']:.3f} ± {v['few_acc_std']:.3f}"
   random, pixels = by["random encoder (no pre-training)"], by["raw pixels (no encoder)"]
   trained = [(name, by[label]) for name, label in [
       (f"batch {sizes.small}", _METHODS["small"]), ("naive accumulation", _METHODS["naive"]),
       (f"exact cached gradient at {sizes.large}", _METHODS["cached"])] if label in by]
+  accs = [v["test_acc"] for v in by.values()]
+  lower = direction(by[_METHODS["cached"]]["nt_xent_large"],
+                    by[_METHODS["small"]]["nt_xent_large"])
   lines = [
       f"- Linear probe on {_SHOTS} labels per class: random encoder {few(random)}, raw "
       f"pixels {few(pixels)}; after {sizes.steps} pre-training steps: "
-      + ", ".join(f"{name} {few(r)}" for name, r in trained) + ".",
-      f"- With all labels every probe is near the ceiling of this easy task (test acc "
-      f"{min(r.test_acc for r in rows):.3f} to {max(r.test_acc for r in rows):.3f}).",
+      + ", ".join(f"{name} {few(v)}" for name, v in trained) + ".",
+      f"- With all labels the probes' test accuracy spans {min(accs):.3f} to "
+      f"{max(accs):.3f}.",
       f"- The large-batch objective (NT-Xent of {sizes.large} fixed pairs) after "
-      "pre-training: " + ", ".join(f"{name} {nt(r)}" for name, r in trained) + ". "
-      "Naive accumulation minimises the mean of the chunk losses, a different objective "
-      "(negatives only from the same chunk); `cached_value_and_grad` returns the gradient "
-      "of the large batch's loss itself, to float rounding (the check is in "
-      "`colabs/contrastive_grad_accumulation.ipynb`).",
+      "pre-training: " + ", ".join(f"{name} {v['nt_xent_large']:.3f}" for name, v in trained)
+      + f"; the exact cached gradient ends {lower} than the small batch. Naive "
+      "accumulation minimises the mean of the chunk losses, a different objective "
+      "(negatives only from the same chunk); "
+      "`cached_value_and_grad` returns the gradient of the large batch's loss itself, to "
+      "float rounding (the check is in `colabs/contrastive_grad_accumulation.ipynb`).",
   ]
-  return "\n".join(lines)
+  return lines

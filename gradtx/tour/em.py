@@ -8,8 +8,9 @@ import numpy as np
 import optax
 
 import gradtx
-from gradtx.tour._data import Dataset
-from gradtx.tour._registry import Context, Figure, Panel, PartResult, Row, part
+from gradtx.tour._data import raw_digits
+from gradtx.tour._registry import Column, Context, PartResult, Row, part
+from gradtx.tour._report import Figure, Panel, direction
 from gradtx.tour._training import run_compiled
 
 _K = 10
@@ -32,10 +33,11 @@ algorithm in numpy (the reference); `gradtx.diag_newton(1.0, damping=0.0, key=..
 the K-means loss with the nearest-centroid assignments under `jax.lax.stop_gradient`, its
 curvature from the `loss_fn` passed to `update` (Hutchinson's estimator, exact for a
 diagonal Hessian); `optax.sgd` with one step size for every centroid (half of Newton's
-step for a cluster of average size). Train loss is the K-means loss per image (mean squared distance
-to the nearest centroid); test acc labels each test image by the majority training label
-of its nearest centroid (these rows are unsupervised, not marked clean). "max |Δ Lloyd|"
-is the largest difference from Lloyd's centroids over all iterations.
+step for a cluster of average size). "K-means loss / image" is the mean squared distance
+of a training image to its nearest final centroid; "cluster acc" labels each test image
+by the majority training label of its nearest centroid (unsupervised rows, not marked
+clean); "max |Δ Lloyd|" is the largest difference from Lloyd's centroids over all
+iterations; "last K-means loss" is the summed loss at the last iteration.
 """
 
 
@@ -78,24 +80,6 @@ def _gradtx_path(tx: optax.GradientTransformation, x: np.ndarray, centroids: np.
     return np.asarray(path), np.asarray(losses)
 
 
-def _raw_split(data: Dataset) -> tuple[np.ndarray, ...]:
-  """The tour's split of the digits as raw pixels in [0, 1] (K-means wants them unscaled).
-
-  Standardising would give the nearly constant border pixels the weight of the strokes.
-  The split is ``load_data``'s (same call); the labels are checked against ``data``.
-  """
-  from sklearn.datasets import load_digits
-  from sklearn.model_selection import train_test_split
-
-  x, y = load_digits(return_X_y=True)
-  x_train, x_test, y_train, y_test = train_test_split(x / 16.0, y, test_size=0.3,
-                                                      random_state=0, stratify=y)
-  if not (np.array_equal(y_train, np.asarray(data.y_train))
-          and np.array_equal(y_test, np.asarray(data.y_test))):
-    raise RuntimeError("em: the digits split no longer matches gradtx.tour.load_data")
-  return x_train, y_train, x_test, y_test
-
-
 def _nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
   return ((x[:, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)
 
@@ -125,7 +109,7 @@ def _tile(centroids: np.ndarray, per_row: int = 5) -> np.ndarray:
 @part("em", "Gradient descent and EM: K-means by diagonal Newton steps", _EM_ABOUT)
 def _em(ctx: Context) -> PartResult:
   iters = _iterations(ctx.config.quick)
-  x, y, x_test, y_test = _raw_split(ctx.data)
+  x, y, x_test, y_test = raw_digits(ctx.data)
   init = x[np.random.default_rng(0).choice(len(x), _K, replace=False)]
   eta_gd = 0.5 / (2 * len(x) / _K)
 
@@ -144,16 +128,11 @@ def _em(ctx: Context) -> PartResult:
     diffs[name] = np.abs(path - lloyd_path).max(axis=(1, 2))[1:]
     final = path[-1]
     d2 = ((x[:, None, :] - final[None]) ** 2).sum(-1).min(1)
-    rows.append(Row(
-        technique=name,
-        setting=f"k={_K}, {iters} iterations, float64",
-        train_loss=float(d2.mean()),
-        test_acc=_cluster_accuracy(final, x, y, x_test, y_test),
-        steps=iters,
-        clean=False,
-        extras={"max |Δ Lloyd|": f"{diffs[name].max():.1e}",
-                "K-means loss": f"{losses[-1]:.6g}"},
-    ))
+    rows.append(Row(name, f"k={_K}, {iters} iterations, float64", {
+        "kmeans_loss": float(d2.mean()),
+        "cluster_acc": _cluster_accuracy(final, x, y, x_test, y_test),
+        "max_diff_lloyd": float(diffs[name].max()),
+        "last_loss": float(losses[-1])}, clean=False, chance=None))
 
   newton = next(name for name in runs if name.startswith("diag_newton"))
   its = np.arange(1, iters + 1)
@@ -169,14 +148,20 @@ def _em(ctx: Context) -> PartResult:
       Panel("diag_newton's centroids (pixel intensity)", {},
             image=_tile(runs[newton][0][-1]), xlabel="", ylabel=""),
   ])
-  gd = [name for name in runs if name.startswith("optax.sgd")][0]
+  gd = next(name for name in runs if name.startswith("optax.sgd"))
+  gap, rounding = diffs[newton].max(), 1e3 * eps
+  columns = [Column("kmeans_loss", "K-means loss / image", ".4g"),
+             Column("cluster_acc", "cluster acc", ".3f"),
+             Column("max_diff_lloyd", "max |Δ Lloyd|", ".1e"),
+             Column("last_loss", "last K-means loss", ".6g")]
   lines = [
       f"- Over {iters} iterations, diag_newton's centroids differ from Lloyd's by at most "
-      f"{diffs[newton].max():.1e} (float64 rounding; eps × max |c| = {eps:.1e}); the losses "
-      f"agree to {np.abs(runs[newton][1] - lloyd_loss).max() / lloyd_loss[-1]:.1e} "
-      "(relative).",
+      f"{gap:.1e}: {'within' if gap <= rounding else 'beyond'} float64 rounding (1000 × "
+      f"eps × max |c| = {rounding:.1e}); the losses agree to "
+      f"{np.abs(runs[newton][1] - lloyd_loss).max() / lloyd_loss[-1]:.1e} (relative).",
       f"- One step size for every centroid (gradient descent) ends at K-means loss "
-      f"{runs[gd][1][-1]:.6g} against Lloyd's {lloyd_loss[-1]:.6g}: the per-centroid "
-      "curvature `2 n_j` is what makes the step exact.",
+      f"{runs[gd][1][-1]:.6g}, {direction(runs[gd][1][-1], lloyd_loss[-1])} than Lloyd's "
+      f"{lloyd_loss[-1]:.6g}, and {diffs[gd].max():.1e} from Lloyd's centroids: the "
+      "per-centroid curvature `2 n_j` is what makes Newton's step Lloyd's.",
   ]
-  return PartResult(rows, [figure], "\n".join(lines))
+  return PartResult(columns, rows, [figure], lines)

@@ -10,8 +10,8 @@ import optax
 
 import gradtx
 from gradtx.tour._data import MLP, MLP_DEPTH_RULES
-from gradtx.tour._registry import Context, Figure, Panel, PartResult, part
-from gradtx.tour._report import _mean_curve, _mean_std, _row
+from gradtx.tour._registry import TEST_ACC, TRAIN_LOSS, Column, Context, PartResult, Row, part
+from gradtx.tour._report import Figure, Panel, direction, mean_curve, mean_std, run_values
 from gradtx.tour._training import init_params, train
 
 _LAYERS = ("embed", "layer_0", "layer_1", "layer_2", "head")
@@ -32,8 +32,12 @@ Adam (lr {_FINETUNE_LR:g}). Compared: training from scratch, plain fine-tuning,
 embed ×0.0625) and `gradtx.scale_by_path` (body ×0.1, head ×1; and body ×0, which
 is a linear probe). Test accuracy is parity accuracy on the whole test split (chance
 0.5). The right panel shows how far each layer's kernel moved from where fine-tuning
-started, `‖W − W₀‖ / ‖W₀‖`.
+started, `‖W − W₀‖ / ‖W₀‖`; "Δembed" and "Δhead" are its values for those two layers.
 """
+
+# The embed layer's learning-rate multiplier of each fine-tuning method (from scratch: none).
+_EMBED_SCALE = {"adam, fine-tune": 1.0, "scale_by_path(body ×0.1)": 0.1,
+                "layerwise_lr_decay(0.5)": 0.5 ** 4, "scale_by_path(body ×0): probe": 0.0}
 
 
 def _relative_change(start: Any, end: Any) -> np.ndarray:
@@ -49,6 +53,11 @@ def _relative_change(start: Any, end: Any) -> np.ndarray:
 
 @part("layerwise", "Layer-wise learning rates for fine-tuning", _LAYERWISE_ABOUT)
 def _layerwise(ctx: Context) -> PartResult:
+  """Pretraining on one half, then each fine-tuning method on few-shot parity.
+
+  Longer than 60 lines: a part reads top to bottom (data, runs, table, figure); its
+  pieces share the runs' arrays, which smaller functions would pass around by the dozen.
+  """
   cfg, data = ctx.config, ctx.data
   model = MLP()
   n_train = int(data.x_train.shape[0])
@@ -87,34 +96,49 @@ def _layerwise(ctx: Context) -> PartResult:
       runs = train(model.apply, tx, init_params(model, keys[0]), data,
                    steps=cfg.pretrain_steps, keys=keys[2], batch_size=cfg.batch_size,
                    train_idx=np.stack(upstream))
-      pretrained, (pre_acc, pre_std) = runs.params, _mean_std(runs.test_acc)
+      pretrained, (pre_acc, pre_std) = runs.params, mean_std(runs.test_acc)
       continue
     start = fresh if "scratch" in name else {
         "params": dict(pretrained["params"], head=fresh["params"]["head"])}
     runs = train(model.apply, tx, start, parity, steps=cfg.finetune_steps, keys=keys[3],
                  batch_size=cfg.batch_size, train_idx=np.stack(subsets), track_test=True)
     change = _relative_change(start, runs.params).mean(0)
-    rows.append(_row(name, f"parity, {_SHOTS * 10} shots", runs, chance=0.5, extras={
-        "Δembed": f"{change[0]:.2f}", "Δhead": f"{change[-1]:.2f}"}))
-    losses[name] = _mean_curve(runs.loss)
-    accs[name] = _mean_curve(runs.test_curve)
+    rows.append(Row(name, f"parity, {_SHOTS * 10} shots", {
+        **run_values(runs), "moved_embed": float(change[0]), "moved_head": float(change[-1])},
+        chance=0.5))
+    losses[name] = mean_curve(runs.loss)
+    accs[name] = mean_curve(runs.test_curve)
     moved[name] = change
 
-  scratch, plain = rows[0], rows[1]
-  best = max(rows, key=lambda r: r.test_acc)
-  findings = (
-      f"Pretraining (10 digits, {len(upstream[0])} images, {cfg.pretrain_steps} steps) "
+  by = {r.technique: r.values for r in rows}
+  scratch, plain = by["adam, from scratch"], by["adam, fine-tune"]
+  best = max(rows, key=lambda r: r.values["test_acc"])
+  order = sorted(_EMBED_SCALE, key=_EMBED_SCALE.get, reverse=True)  # body lr, high to low
+  moves = [by[n]["moved_embed"] for n in order]
+  fits = [by[n]["train_loss"] for n in order]
+  moves_less = bool(np.all(np.diff(moves) <= 0))
+  fits_less = bool(np.all(np.diff(fits) >= 0))
+  findings = [
+      f"- Pretraining (10 digits, {len(upstream[0])} images, {cfg.pretrain_steps} steps) "
       f"reaches test accuracy {pre_acc:.3f} ± {pre_std:.3f}. On few-shot parity, plain "
-      f"fine-tuning scores {plain.test_acc:.3f} and training from scratch "
-      f"{scratch.test_acc:.3f}; the best is {best.technique} ({best.test_acc:.3f}). The "
-      "smaller the body's learning rate, the less its layers move (Δ columns: relative "
-      "change of the embed and head kernels) and the higher the final training loss on "
-      "the 50 images: the body's features are kept instead of fitted to the few labels."
-  )
+      f"fine-tuning scores {plain['test_acc']:.3f}, "
+      f"{direction(plain['test_acc'], scratch['test_acc'])} than training from scratch "
+      f"({scratch['test_acc']:.3f}); the "
+      f"best is {best.technique} ({best.values['test_acc']:.3f}).",
+      f"- From the largest body learning rate to the smallest ({', '.join(order)}), the "
+      f"embed kernel moves {' → '.join(f'{m:.2f}' for m in moves)} "
+      f"({'monotonically less' if moves_less else 'not monotonically less'}) and the "
+      f"final training loss on the {_SHOTS * 10} images goes "
+      f"{' → '.join(f'{f:.3g}' for f in fits)} "
+      f"({'monotonically up' if fits_less else 'not monotonically up'}): a slower body "
+      "keeps its features instead of fitting them to the few labels.",
+  ]
   figure = Figure("layerwise", "Few-shot fine-tuning on parity (mean over seeds)", [
       Panel("minibatch loss", losses),
       Panel("test accuracy (parity)", accs, ylabel="accuracy", logy=False),
       Panel("how far each layer moved", moved, ylabel="‖W − W₀‖ / ‖W₀‖", logy=False,
             x=range(len(_LAYERS)), xlabel="layer", xticklabels=_LAYERS),
   ])
-  return PartResult(rows, [figure], findings)
+  columns = [TRAIN_LOSS, TEST_ACC, Column("moved_embed", "Δembed", ".2f"),
+             Column("moved_head", "Δhead", ".2f")]
+  return PartResult(columns, rows, [figure], findings)

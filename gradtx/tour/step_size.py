@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -13,8 +12,8 @@ import optax
 
 import gradtx
 from gradtx.tour._data import MLP, Dataset
-from gradtx.tour._registry import Context, Figure, Panel, PartResult, Row, part
-from gradtx.tour._report import _fmt_loss, smooth
+from gradtx.tour._registry import TEST_ACC, TRAIN_LOSS, Column, Context, PartResult, Row, part
+from gradtx.tour._report import Figure, Panel, direction, finite, fmt_loss, smooth
 from gradtx.tour._training import init_params, run_compiled
 
 _REFERENCE_LR = 1e-3  # Adam's usual learning rate: the rows at this lr are the clean ones
@@ -105,13 +104,14 @@ def _sweep(make_tx: Callable[[Any], optax.GradientTransformation], lrs: np.ndarr
   return tuple(np.asarray(a, np.float64) for a in jax.device_get(out))
 
 
-def _finite(x: float) -> float:
-  return x if math.isfinite(x) else math.inf
-
-
 @part("step_size", "Learned step sizes: robustness to the initial learning rate",
       _STEP_SIZE_ABOUT)
 def _step_size(ctx: Context) -> PartResult:
+  """Every method over the grid of initial learning rates.
+
+  Longer than 60 lines: a part reads top to bottom (data, runs, table, figure); its
+  pieces share the runs' arrays, which smaller functions would pass around by the dozen.
+  """
   cfg, data = ctx.config, ctx.data
   lrs = _lrs(cfg.quick)
   keys = jax.random.split(jax.random.key(7), (2, cfg.seeds))
@@ -126,17 +126,12 @@ def _step_size(ctx: Context) -> PartResult:
     final_lrs[name] = step_sizes[:, :, -1].mean(1)
     for i, lr in enumerate(lrs):
       reference = bool(np.isclose(lr, _REFERENCE_LR))
-      rows.append(Row(
-          technique=name,
-          setting=f"initial lr {lr:.0e}" + ("" if reference else " (mis-set)"),
-          train_loss=float(loss[i].mean()),
-          test_acc=float(acc[i].mean()),
-          test_acc_std=float(acc[i].std()),
-          steps=cfg.steps,
-          clean=reference,
-          extras={"initial lr": f"{lr:.0e}", "final lr": f"{final_lrs[name][i]:.2e}",
-                  "÷ adam": f"{_finite(finals[name][i]) / _finite(finals['adam'][i]):.3g}"},
-      ))
+      rows.append(Row(name, f"initial lr {lr:.0e}" + ("" if reference else " (mis-set)"), {
+          "train_loss": float(loss[i].mean()), "test_acc": float(acc[i].mean()),
+          "test_acc_std": float(acc[i].std()), "initial_lr": float(lr),
+          "final_lr": float(final_lrs[name][i]),
+          "vs_adam": float(finite(finals[name][i]) / finite(finals["adam"][i]))},
+          clean=reference))
     for i in (0, len(lrs) - 1):
       lr_curves[f"{name}, from {lrs[i]:.0e}"] = np.abs(step_sizes[i].mean(0))
     low_lr_losses[name] = smooth(minibatch[0].mean(0), max(1, cfg.steps // 50))
@@ -146,36 +141,41 @@ def _step_size(ctx: Context) -> PartResult:
   figure = Figure("step_size", "Final loss against the initial learning rate, and the "
                   "learned step sizes (mean over seeds)", [
       Panel(f"final train loss after {cfg.steps} steps", finals, x=decades,
-            xticklabels=labels, xlabel="initial learning rate"),
+            xticklabels=labels, xlabel="initial learning rate", legend_below=True),
       Panel("step size over training, from the smallest and largest lr",
-            {k: np.maximum(v, 1e-12) for k, v in lr_curves.items()}, ylabel="step size"),
-      Panel(f"minibatch loss from initial lr {lrs[0]:.0e}", low_lr_losses),
+            {k: np.maximum(v, 1e-12) for k, v in lr_curves.items()}, ylabel="step size",
+            legend_below=True),
+      Panel(f"minibatch loss from initial lr {lrs[0]:.0e}", low_lr_losses, legend_below=True),
   ])
 
-  worst = {name: max(map(_finite, f)) for name, f in finals.items()}
-  best = {name: min(map(_finite, f)) for name, f in finals.items()}
+  worst = {name: max(map(finite, f)) for name, f in finals.items()}
+  best = {name: min(map(finite, f)) for name, f in finals.items()}
   eg, adam = finals["eg_step_size(scale_by_adam)"], finals["adam"]
   better = int(np.sum(eg < adam))
+  ratio = np.array([finite(e) / finite(a) for e, a in zip(eg, adam, strict=True)])
+  most = int(np.nanargmin(np.where(np.isnan(ratio), np.inf, ratio)))
   lines = [
       f"- Worst final train loss over the {len(lrs)} initial learning rates: "
-      + ", ".join(f"{name} {_fmt_loss(worst[name])}" for name in methods)
-      + "; best: " + ", ".join(f"{name} {_fmt_loss(best[name])}" for name in methods) + ".",
+      + ", ".join(f"{name} {fmt_loss(worst[name])}" for name in methods)
+      + "; best: " + ", ".join(f"{name} {fmt_loss(best[name])}" for name in methods) + ".",
       f"- From lr {lrs[0]:.0e} ({_REFERENCE_LR / lrs[0]:g}× too small), Adam ends at train "
-      f"loss {_fmt_loss(adam[0])}, EGDD around Adam at {_fmt_loss(eg[0])}"
-      + (f", the hypergradient at {_fmt_loss(finals[methods[1]][0])}"
+      f"loss {fmt_loss(adam[0])}, EGDD {direction(eg[0], adam[0])} at {fmt_loss(eg[0])}"
+      + (f", the hypergradient at {fmt_loss(finals[methods[1]][0])}"
          if len(methods) > 2 else "")
-      + f"; EGDD ends lower than Adam at {better} of the {len(lrs)} learning rates.",
+      + f"; EGDD ends lower than Adam at {better} of the {len(lrs)} learning rates, most "
+      f"so (÷ adam {ratio[most]:.3g}) from lr {lrs[most]:.0e}.",
   ]
-  worse = [i for i in range(len(lrs)) if _finite(eg[i]) > 10 * _finite(adam[i])]
+  worse = [i for i in range(len(lrs)) if finite(eg[i]) > 10 * finite(adam[i])]
   if worse:
     lines.append("- EGDD ends more than 10× above Adam from " + ", ".join(
-        f"lr {lrs[i]:.0e} (loss {_fmt_loss(eg[i])} against {_fmt_loss(adam[i])}; its step "
+        f"lr {lrs[i]:.0e} (loss {fmt_loss(eg[i])} against {fmt_loss(adam[i])}; its step "
         f"size went to {final_lrs['eg_step_size(scale_by_adam)'][i]:.2e})" for i in worse)
         + ": growing a step that is already near the largest stable one breaks training.")
   lines.append(
       "- EGDD's gains grow where successive gradients agree in sign and shrink where they "
       "alternate; the clip ranges bound the correction (gains 100×, scale 10×) and the "
-      "default rates (`gain_lr=0.01`, `scale_lr=0.001`) need hundreds of steps to use it, "
-      "so the help is largest from too small a learning rate. The additive hypergradient "
-      "is unbounded and its β must match the scale of `g · d`.")
-  return PartResult(rows, [figure], "\n".join(lines))
+      "default rates (`gain_lr=0.01`, `scale_lr=0.001`) need hundreds of steps to use it. "
+      "The additive hypergradient is unbounded and its β must match the scale of `g · d`.")
+  columns = [TRAIN_LOSS, TEST_ACC, Column("initial_lr", "initial lr", ".0e"),
+             Column("final_lr", "final lr", ".2e"), Column("vs_adam", "÷ adam")]
+  return PartResult(columns, rows, [figure], lines)

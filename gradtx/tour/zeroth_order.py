@@ -13,7 +13,8 @@ import optax
 
 import gradtx
 from gradtx.tour._data import Dataset
-from gradtx.tour._registry import Context, Figure, Panel, PartResult, Row, part
+from gradtx.tour._registry import TEST_ACC, Column, Context, PartResult, Row, part
+from gradtx.tour._report import Figure, Panel, direction
 from gradtx.tour._training import run_compiled
 
 _SIGMA = 0.5  # ES smoothing scale (the weights of the linear classifier grow to O(1))
@@ -45,12 +46,12 @@ shaping="centered_rank")` (mirrored pairs ±ε, OpenAI-ES fitness shaping) chain
 constant, its gradient zero almost everywhere; N = {_sizes(True).population} (`--quick`)
 or {_sizes(False).population}. Backprop: `adam({_BP_LR:g})` on the cross-entropy, the
 usual differentiable surrogate. Both train as many steps ({_sizes(True).steps} with
-`--quick`, else {_sizes(False).steps}). In this part *train loss is the training error
-rate* (the 0-1 loss ES optimises) for both rows. One "evaluation" is one pass over the
+`--quick`, else {_sizes(False).steps}). "train error" is the training error rate (the
+0-1 loss ES optimises) for both rows. One "evaluation" is one pass over the
 training set: N forward passes per ES step, one forward and backward pass per backprop
 step (about three forwards' worth of arithmetic, counted as one). "evals to
 {_TARGET:.0%}" is the first evaluation count at which the seed-mean test accuracy
-reaches {_TARGET:g}.
+reaches {_TARGET:g} (`-`: not reached).
 """
 
 
@@ -79,7 +80,9 @@ def _program(data: Dataset, steps: int, method: str, population: int) -> Callabl
           optax.adam(_ES_LR))
     else:
       tx = optax.adam(_BP_LR)
-    error = lambda p: 1.0 - _accuracy(p, x, y)  # noqa: E731
+
+    def error(p):
+      return 1.0 - _accuracy(p, x, y)
 
     def step(carry, _):
       params, state = carry
@@ -95,13 +98,6 @@ def _program(data: Dataset, steps: int, method: str, population: int) -> Callabl
     return _accuracy(params, x, y), curve
 
   return jax.vmap(one)
-
-
-def _on_grid(curve: np.ndarray, per_step: int, grid: np.ndarray) -> np.ndarray:
-  """The test accuracy after ``grid`` evaluations (NaN before the first step or past the end)."""
-  done = grid // per_step  # whole steps finished within that many evaluations
-  ok = (done >= 1) & (done <= len(curve))
-  return np.where(ok, curve[np.clip(done - 1, 0, len(curve) - 1)], np.nan)
 
 
 def _evals_to(curve: np.ndarray, per_step: int, target: float) -> int | None:
@@ -130,41 +126,38 @@ def _zeroth_order(ctx: Context) -> PartResult:
     train_acc, curve = np.asarray(train_acc, np.float64), np.asarray(curve, np.float64)
     mean_curve = curve.mean(0)
     reached = _evals_to(mean_curve, per_step, _TARGET)
-    rows.append(Row(
-        technique=name, setting=f"{setting}, linear 64→10", train_loss=float(1 - train_acc.mean()),
-        test_acc=float(curve[:, -1].mean()), test_acc_std=float(curve[:, -1].std()),
-        steps=sizes.steps,
-        extras={"train acc": f"{train_acc.mean():.3f}",
-                "evaluations": f"{sizes.steps * per_step}",
-                f"evals to {_TARGET:.0%}": "not reached" if reached is None else f"{reached}"}))
+    rows.append(Row(name, f"{setting}, linear 64→10", {
+        "train_error": float(1 - train_acc.mean()), "test_acc": float(curve[:, -1].mean()),
+        "test_acc_std": float(curve[:, -1].std()), "evaluations": sizes.steps * per_step,
+        "evals_to_target": reached}))
     curves[name] = (mean_curve, per_step)
 
-  top = max(sizes.steps * per_step for _, per_step in curves.values())
-  grid = np.asarray([g for g in (m * 10 ** e for e in range(8) for m in (1, 2, 5)) if g < top]
-                    + [top])  # 1, 2, 5, 10, ... and the last evaluation
   figure = Figure("zeroth_order", f"Digits, linear classifier: test accuracy (mean over "
                   f"{cfg.seeds} seeds); ES optimises the accuracy itself", [
       Panel("test accuracy vs step", {n: c for n, (c, _) in curves.items()},
             ylabel="test accuracy", logy=False),
-      Panel("test accuracy vs evaluations (log scale)",
-            {n: _on_grid(c, e, grid) for n, (c, e) in curves.items()}, ylabel="test accuracy",
-            logy=False, x=list(range(len(grid))), xlabel="evaluations (passes over the "
-            "training set)", xticklabels=[f"{g:g}" for g in grid]),
+      Panel("test accuracy vs evaluations",
+            {n: (per_step * np.arange(1, len(c) + 1), c) for n, (c, per_step) in curves.items()},
+            ylabel="test accuracy", logy=False, logx=True,
+            xlabel="evaluations (passes over the training set, log scale)"),
   ])
-
-  es, bp = rows
-  es_evals, bp_evals = (r.extras[f"evals to {_TARGET:.0%}"] for r in rows)
+  es, bp = (r.values for r in rows)
   findings = [
       f"- ES on the argmax accuracy alone (no gradient anywhere) reaches test accuracy "
-      f"{es.test_acc:.3f} (chance 0.1) after {sizes.steps} steps; backprop on the "
-      f"cross-entropy {bp.test_acc:.3f}. Training error: ES {es.train_loss:.3f}, backprop "
-      f"{bp.train_loss:.3f}.",
+      f"{es['test_acc']:.3f} (chance 0.1) after {sizes.steps} steps, "
+      f"{direction(es['test_acc'], bp['test_acc'])} than backprop on the cross-entropy "
+      f"({bp['test_acc']:.3f}). Training error: ES {es['train_error']:.3f}, backprop "
+      f"{bp['train_error']:.3f}.",
       f"- The price is evaluations: ES spends {sizes.population} per step, "
-      f"{es.extras['evaluations']} in all against {bp.extras['evaluations']}; evaluations "
-      f"to {_TARGET:.0%} test accuracy: ES {es_evals}, backprop {bp_evals}.",
+      f"{es['evaluations']} in all against {bp['evaluations']}; evaluations to "
+      f"{_TARGET:.0%} test accuracy: ES {es['evals_to_target'] or 'not reached'}, backprop "
+      f"{bp['evals_to_target'] or 'not reached'}.",
       "- 650 parameters is a small search space; the estimator's variance grows with the "
       "dimension, so ES is best kept to few parameters (with `optax.partition` and "
       "`gradtx.fill_masked`, next to true gradients for the rest: see "
       "`colabs/policy_gradient_and_zeroth_order.ipynb`).",
   ]
-  return PartResult(rows, [figure], "\n".join(findings))
+  columns = [Column("train_error", "train error", ".3f"), TEST_ACC,
+             Column("evaluations", "evaluations", "d"),
+             Column("evals_to_target", f"evals to {_TARGET:.0%}", "d")]
+  return PartResult(columns, rows, [figure], findings)
