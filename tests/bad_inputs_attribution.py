@@ -253,3 +253,116 @@ CASES = [
          check=lambda scores: (np.testing.assert_array_equal(np.isnan(scores[1]), True),
                                np.testing.assert_array_equal(np.isfinite(scores[0]), True))),
 ]
+
+# ------------------------------------------------------------------ the family (issue #17)
+sg = gradtx.smooth_grad
+gig = gradtx.guided_integrated_gradients
+blur = gradtx.blur_integrated_gradients
+ih = gradtx.integrated_hessians
+_sal = lambda x: gradtx.saliency(summed, x)
+IMAGES = np.zeros((2, 4, 4, 1), np.float32)
+_image_fn = lambda x: x.sum(axis=(1, 2, 3))
+
+
+LM_IDS = np.array([[1, 2, 3], [4, 0, 1]], np.int32)
+
+
+class _Lm(nn.Module):
+
+  @nn.compact
+  def __call__(self, ids):
+    h = jnp.cumsum(nn.Embed(5, 3, name="embed")(ids), axis=1)
+    return jnp.tanh(h) @ (jnp.arange(15.0).reshape(3, 5) / 5)
+
+
+def _tokens(**kwargs):
+  ids = jnp.asarray(LM_IDS)
+  variables = _Lm().init(jax.random.key(0), ids)
+  fn = kwargs.pop("fn", lambda i: _Lm().apply(variables, i))
+  return gradtx.token_attributions(fn, kwargs.pop("ids", ids), "embed",
+                                   **{"steps": 2, **kwargs})
+
+
+CASES += [
+    Case("attribution-saliency-absolute-not-bool",
+         lambda: gradtx.saliency(summed, X, absolute="yes"),
+         TypeError, r"absolute must be a bool, got 'yes'"),
+    Case("attribution-saliency-target-out-of-range", lambda: gradtx.saliency(linear, X, target=2),
+         ValueError, r"target must be in \[0, 2\).*got 2"),
+    Case("attribution-gxi-inputs-int", lambda: gradtx.gradient_x_input(summed, X.astype(np.int32)),
+         TypeError, r"inputs must hold floating arrays.*<root> \(int32\)"),
+    Case("attribution-smooth-samples-zero", lambda: sg(_sal, X, key=KEY, samples=0),
+         ValueError, r"samples must be an int >= 1, got 0"),
+    Case("attribution-smooth-samples-traced",
+         lambda: _traced(lambda s: sg(_sal, X, key=KEY, samples=s))(4),
+         TypeError, r"samples must be a static Python value"),
+    Case("attribution-smooth-stdev-negative", lambda: sg(_sal, X, key=KEY, stdev=-0.1),
+         ValueError, r"stdev must be a finite number >= 0, got -0\.1"),
+    Case("attribution-smooth-kind-unknown", lambda: sg(_sal, X, key=KEY, kind="var"),
+         ValueError, r"kind must be one of 'smoothgrad', 'smoothgrad_sq', 'vargrad', got 'var'"),
+    Case("attribution-smooth-key-int", lambda: sg(_sal, X, key=0),
+         TypeError, r"key must be a jax\.random key .*got 0"),
+    Case("attribution-smooth-relative-not-bool", lambda: sg(_sal, X, key=KEY, relative=1),
+         TypeError, r"relative must be a bool, got 1"),
+    Case("attribution-smooth-fn-not-callable", lambda: sg(W, X, key=KEY),
+         TypeError, r"attribution_fn must be a function called as attribution_fn\(inputs\)"),
+    Case("attribution-smooth-batch_size-zero", lambda: sg(_sal, X, key=KEY, batch_size=0),
+         ValueError, r"batch_size must be an int >= 1, got 0"),
+    Case("attribution-gig-fraction-zero", lambda: gig(summed, X, fraction=0.0),
+         ValueError, r"fraction must be in \(0\.0, 1\.0\], got 0\.0"),
+    Case("attribution-gig-fraction-above-one", lambda: gig(summed, X, fraction=1.5),
+         ValueError, r"fraction must be in \(0\.0, 1\.0\], got 1\.5"),
+    Case("attribution-gig-max_dist-negative", lambda: gig(summed, X, max_dist=-0.1),
+         ValueError, r"max_dist must be in \[0\.0, 1\.0\], got -0\.1"),
+    Case("attribution-gig-steps-zero", lambda: gig(summed, X, steps=0),
+         ValueError, r"steps must be an int >= 1, got 0"),
+    Case("attribution-gig-baseline-shape", lambda: gig(summed, X, baseline=np.zeros(2)),
+         ValueError, r"baseline must have the per-example shape \(3,\).*got shape \(2,\)"),
+    Case("attribution-blur-images-3d", lambda: blur(_image_fn, IMAGES[0]),
+         ValueError, r"images must be one array of images \(N, H, W, C\), got shape "
+                     r"\(4, 4, 1\)"),
+    Case("attribution-blur-images-pytree", lambda: blur(_image_fn, {"a": IMAGES}),
+         ValueError, r"images must be one array of images \(N, H, W, C\), got dict"),
+    Case("attribution-blur-max_sigma-zero", lambda: blur(_image_fn, IMAGES, max_sigma=0),
+         ValueError, r"max_sigma must be a finite number > 0, got 0"),
+    Case("attribution-blur-grad_step-negative", lambda: blur(_image_fn, IMAGES, grad_step=-1.0),
+         ValueError, r"grad_step must be a finite number > 0, got -1\.0"),
+    Case("attribution-blur-sqrt-not-bool", lambda: blur(_image_fn, IMAGES, sqrt="no"),
+         TypeError, r"sqrt must be a bool, got 'no'"),
+    Case("attribution-ih-row_batch_size-zero", lambda: ih(summed, X, row_batch_size=0),
+         ValueError, r"row_batch_size must be an int >= 1, got 0"),
+    Case("attribution-ih-steps-traced", lambda: _traced(lambda s: ih(summed, X, steps=s))(2),
+         TypeError, r"steps must be a static Python value"),
+    Case("attribution-ih-target-missing", lambda: ih(linear, X),
+         ValueError, r"fn returns 2 outputs per example.*pass target"),
+    Case("attribution-tokens-position-beyond",
+         lambda: _tokens(position=3, target_token=0),
+         ValueError, r"position must be in \[-3, 3\) \(a position in sequences of 3 tokens\), "
+                     r"got 3"),
+    Case("attribution-tokens-position-per-example-beyond",
+         lambda: _tokens(position=np.array([0, 7]), target_token=0),
+         ValueError, r"position must be in \[-3, 3\).*got \[7\]"),
+    Case("attribution-tokens-last-position-needs-target",
+         lambda: _tokens(position=2),
+         ValueError, r"target_token must be given when position is the last of the 3 tokens"),
+    Case("attribution-tokens-target-beyond-vocab",
+         lambda: _tokens(position=0, target_token=5),
+         ValueError, r"target_token must be in \[0, 5\) \(a vocabulary of 5\), got 5"),
+    Case("attribution-tokens-position-float", lambda: _tokens(position=1.0),
+         TypeError, r"position must be an int or an integer array of shape \(2,\), got 1\.0"),
+    Case("attribution-tokens-ids-float",
+         lambda: _tokens(ids=np.zeros((2, 3), np.float32), position=0),
+         ValueError, r"ids must be integer token ids of shape \(N, T\), got float32"),
+    Case("attribution-tokens-fn-not-logits",
+         lambda: _tokens(fn=lambda i: jnp.zeros(i.shape), position=0),
+         ValueError, r"fn must map ids \(2, 3\) to floating next-token logits of shape "
+                     r"\(2, 3, 'V'\), got float32 of shape \(2, 3\)"),
+    Case("attribution-tokens-both-baselines",
+         lambda: _tokens(position=0, baseline=np.zeros(3, np.int32), layer_baseline=1.0),
+         ValueError, r"at most one of baseline \(token ids\) and layer_baseline"),
+    # zero embeddings give zero logits: the baseline log-probability is -log(5)
+    Case("attribution-tokens-zero-embedding-baseline",
+         lambda: _tokens(position=0, steps=8),
+         check=lambda out: np.testing.assert_allclose(
+             np.asarray(out.scores).sum(1), out.log_prob + np.log(5.0), atol=1e-4)),
+]

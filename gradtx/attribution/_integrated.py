@@ -34,7 +34,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -185,11 +185,11 @@ def _check_target(target: Any, out_shape: tuple[int, ...],
   if arr.shape not in ((), (batch,)) or not np.issubdtype(arr.dtype, np.integer):
     raise ValueError(
         f"target must be an int or an integer array of shape ({batch},), got {target!r}")
-  bad = (arr < 0) | (arr >= num_classes)
-  if np.any(bad):
+  out_of_range = (arr < 0) | (arr >= num_classes)
+  if np.any(out_of_range):
     raise ValueError(
         f"target must be in [0, {num_classes}) (fn returns {num_classes} outputs per "
-        f"example), got {arr[bad].tolist() if arr.ndim else int(arr)}")
+        f"example), got {arr[out_of_range].tolist() if arr.ndim else int(arr)}")
   return (int(arr) if arr.ndim == 0 else jnp.asarray(arr)), None
 
 
@@ -212,6 +212,24 @@ def _scalar_fn(fn: Callable, treedef, target: Any) -> Callable:
     return jnp.take_along_axis(out, target.astype(jnp.int32)[:, None], axis=1)[:, 0]
 
   return scalar
+
+
+class Checked(NamedTuple):
+  """``inputs`` and ``target`` checked against ``fn``: what every gradient method needs."""
+
+  paths: list[str]
+  leaves: list[jax.Array]
+  treedef: Any
+  batch: int
+  scalar: Callable  # list of leaves -> (N,) target outputs
+  bad_target: jax.Array | None  # (N,) examples whose traced target is out of range
+
+
+def prepare(fn: Callable, inputs: Any, target: Any) -> Checked:
+  """Checks ``inputs`` (floating, sharing N), ``fn``'s output and ``target``."""
+  paths, leaves, treedef, batch = _check_inputs(inputs)
+  target, bad_target = _check_target(target, _output_shape(fn, inputs), batch)
+  return Checked(paths, leaves, treedef, batch, _scalar_fn(fn, treedef, target), bad_target)
 
 
 def _sum_over_steps(step_fn: Callable, step_args: Any, num_steps: int,

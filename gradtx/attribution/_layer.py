@@ -133,7 +133,7 @@ def _cut_fn(fn: Callable, layer: str, model: nnx.Module | None) -> Callable:
   target = None if model is None else _nnx_layer(model, layer)
 
   def run(inputs, replacement=None):
-    cut, called = _Cut(replacement), []
+    cut, called = _Cut(replacement), list[str]()
     context = (_linen_cut(layer, cut, called) if target is None
                else _nnx_cut(target, cut))
     with context:
