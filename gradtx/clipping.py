@@ -2,7 +2,7 @@
 
 Zhang et al. (2020) show that under (L0, L1)-smoothness, ``‖∇²f‖ <= L0 + L1‖∇f‖``, the
 best fixed-direction step is ``η* = 1 / (L0 + L1‖g‖)``: a step that shrinks as the
-gradient grows. Both clipping rules below approximate it (TECHNIQUES.md §6):
+gradient grows. Both clipping rules below approximate it:
 
   hard:  u = g · min(1, γ / ‖g‖)        soft:  u = g · γ / (‖g‖ + γ)
 
@@ -13,11 +13,19 @@ seen) and ZClip (an EMA z-score test).
 Every state carries the pre-clip ``grad_norm`` and the applied ``clip_scale`` for
 logging (``optax.tree_utils.tree_get(state, "grad_norm")``).
 
+Norms (:func:`global_norm`, :func:`leaf_norm`): ``optax.tree.norm`` (``|x|²`` for
+complex entries) accumulated in the wider of float32 and the gradient's dtype (bfloat16
+in float32, float64 under x64 in float64; the states use that dtype too). When the sum
+of squares overflows or underflows (float32 ``[1e20, 1]``), a second pass computes the
+norm of ``g`` scaled by a power of two; it runs only on such steps (``lax.cond``; under
+``vmap`` both branches run). Integer or boolean gradients are refused, naming the path.
+
 NaN/inf gradients: the norm is NaN/inf, the returned updates are NaN (the fault
 propagates visibly, it is never hidden; per-leaf clipping marks only the faulty
 leaves), ``grad_norm`` records the non-finite value,
 and the adaptive rules do *not* record it in their statistics, so one bad step never
-poisons later thresholds.
+poisons later thresholds. A ``max_norm`` schedule that returns a value <= 0 or NaN gives
+NaN updates too (never a sign flip or a silent zero step).
 
 References:
   Zhang, He, Sra, Jadbabaie, "Why gradient clipping accelerates training: a theoretical
@@ -49,19 +57,94 @@ def _sqrt_with_zero_gradient_at_zero(sum_of_squares: jax.Array) -> jax.Array:
   return jnp.where(is_zero, jnp.zeros_like(sum_of_squares), jnp.sqrt(safe))
 
 
-def leaf_norm(x: jax.Array) -> jax.Array:
-  """L2 norm of one array, accumulated in at least float32; safe to differentiate at 0."""
-  x = x.astype(_numerics.compute_dtype(x))
-  return _sqrt_with_zero_gradient_at_zero(jnp.sum(jnp.square(x)))
+def _norm_dtype(tree: Any) -> Any:
+  """The real dtype the norms of ``tree`` are computed in: float32, or wider if a leaf is."""
+  return jnp.result_type(jnp.float32, *(jnp.finfo(_numerics.compute_dtype(x)).dtype
+                                        for x in jax.tree.leaves(tree)))
 
 
-def global_norm(tree: Any) -> jax.Array:
-  """L2 norm over every leaf of ``tree`` (float32 or wider; 0 for an empty tree)."""
+def _rescaled_norm(tree: Any, sum_of_squares: jax.Array) -> jax.Array:
+  """``‖tree · c‖ / c`` for ``c = 2^∓(maxexp/2)``: the norm when ``‖tree‖²`` overflowed
+  (``c = 2^-64`` in float32) or underflowed (``c = 2^64``).
+
+  A power of two is exact, and it brings the squares of every entry that matters into
+  range: after an overflow the entries it flushes are below ``2`` (float32), negligible
+  next to ``‖tree‖² >= 3e38``; after an underflow every entry is tiny, so none overflows.
+  ``c`` is a constant for differentiation, so the derivative is ``g / ‖g‖``.
+  """
+  dtype = sum_of_squares.dtype
+  half = jnp.finfo(dtype).maxexp // 2
+  factor = jnp.where(sum_of_squares == jnp.inf, jnp.asarray(2.0 ** -half, dtype),
+                     jnp.asarray(2.0 ** half, dtype))
+  scaled = optax.tree.norm(jax.tree.map(lambda x: x * factor, tree), squared=True)
+  return (_sqrt_with_zero_gradient_at_zero(scaled) / factor).astype(dtype)
+
+
+def _norm(tree: Any) -> jax.Array:
+  """L2 norm of a float (or complex) tree, without spurious overflow or underflow."""
   leaves = jax.tree.leaves(tree)
   if not leaves:
     return jnp.zeros((), jnp.float32)
-  sum_of_squares = sum(jnp.sum(jnp.square(x.astype(_numerics.compute_dtype(x)))) for x in leaves)
-  return _sqrt_with_zero_gradient_at_zero(sum_of_squares)
+  tree = jax.tree.map(lambda x: jnp.asarray(x, _numerics.compute_dtype(x)), tree)
+  sum_of_squares = optax.tree.norm(tree, squared=True)
+  finfo = jnp.finfo(sum_of_squares.dtype)
+  # Squares below ``tiny`` flush to 0; above this bound their total is under one ulp.
+  trusted_from = sum(jnp.size(x) for x in leaves) * float(finfo.tiny) / float(finfo.eps)
+  rescale = (sum_of_squares < trusted_from) | (sum_of_squares == jnp.inf)
+  return jax.lax.cond(rescale, _rescaled_norm,
+                      lambda _, s: _sqrt_with_zero_gradient_at_zero(s), tree, sum_of_squares)
+
+
+def leaf_norm(x: jax.Array) -> jax.Array:
+  """L2 norm of one float or complex array, computed as :func:`global_norm` does.
+
+  Args:
+    x: a floating or complex array (integers and booleans are refused).
+
+  Returns:
+    A scalar in the wider of float32 and ``x``'s real dtype.
+
+  Example:
+    >>> import jax.numpy as jnp, gradtx
+    >>> float(gradtx.clipping.leaf_norm(jnp.array([3.0, 4.0], jnp.bfloat16)))
+    5.0
+  """
+  _checks.check_float_leaves("x", x, allow_complex=True)
+  return _norm(x)
+
+
+def global_norm(tree: Any) -> jax.Array:
+  r"""L2 norm over every leaf of ``tree``, safe to differentiate at 0.
+
+  .. math:: \|g\| = \sqrt{\textstyle\sum_\ell \sum_i |g_{\ell,i}|^2}
+
+  Computed with ``optax.tree.norm`` (``|x|²`` for complex entries) in the wider of
+  float32 and the leaves' dtype; a sum of squares that overflows or underflows is
+  recomputed from the tree scaled by ``2^∓64`` (``2^∓512`` in float64), so every finite
+  tree whose norm is representable gets it (that second pass runs only when needed,
+  through ``lax.cond``). The derivative at 0 is 0, not NaN.
+
+  Args:
+    tree: a pytree of floating or complex arrays; Python floats count as 0-d arrays.
+
+  Returns:
+    A scalar in the wider of float32 and the leaves' real dtype; 0 (float32) for an
+    empty tree.
+
+  Raises:
+    TypeError: integer or boolean leaves (their paths are named).
+
+  Example:
+    >>> import jax.numpy as jnp, gradtx
+    >>> float(gradtx.global_norm({"a": jnp.array([3.0]), "b": jnp.array([4.0])}))
+    5.0
+    >>> float(gradtx.global_norm([jnp.array([1e20, 1.0], jnp.float32)]))
+    1.0000000200408773e+20
+    >>> float(gradtx.global_norm([3.0, 4.0]))
+    5.0
+  """
+  _checks.check_float_leaves("tree", tree, allow_complex=True)
+  return _norm(tree)
 
 
 def clip_scale(norm: jax.Array, max_norm: jax.Array, mode: str) -> jax.Array:
@@ -70,13 +153,39 @@ def clip_scale(norm: jax.Array, max_norm: jax.Array, mode: str) -> jax.Array:
   hard: ``γ / max(‖g‖, γ)`` (= ``min(1, γ/‖g‖)``, written so that ‖g‖ = 0 gives 1 with
   finite derivatives); soft: ``γ / (‖g‖ + γ)``. ``‖g‖ = γ = 0`` (a zero gradient under
   AutoClip's zero threshold) gives 1, not 0/0. A non-finite ``‖g‖`` gives NaN (not 0 for
-  inf), so every entry of the clipped gradient shows the fault.
+  inf), so every entry of the clipped gradient shows the fault; so does a negative or
+  NaN ``γ`` (never a sign flip).
+
+  Args:
+    norm: ‖g‖, a scalar (the result's dtype).
+    max_norm: γ >= 0, a scalar.
+    mode: ``"hard"`` or ``"soft"`` (not checked: the callers check it).
+
+  Returns:
+    The scale, a scalar of ``norm``'s dtype.
+
+  Example:
+    >>> import jax.numpy as jnp, gradtx
+    >>> norm = jnp.float32(3.0)
+    >>> [float(gradtx.clipping.clip_scale(norm, 1.0, m)) for m in ("hard", "soft")]
+    [0.3333333432674408, 0.25]
   """
   max_norm = jnp.asarray(max_norm, norm.dtype)
   denominator = jnp.maximum(norm, max_norm) if mode == "hard" else norm + max_norm
   positive = denominator > 0
   scale = jnp.where(positive, max_norm / jnp.where(positive, denominator, 1.0), 1.0)
-  return jnp.where(jnp.isfinite(norm), scale, jnp.nan)
+  return jnp.where(jnp.isfinite(norm) & (max_norm >= 0), scale, jnp.nan)
+
+
+def _threshold(max_norm: optax.ScalarOrSchedule, count: chex.Array) -> jax.Array:
+  """γ at ``count``; γ <= 0 or NaN from a schedule (or a traced γ) becomes NaN.
+
+  A concrete number was checked at construction: it adds no work to the step.
+  """
+  value = _numerics.scalar_or_schedule(max_norm, count)
+  if _checks.concrete_scalar(max_norm) is not None:
+    return value
+  return jnp.where(value > 0, value, jnp.nan)
 
 
 def _scale_tree(updates: Any, scale: Any) -> Any:
@@ -84,6 +193,10 @@ def _scale_tree(updates: Any, scale: Any) -> Any:
   if not isinstance(scale, jax.Array):
     return jax.tree.map(lambda u, s: (u * s).astype(u.dtype), updates, scale)
   return jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates)
+
+
+def _check_float(argname: str, tree: Any) -> None:
+  _checks.check_float_leaves(argname, tree, allow_complex=True)
 
 
 def _check_mode(mode: str) -> None:
@@ -106,7 +219,7 @@ class ClipByGlobalNormState(NamedTuple):
 
 def clip_by_global_norm(
     max_norm: optax.ScalarOrSchedule, *, mode: str = "hard"
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""Clips the whole gradient pytree by its global L2 norm, hard or soft.
 
   .. math::
@@ -117,14 +230,16 @@ def clip_by_global_norm(
   (L0, L1)-smooth objectives; it satisfies ``½‖hard(g)‖ <= ‖soft(g)‖ < γ``. Unlike
   ``optax.clip_by_global_norm``, the state exposes the pre-clip ``grad_norm`` and the
   applied ``clip_scale``, and ``‖g‖ = 0`` gives no NaN in the value or its derivatives.
-  A NaN/inf gradient yields NaN updates (propagated, not hidden).
+  A NaN/inf gradient yields NaN updates (propagated, not hidden); so does a schedule
+  that returns γ <= 0 or NaN. The norm is overflow-safe (see :func:`global_norm`).
 
   Args:
     max_norm: the threshold γ > 0, or a schedule ``count -> γ``.
     mode: ``"hard"`` or ``"soft"``.
 
   Returns:
-    An ``optax.GradientTransformation`` whose state is :class:`ClipByGlobalNormState`.
+    An ``optax.GradientTransformationExtraArgs`` whose state is
+    :class:`ClipByGlobalNormState`.
 
   Example:
     >>> import jax.numpy as jnp, optax, gradtx
@@ -142,18 +257,24 @@ def clip_by_global_norm(
   _check_mode(mode)
 
   def init_fn(params):
-    del params
+    _check_float("params", params)
+    dtype = _norm_dtype(params)
     return ClipByGlobalNormState(
         count=jnp.zeros((), jnp.int32),
-        grad_norm=jnp.zeros((), jnp.float32),
-        clip_scale=jnp.ones((), jnp.float32),
+        grad_norm=jnp.zeros((), dtype),
+        clip_scale=jnp.ones((), dtype),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    norm = global_norm(updates).astype(jnp.float32)
-    scale = clip_scale(norm, _numerics.scalar_or_schedule(max_norm, state.count), mode)
-    new_state = ClipByGlobalNormState(optax.safe_increment(state.count), norm, scale)
+    _check_float("updates", updates)
+    norm = _norm(updates)
+    scale = clip_scale(norm, _threshold(max_norm, state.count), mode)
+    new_state = ClipByGlobalNormState(
+        optax.safe_increment(state.count),
+        norm.astype(state.grad_norm.dtype),
+        scale.astype(state.clip_scale.dtype),
+    )
     return _scale_tree(updates, scale), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -169,7 +290,7 @@ class ClipByLeafNormState(NamedTuple):
 
 def clip_by_leaf_norm(
     max_norm: optax.ScalarOrSchedule, *, mode: str = "hard"
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""Clips every leaf (tensor) by its own L2 norm, hard or soft.
 
   .. math::
@@ -177,11 +298,12 @@ def clip_by_leaf_norm(
     \qquad u_\ell = g_\ell \cdot \frac{\gamma}{\|g_\ell\| + \gamma} \;\text{(soft)}
 
   Args:
-    max_norm: the per-tensor threshold γ > 0, or a schedule ``count -> γ``.
+    max_norm: the per-tensor threshold γ > 0, or a schedule ``count -> γ`` (a scheduled
+      γ <= 0 or NaN gives NaN updates).
     mode: ``"hard"`` or ``"soft"``.
 
   Returns:
-    An ``optax.GradientTransformation``; its :class:`ClipByLeafNormState` holds
+    An ``optax.GradientTransformationExtraArgs``; its :class:`ClipByLeafNormState` holds
     ``grad_norm`` and ``clip_scale`` as pytrees shaped like the params (one scalar each).
 
   Example:
@@ -199,18 +321,24 @@ def clip_by_leaf_norm(
   _check_mode(mode)
 
   def init_fn(params):
+    _check_float("params", params)
     return ClipByLeafNormState(
         count=jnp.zeros((), jnp.int32),
-        grad_norm=jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params),
-        clip_scale=jax.tree.map(lambda _: jnp.ones((), jnp.float32), params),
+        grad_norm=jax.tree.map(lambda p: jnp.zeros((), _norm_dtype(p)), params),
+        clip_scale=jax.tree.map(lambda p: jnp.ones((), _norm_dtype(p)), params),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    threshold = _numerics.scalar_or_schedule(max_norm, state.count)
-    norms = jax.tree.map(lambda u: leaf_norm(u).astype(jnp.float32), updates)
+    _check_float("updates", updates)
+    threshold = _threshold(max_norm, state.count)
+    norms = jax.tree.map(_norm, updates)
     scales = jax.tree.map(lambda n: clip_scale(n, threshold, mode), norms)
-    new_state = ClipByLeafNormState(optax.safe_increment(state.count), norms, scales)
+    new_state = ClipByLeafNormState(
+        optax.safe_increment(state.count),
+        optax.tree.cast_like(norms, state.grad_norm),
+        optax.tree.cast_like(scales, state.clip_scale),
+    )
     return _scale_tree(updates, scales), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -221,7 +349,8 @@ class AutoClipState(NamedTuple):
 
   Attributes:
     num_recorded: how many finite norms have been recorded (the ring-buffer cursor).
-    norm_history: ring buffer of the last ``history`` finite global norms.
+    norm_history: ring buffer of the last ``history`` finite global norms (slots not
+      yet written hold 0 and are ignored).
     grad_norm: pre-clip global norm of the last gradient.
     max_norm: the threshold applied to the last gradient.
     clip_scale: the factor the last gradient was multiplied by.
@@ -234,26 +363,16 @@ class AutoClipState(NamedTuple):
   clip_scale: chex.Array
 
 
-def _linear_percentile(values: jax.Array, num_valid: jax.Array, q: jax.Array) -> jax.Array:
-  """``numpy.percentile(values[:num_valid], q)`` (linear method) for a traced ``num_valid``.
-
-  Entries at positions >= ``num_valid`` are ignored.
-  """
-  valid = jnp.arange(values.shape[0]) < num_valid
-  ordered = jnp.sort(jnp.where(valid, values, jnp.inf))
-  last = jnp.maximum(num_valid - 1, 0)
-  position = jnp.asarray(q, jnp.float32) / 100.0 * last.astype(jnp.float32)
-  below = jnp.floor(position).astype(jnp.int32)
-  above = jnp.minimum(below + 1, last)
-  weight = position - below.astype(jnp.float32)
-  low, high = ordered[below], ordered[above]
-  # numpy's lerp: exact at both ends.
-  return jnp.where(weight >= 0.5, high - (high - low) * (1 - weight), low + (high - low) * weight)
+def _history_percentile(norm_history: jax.Array, num_valid: jax.Array,
+                        percentile: Any) -> jax.Array:
+  """``numpy.percentile`` (linear) of the first ``num_valid`` slots: the others are NaN."""
+  filled = jnp.arange(norm_history.shape[0]) < num_valid
+  return jnp.nanpercentile(jnp.where(filled, norm_history, jnp.nan), percentile)
 
 
 def auto_clip(
     percentile: float = 10.0, *, history: int = 1000, mode: str = "hard"
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""AutoClip: clips to a percentile of the history of global gradient norms.
 
   .. math::
@@ -263,18 +382,19 @@ def auto_clip(
   As in Seetharaman et al.'s reference code, the current norm is recorded *before*
   the threshold is computed, so the first step's history is ``[‖g_1‖]``, its threshold
   ``γ_1 = ‖g_1‖`` and (in hard mode) it is never clipped; over the first few steps the
-  threshold is a percentile of only a handful of norms. The history is a ring buffer of the last
-  ``history`` finite norms (the paper keeps all of them: ``history >= num_steps``
-  reproduces it exactly). Non-finite norms are not recorded.
+  threshold is a percentile of only a handful of norms. The history is a ring buffer of
+  the last ``history`` finite norms (the paper keeps all of them: ``history >= num_steps``
+  reproduces it exactly); the percentile is ``jnp.nanpercentile`` over it with the
+  unwritten slots as NaN. Non-finite norms are not recorded.
 
   Args:
-    percentile: p in [0, 100]; the paper recommends 10.
+    percentile: p in [0, 100] (a number: a schedule is refused); the paper recommends 10.
     history: ring-buffer length (static; with ``optax.inject_hyperparams`` list it in
       ``static_args``).
     mode: ``"hard"`` (the paper) or ``"soft"`` clipping to the threshold.
 
   Returns:
-    An ``optax.GradientTransformation`` with state :class:`AutoClipState`.
+    An ``optax.GradientTransformationExtraArgs`` with state :class:`AutoClipState`.
 
   Example:
     >>> import jax.numpy as jnp, gradtx
@@ -289,23 +409,27 @@ def auto_clip(
     Seetharaman, Wichern, Pardo, Le Roux, "AutoClip: Adaptive gradient clipping for
     source separation networks", MLSP 2020, arXiv:2007.14469.
   """
+  _checks.check_finite("percentile", percentile, allow_schedule=False)
   _checks.check_in_interval("percentile", percentile, 0.0, 100.0)
+  _checks.check_static("history", history)
   _checks.check_int("history", history, minimum=1)
   _check_mode(mode)
 
   def init_fn(params):
-    del params
+    _check_float("params", params)
+    zero = jnp.zeros((), _norm_dtype(params))
     return AutoClipState(
         num_recorded=jnp.zeros((), jnp.int32),
-        norm_history=jnp.zeros((history,), jnp.float32),
-        grad_norm=jnp.zeros((), jnp.float32),
-        max_norm=jnp.zeros((), jnp.float32),
-        clip_scale=jnp.ones((), jnp.float32),
+        norm_history=jnp.zeros((history,), zero.dtype),
+        grad_norm=zero,
+        max_norm=zero,
+        clip_scale=jnp.ones_like(zero),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    norm = global_norm(updates).astype(jnp.float32)
+    _check_float("updates", updates)
+    norm = _norm(updates).astype(state.grad_norm.dtype)
     finite = jnp.isfinite(norm)
     cursor = state.num_recorded % history
     norm_history = jnp.where(
@@ -314,7 +438,7 @@ def auto_clip(
     num_recorded = jnp.where(finite, optax.safe_increment(state.num_recorded),
                              state.num_recorded)
     num_valid = jnp.minimum(num_recorded, history)
-    threshold = _linear_percentile(norm_history, num_valid, percentile)
+    threshold = _history_percentile(norm_history, num_valid, percentile)
     threshold = jnp.where(num_valid > 0, threshold, norm)
     scale = clip_scale(norm, threshold, mode)
     new_state = AutoClipState(num_recorded, norm_history, norm, threshold, scale)
@@ -344,6 +468,53 @@ class ZScoreClipState(NamedTuple):
   clip_scale: chex.Array
 
 
+class _ZScoreConfig(NamedTuple):
+  alpha: float
+  z_thresh: float
+  warmup_steps: int
+  eps: float
+  max_norm: float | None
+
+
+def _zscore_step(state: ZScoreClipState, norm: jax.Array,
+                 config: _ZScoreConfig) -> ZScoreClipState:
+  """One ZClip step on the norm ``norm``: the new state (its ``clip_scale`` included)."""
+  alpha, z_thresh = config.alpha, config.z_thresh
+  finite = jnp.isfinite(norm)
+  warming_up = state.num_recorded < config.warmup_steps
+
+  # Warm-up: Welford's running mean and population variance.
+  n = (state.num_recorded + 1).astype(norm.dtype)
+  delta = norm - state.norm_mean
+  warm_mean = state.norm_mean + delta / n
+  warm_var = ((n - 1) * state.norm_var + delta * (norm - warm_mean)) / n
+
+  # After warm-up: z-score test, adaptive threshold, EMA of the clipped norm.
+  std = jnp.sqrt(state.norm_var)
+  z = (norm - state.norm_mean) / (std + config.eps)
+  spike = z > z_thresh
+  adaptive = state.norm_mean + z_thresh * std / jnp.where(spike, z / z_thresh, 1.0)
+  clip_value = jnp.where(spike, adaptive, norm)
+  ema_mean = alpha * state.norm_mean + (1 - alpha) * clip_value
+  ema_var = alpha * state.norm_var + (1 - alpha) * jnp.square(clip_value - ema_mean)
+
+  target = jnp.where(warming_up, norm, clip_value)
+  if config.max_norm is not None:
+    target = jnp.minimum(target, config.max_norm)
+  # ``target <= norm`` always, so this is min(1, target / norm) with 0/0 -> 1.
+  scale = jnp.where(norm > 0, target / jnp.where(norm > 0, norm, 1.0), 1.0)
+
+  keep = jnp.logical_not(finite)
+  return ZScoreClipState(
+      num_recorded=jnp.where(keep, state.num_recorded, optax.safe_increment(state.num_recorded)),
+      norm_mean=jnp.where(keep, state.norm_mean, jnp.where(warming_up, warm_mean, ema_mean)),
+      norm_var=jnp.where(keep, state.norm_var, jnp.where(warming_up, warm_var, ema_var)),
+      grad_norm=norm,
+      z_score=jnp.where(warming_up, 0.0, z),
+      clip_scale=jnp.where(finite, scale, jnp.nan),
+  )
+
+
 def zscore_clip(
     *,
     alpha: float = 0.97,
@@ -351,7 +522,7 @@ def zscore_clip(
     warmup_steps: int = 25,
     eps: float = 1e-6,
     max_norm: float | None = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""ZClip: clips global-norm spikes detected by an EMA z-score test.
 
   Warm-up (the first ``warmup_steps`` finite norms): nothing is clipped (except by
@@ -371,6 +542,7 @@ def zscore_clip(
   also applies during warm-up); ``None``, the default here, applies none — the
   reference code's default changed between versions, and a silent cap of 1.0 would
   surprise users of a z-score method. Non-finite norms do not touch the statistics.
+  Every hyperparameter is a number: schedules are refused.
 
   Args:
     alpha: EMA factor in (0, 1).
@@ -380,7 +552,7 @@ def zscore_clip(
     max_norm: optional fixed cap on the norm, > 0.
 
   Returns:
-    An ``optax.GradientTransformation`` with state :class:`ZScoreClipState`.
+    An ``optax.GradientTransformationExtraArgs`` with state :class:`ZScoreClipState`.
 
   Example:
     >>> import jax.numpy as jnp, gradtx
@@ -395,59 +567,28 @@ def zscore_clip(
     Kumar, Owen, Chowdhury, Güra, "ZClip: Adaptive spike mitigation for LLM
     pre-training", 2025, arXiv:2504.02507.
   """
+  _checks.check_finite("alpha", alpha, allow_schedule=False)
   _checks.check_in_interval("alpha", alpha, 0.0, 1.0, low_open=True, high_open=True)
-  _checks.check_positive("z_thresh", z_thresh)
+  _checks.check_positive("z_thresh", z_thresh, allow_schedule=False)
   _checks.check_int("warmup_steps", warmup_steps, minimum=1)
-  _checks.check_positive("eps", eps)
+  _checks.check_positive("eps", eps, allow_schedule=False)
   if max_norm is not None:
-    _checks.check_positive("max_norm", max_norm)
+    _checks.check_positive("max_norm", max_norm, allow_schedule=False)
+  config = _ZScoreConfig(alpha, z_thresh, warmup_steps, eps, max_norm)
 
   def init_fn(params):
-    del params
-    zero = jnp.zeros((), jnp.float32)
+    _check_float("params", params)
+    zero = jnp.zeros((), _norm_dtype(params))
     return ZScoreClipState(
         num_recorded=jnp.zeros((), jnp.int32),
         norm_mean=zero, norm_var=zero, grad_norm=zero, z_score=zero,
-        clip_scale=jnp.ones((), jnp.float32),
+        clip_scale=jnp.ones_like(zero),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    norm = global_norm(updates).astype(jnp.float32)
-    finite = jnp.isfinite(norm)
-    warming_up = state.num_recorded < warmup_steps
-
-    # Warm-up: Welford's running mean and population variance.
-    n = (state.num_recorded + 1).astype(jnp.float32)
-    delta = norm - state.norm_mean
-    warm_mean = state.norm_mean + delta / n
-    warm_var = ((n - 1) * state.norm_var + delta * (norm - warm_mean)) / n
-
-    # After warm-up: z-score test, adaptive threshold, EMA of the clipped norm.
-    std = jnp.sqrt(state.norm_var)
-    z = (norm - state.norm_mean) / (std + eps)
-    spike = z > z_thresh
-    adaptive = state.norm_mean + z_thresh * std / jnp.where(spike, z / z_thresh, 1.0)
-    clip_value = jnp.where(spike, adaptive, norm)
-    ema_mean = alpha * state.norm_mean + (1 - alpha) * clip_value
-    ema_var = alpha * state.norm_var + (1 - alpha) * jnp.square(clip_value - ema_mean)
-
-    target = jnp.where(warming_up, norm, clip_value)
-    if max_norm is not None:
-      target = jnp.minimum(target, max_norm)
-    # ``target <= norm`` always, so this is min(1, target / norm) with 0/0 -> 1.
-    scale = jnp.where(norm > 0, target / jnp.where(norm > 0, norm, 1.0), 1.0)
-    scale = jnp.where(finite, scale, jnp.nan)
-
-    keep = jnp.logical_not(finite)
-    new_state = ZScoreClipState(
-        num_recorded=jnp.where(keep, state.num_recorded, optax.safe_increment(state.num_recorded)),
-        norm_mean=jnp.where(keep, state.norm_mean, jnp.where(warming_up, warm_mean, ema_mean)),
-        norm_var=jnp.where(keep, state.norm_var, jnp.where(warming_up, warm_var, ema_var)),
-        grad_norm=norm,
-        z_score=jnp.where(warming_up, 0.0, z),
-        clip_scale=scale,
-    )
-    return _scale_tree(updates, scale), new_state
+    _check_float("updates", updates)
+    new_state = _zscore_step(state, _norm(updates).astype(state.grad_norm.dtype), config)
+    return _scale_tree(updates, new_state.clip_scale), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,9 +1,9 @@
 """Layer-wise learning rates and per-path transformations, chosen by parameter path.
 
-Su's "free gradient" view (TECHNIQUES.md §5): reparametrise ``θ = λφ``. Plain SGD on φ
-moves θ by ``-λ² η ∇_θ L``, so it *is* SGD on θ with learning rate ``λ² η``; Adam and
-RMSProp divide by the gradient's scale, which cancels one λ, so Adam on φ is Adam on θ
-with learning rate ``λ η`` (eps negligible). A per-layer learning rate is therefore a
+Su's "free gradient" view (Su 2019, see References): reparametrise ``θ = λφ``. Plain
+SGD on φ moves θ by ``-λ² η ∇_θ L``, so it *is* SGD on θ with learning rate ``λ² η``;
+Adam and RMSProp divide by the gradient's scale, which cancels one λ, so Adam on φ is
+Adam on θ with learning rate ``λ η`` (eps negligible). A per-layer learning rate is therefore a
 per-leaf multiplier on the update, picked by the leaf's path — which is what
 :func:`scale_by_path` and :func:`layerwise_lr_decay` do, and :func:`by_path`
 generalises to any transformation per path (freezing, per-layer clipping, a different
@@ -14,13 +14,18 @@ Paths are "/"-joined (see :func:`gradtx.tree_paths`); rules are ordered
 covers (without a default) and a rule that covers no leaf are both errors that list
 the paths, so a typo never silently leaves a layer at the wrong learning rate.
 
+Rule values are checked at construction (a NaN or infinite multiplier names its rule);
+integer or boolean leaves, which the products would truncate, are refused, naming the
+paths; two leaves with the same path are an error (see :func:`gradtx.tree_paths`).
+
 NaN/inf gradients: the multipliers are plain products, so a non-finite entry stays
 where it is and shows in the update (propagated, never hidden); the states hold only a
 step count, which a bad gradient cannot poison. :func:`by_path` inherits the behaviour
 of the transformations it applies.
 
 References:
-  Su Jianlin, "Layer-wise learning rates and free gradients", kexue.fm/archives/6418.
+  Su Jianlin, "Layer-wise learning rates and free gradients", 2019,
+  kexue.fm/archives/6418.
   Clark, Luong, Le, Manning, "ELECTRA: Pre-training text encoders as discriminators
   rather than generators", ICLR 2020, arXiv:2003.10555 (layer-wise LR decay).
   Bao, Dong, Piao, Wei, "BEiT: BERT pre-training of image transformers", ICLR 2022,
@@ -36,9 +41,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradtx import _checks, _paths
-
-_NO_DEFAULT = object()
+from gradtx import _checks, _numerics, _paths
 
 
 def path_labels(params: Any, rules: Any, *, default: Any = None) -> Any:
@@ -76,16 +79,16 @@ class ScaleByPathState(NamedTuple):
   count: chex.Array
 
 
-def _multiplier_value(multiplier: optax.ScalarOrSchedule, count: chex.Array) -> jax.Array:
-  return jnp.asarray(multiplier(count) if callable(multiplier) else multiplier, jnp.float32)
-
-
 def _scale_leaf(update: jax.Array, multiplier: jax.Array) -> jax.Array:
   return (update * multiplier).astype(update.dtype)
 
 
-def scale_by_path(rules: Any, *, default: optax.ScalarOrSchedule = 1.0
-                  ) -> optax.GradientTransformation:
+def _check_float(argname: str, tree: Any) -> None:
+  _checks.check_float_leaves(argname, tree, allow_complex=True)
+
+
+def scale_by_path(rules: Any, *, default: optax.ScalarOrSchedule | None = 1.0
+                  ) -> optax.GradientTransformationExtraArgs:
   r"""Multiplies each leaf's update by a multiplier chosen by its path.
 
   .. math:: u_\ell = m(\text{path}_\ell) \, g_\ell
@@ -97,13 +100,19 @@ def scale_by_path(rules: Any, *, default: optax.ScalarOrSchedule = 1.0
   under Adam reproduce training φ instead of θ.
 
   Args:
-    rules: ordered ``{regex: multiplier}``; a multiplier is a number or a schedule
+    rules: ordered ``{regex: multiplier}``; a multiplier is a finite number (any sign:
+      0 freezes a leaf, a negative one reverses its gradient) or a schedule
       ``count -> multiplier``.
     default: multiplier for leaves no rule matches (1.0: leave them alone). Pass
       ``default=None`` to make unmatched leaves an error.
 
   Returns:
-    An ``optax.GradientTransformation`` with state :class:`ScaleByPathState`.
+    An ``optax.GradientTransformationExtraArgs`` with state :class:`ScaleByPathState`.
+
+  Raises:
+    TypeError, ValueError: at construction, a multiplier or ``default`` that is not a
+      finite number or a schedule (the rule is named); at ``init``, a rule that matches
+      no leaf or a leaf that matches no rule (the paths are listed); integer leaves.
 
   Example:
     >>> import jax.numpy as jnp, optax, gradtx
@@ -112,42 +121,39 @@ def scale_by_path(rules: Any, *, default: optax.ScalarOrSchedule = 1.0
     >>> u, _ = tx.update(params, tx.init(params))
     >>> u["body"].tolist(), u["head"].tolist()
     ([-1.0, -1.0], [-10.0, -10.0])
+
+  References:
+    Su Jianlin, "Layer-wise learning rates and free gradients", 2019,
+    kexue.fm/archives/6418.
   """
   compiled = _paths.compile_rules(rules, argname="rules")
   for pattern, multiplier in compiled:
-    if not callable(multiplier) and _checks.concrete_scalar(multiplier) is None:
-      raise TypeError(
-          f"rules: the multiplier for {pattern.pattern!r} must be a number or a schedule, "
-          f"got {multiplier!r}"
-      )
+    _checks.check_finite(f"rules: the multiplier for {pattern.pattern!r}", multiplier)
   has_default = default is not None
+  if has_default:
+    _checks.check_finite("default", default)
 
-  def multipliers_for(tree):
-    values, _, _ = _paths.map_by_rules(
-        tree, rules, argname="rules", default=_NO_DEFAULT, has_default=has_default
-    )
-    return values
+  def rule_matches(tree):
+    return _paths.map_by_rules(tree, rules, argname="rules", has_default=has_default)[1]
 
   def init_fn(params):
-    multipliers_for(params)  # report bad rules at init, not at the first step
+    _check_float("params", params)
+    rule_matches(params)  # report bad rules at init, not at the first step
     return ScaleByPathState(count=jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    per_leaf = multipliers_for(updates)
-    cache = {}
-
-    def value_of(rule_value):
-      chosen = default if rule_value is _NO_DEFAULT else rule_value
-      if id(chosen) not in cache:
-        cache[id(chosen)] = _multiplier_value(chosen, state.count)
-      return cache[id(chosen)]
-
-    scaled = jax.tree.map(
-        lambda u, m: _scale_leaf(u, value_of(m)), updates, per_leaf,
-        is_leaf=lambda x: x is _NO_DEFAULT,
-    )
-    return scaled, ScaleByPathState(count=optax.safe_increment(state.count))
+    _check_float("updates", updates)
+    matches = rule_matches(updates)
+    # Each rule's multiplier (a schedule included) is evaluated once per step.
+    values = [_numerics.scalar_or_schedule(m, state.count) for _, m in compiled]
+    fallback = (_numerics.scalar_or_schedule(default, state.count)
+                if any(match is None for match in matches) else None)
+    leaves, treedef = jax.tree.flatten(updates)
+    scaled = [_scale_leaf(u, fallback if match is None else values[match.index])
+              for u, match in zip(leaves, matches, strict=True)]
+    return (jax.tree.unflatten(treedef, scaled),
+            ScaleByPathState(count=optax.safe_increment(state.count)))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -160,6 +166,22 @@ def layer_depths(params: Any, *, num_layers: int, depth_rules: Any,
   integer is *added* to it, so ``{r"encoder/layer_(\\d+)/.*": 1}`` gives 0-indexed
   ``layer_i`` the depth ``i + 1``. Depths must lie in ``[0, num_layers + 1]``.
 
+  Args:
+    params: the pytree whose leaves get a depth.
+    num_layers: L, the number of blocks between the embeddings (depth 0) and the head
+      (depth ``L + 1``).
+    depth_rules: ordered ``{regex: depth}`` (an int; an offset when the regex captures
+      the layer index).
+    default_depth: depth of leaves no rule matches; ``None`` makes them an error.
+
+  Returns:
+    A pytree shaped like ``params`` holding Python ints.
+
+  Raises:
+    ValueError: a depth outside ``[0, num_layers + 1]`` (the path and rule are named), a
+      captured group that is not digits, a leaf no rule matches, a rule no leaf matches.
+    TypeError: a depth that is not an int.
+
   Example:
     >>> import jax.numpy as jnp, gradtx
     >>> p = {"embed": jnp.ones(1), "layer_0": jnp.ones(1), "layer_1": jnp.ones(1),
@@ -168,19 +190,10 @@ def layer_depths(params: Any, *, num_layers: int, depth_rules: Any,
     ...                     depth_rules={"embed": 0, r"layer_(\\d+)": 1, "head": 3})
     {'embed': 0, 'head': 3, 'layer_0': 1, 'layer_1': 2}
   """
-  _checks.check_int("num_layers", num_layers, minimum=0)
-  if default_depth is not None:
-    _checks.check_int("default_depth", default_depth, minimum=0)
-    _check_depth("default_depth", default_depth, num_layers)
-  compiled = _paths.compile_rules(depth_rules, argname="depth_rules")
-  for pattern, depth in compiled:
-    if isinstance(depth, bool) or not isinstance(depth, int):
-      raise TypeError(
-          f"depth_rules: the depth for {pattern.pattern!r} must be an int, got {depth!r}"
-      )
+  _check_depth_arguments(num_layers, depth_rules, default_depth)
   _, matches, paths = _paths.map_by_rules(
-      params, depth_rules, argname="depth_rules", has_default=default_depth is not None,
-      default_name="default_depth",
+      params, depth_rules, argname="depth_rules",
+      has_default=default_depth is not None, default_name="default_depth",
   )
   depths = []
   for path, match in zip(paths, matches, strict=True):
@@ -200,6 +213,20 @@ def layer_depths(params: Any, *, num_layers: int, depth_rules: Any,
   return jax.tree.unflatten(jax.tree.structure(params), depths)
 
 
+def _check_depth_arguments(num_layers: Any, depth_rules: Any, default_depth: Any) -> None:
+  """Checks ``num_layers``, the form of ``depth_rules`` and ``default_depth``."""
+  _checks.check_int("num_layers", num_layers, minimum=0)
+  if default_depth is not None:
+    _checks.check_int("default_depth", default_depth, minimum=0)
+    _check_depth("default_depth", default_depth, num_layers)
+  compiled = _paths.compile_rules(depth_rules, argname="depth_rules")
+  for pattern, depth in compiled:
+    if isinstance(depth, bool) or not isinstance(depth, int):
+      raise TypeError(
+          f"depth_rules: the depth for {pattern.pattern!r} must be an int, got {depth!r}"
+      )
+
+
 def _check_depth(name: str, depth: Any, num_layers: Any) -> None:
   depth, num_layers = _checks.concrete_scalar(depth), _checks.concrete_scalar(num_layers)
   if depth is None or num_layers is None:
@@ -208,6 +235,32 @@ def _check_depth(name: str, depth: Any, num_layers: Any) -> None:
     raise ValueError(
         f"{name} must be in [0, num_layers + 1] = [0, {num_layers + 1:g}], got {depth:g}"
     )
+
+
+def _check_head_present(params: Any, depths: Any, num_layers: Any) -> None:
+  """Refuses a tree whose top depth is not ``num_layers + 1`` (a miscounted ``num_layers``).
+
+  A tree with masked leaves (``optax.masked``, ``optax.partition``, :func:`by_path`) may
+  leave the head to another transformation, so it is not checked.
+  """
+  num_layers = _checks.concrete_scalar(num_layers)
+  by_depth = jax.tree.leaves(depths)
+  if num_layers is None or not by_depth or int(num_layers) + 1 in by_depth:
+    return
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+  if any(is_masked(x) for x in jax.tree.leaves(params, is_leaf=is_masked)):
+    return
+  head, deepest = int(num_layers) + 1, max(by_depth)
+  top = [p for p, d in zip(_paths.tree_paths(params), by_depth, strict=True) if d == deepest]
+  raise ValueError(
+      f"num_layers={int(num_layers)}, but no leaf has depth num_layers + 1 = {head}, the "
+      f"head's depth (multiplier 1): the deepest leaves are at depth {deepest} "
+      f"({', '.join(repr(p) for p in top[:4])}), so even they would train at "
+      f"decay**{head - deepest}. num_layers is the number of blocks between the "
+      f"embeddings (depth 0) and the head (depth num_layers + 1): if depth {deepest} is "
+      f"the head, pass num_layers={max(deepest - 1, 0)}. If the head is trained by another "
+      "transformation, apply this one with optax.masked or gradtx.by_path."
+  )
 
 
 class LayerwiseLrDecayState(NamedTuple):
@@ -222,7 +275,7 @@ def layerwise_lr_decay(
     num_layers: int,
     depth_rules: Any,
     default_depth: int | None = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""Layer-wise learning-rate decay: deeper-from-the-top layers train slower.
 
   .. math:: u_\ell = \text{decay}^{\,(L + 1 - d_\ell)} \; g_\ell
@@ -237,6 +290,13 @@ def layerwise_lr_decay(
   ``decay¹`` — the off-by-one discussed in its issue tracker. To reproduce that code
   exactly, pass ``num_layers=L + 1`` and give the head depth ``L + 2``.
 
+  A model whose deepest leaf is not at depth ``L + 1`` (``num_layers=3`` with conv1,
+  conv2, head at depths 0, 1, 2) would train every leaf, the head included, at a
+  fraction of the learning rate: ``init`` refuses it with a ``ValueError`` that says
+  what ``num_layers`` means. A tree with masked-out leaves (``optax.masked``,
+  ``optax.partition``, :func:`by_path`: the head may be trained by another
+  transformation) is not checked.
+
   Args:
     decay: the per-layer factor (typically 0.6-0.95), a number or a schedule.
     num_layers: L, the number of blocks between embeddings and head.
@@ -246,7 +306,7 @@ def layerwise_lr_decay(
       ``num_layers + 1`` treats them as part of the head (ELECTRA's choice).
 
   Returns:
-    An ``optax.GradientTransformation`` with state :class:`LayerwiseLrDecayState`.
+    An ``optax.GradientTransformationExtraArgs`` with state :class:`LayerwiseLrDecayState`.
 
   Example:
     >>> import jax.numpy as jnp, optax, gradtx
@@ -259,29 +319,30 @@ def layerwise_lr_decay(
     {'embed': 0.125, 'head': 1.0, 'layer_0': 0.25, 'layer_1': 0.5}
 
   References:
-    Clark et al., "ELECTRA", ICLR 2020, arXiv:2003.10555; Bao et al., "BEiT", ICLR 2022,
-    arXiv:2106.08254.
+    Clark, Luong, Le, Manning, "ELECTRA: Pre-training text encoders as discriminators
+    rather than generators", ICLR 2020, arXiv:2003.10555; Bao, Dong, Piao, Wei, "BEiT:
+    BERT pre-training of image transformers", ICLR 2022, arXiv:2106.08254.
   """
   _checks.check_positive("decay", decay)
-  _checks.check_int("num_layers", num_layers, minimum=0)
-  # Validate the rules' form now; their fit to the params is checked at init.
-  _paths.compile_rules(depth_rules, argname="depth_rules")
+  # The rules' form now; their fit to the params at init.
+  _check_depth_arguments(num_layers, depth_rules, default_depth)
 
   def depths_for(tree):
     return layer_depths(tree, num_layers=num_layers, depth_rules=depth_rules,
                         default_depth=default_depth)
 
   def init_fn(params):
-    depths_for(params)
+    _check_float("params", params)
+    _check_head_present(params, depths_for(params), num_layers)
     return LayerwiseLrDecayState(count=jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    base = _multiplier_value(decay, state.count)
+    _check_float("updates", updates)
+    base = _numerics.scalar_or_schedule(decay, state.count)
     depths = depths_for(updates)
-    scaled = jax.tree.map(
-        lambda u, d: _scale_leaf(u, base ** (num_layers + 1 - d)), updates, depths
-    )
+    powers = {d: base ** (num_layers + 1 - d) for d in set(jax.tree.leaves(depths))}
+    scaled = jax.tree.map(lambda u, d: _scale_leaf(u, powers[d]), updates, depths)
     return scaled, LayerwiseLrDecayState(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -291,7 +352,7 @@ _DEFAULT_LABEL = "__default__"
 
 
 def by_path(rules: Any, *, default: optax.GradientTransformation | None = None
-            ) -> optax.GradientTransformation:
+            ) -> optax.GradientTransformationExtraArgs:
   """Applies a different transformation to each group of leaves, chosen by path.
 
   Built on ``optax.partition``: each transformation sees only its own leaves (the
@@ -306,6 +367,10 @@ def by_path(rules: Any, *, default: optax.GradientTransformation | None = None
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (extra args reach every inner one).
 
+  Raises:
+    TypeError: a rule value or ``default`` that is not a transformation (a factory such
+      as ``optax.sgd`` is named, with the call that makes one).
+
   Example:
     >>> import jax.numpy as jnp, optax, gradtx
     >>> params = {"body": jnp.array([3.0, 4.0]), "head": jnp.array([3.0, 4.0])}
@@ -317,15 +382,9 @@ def by_path(rules: Any, *, default: optax.GradientTransformation | None = None
   """
   compiled = _paths.compile_rules(rules, argname="rules")
   for pattern, tx in compiled:
-    if not isinstance(tx, optax.GradientTransformation):
-      raise TypeError(
-          f"rules: the value for {pattern.pattern!r} must be an "
-          f"optax.GradientTransformation, got {type(tx).__name__}"
-      )
-  if default is not None and not isinstance(default, optax.GradientTransformation):
-    raise TypeError(
-        f"default must be an optax.GradientTransformation or None, got {default!r}"
-    )
+    _checks.check_transformation(f"rules: the value for {pattern.pattern!r}", tx)
+  if default is not None:
+    _checks.check_transformation("default", default)
   # Labels are rule positions, so two rules may share a regex-equal transformation.
   labels = [f"rule_{i}:{pattern.pattern}" for i, (pattern, _) in enumerate(compiled)]
   transforms = {label: tx for label, (_, tx) in zip(labels, compiled, strict=True)}

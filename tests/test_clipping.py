@@ -10,6 +10,7 @@ import functools
 import math
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,13 +58,6 @@ def tree_with_norm(rng, norm, shapes=None):
   tree = np_tree(random_tree(rng, shapes=shapes))
   factor = norm / np_global_norm(tree)
   return {k: jnp.asarray(v * factor, jnp.float32) for k, v in tree.items()}
-
-
-def assert_tree_close(actual, expected, rtol, atol=0.0):
-  jax.tree.map(
-      lambda a, e: np.testing.assert_allclose(np.asarray(a, np.float64), e, rtol=rtol, atol=atol),
-      actual, expected,
-  )
 
 
 def flat(tree):
@@ -125,7 +119,7 @@ def test_global_norm_clip_matches_numpy(mode, dtype):
       for k in g:
         assert u[k].dtype == g[k].dtype
       rtol = 2e-6 if dtype == jnp.float32 else 8e-3  # bf16 keeps 8 significant bits
-      assert_tree_close(u, jax.tree.map(lambda x, s=scale: x * s, g_np), rtol=rtol)
+      chex.assert_trees_all_close(u, jax.tree.map(lambda x, s=scale: x * s, g_np), rtol=rtol)
 
 
 @pytest.mark.parametrize("mode", ["hard", "soft"])
@@ -140,7 +134,7 @@ def test_global_norm_clip_float64(mode):
       assert u[k].dtype == jnp.float64
     scale = np_scale(norm, 0.5 * norm, mode)
     np.testing.assert_allclose(float(state.grad_norm), norm, rtol=1e-6)
-    assert_tree_close(u, jax.tree.map(lambda x: x * scale, g_np), rtol=1e-6)
+    chex.assert_trees_all_close(u, jax.tree.map(lambda x: x * scale, g_np), rtol=1e-6)
 
 
 def test_global_norm_state_readable_with_tree_get():
@@ -199,8 +193,8 @@ def test_global_norm_zero_gradient_value_and_meta_gradient_are_finite(mode):
   # the derivative of the scale is multiplied by g = 0); d‖g‖/dg = 0 (the subgradient 0);
   # d clip_scale/dγ = 0 (hard: γ/γ; soft: γ/(0 + γ)).
   assert float(value) == pytest.approx(1.0)
-  assert_tree_close(u, jax.tree.map(np.zeros_like, np_tree(g)), rtol=0, atol=0)
-  assert_tree_close(d_g, np_tree(w), rtol=1e-6)
+  chex.assert_trees_all_close(u, jax.tree.map(np.zeros_like, np_tree(g)), rtol=0, atol=0)
+  chex.assert_trees_all_close(d_g, np_tree(w), rtol=1e-6)
   assert float(d_gamma) == pytest.approx(0.0, abs=1e-7)
 
 
@@ -232,7 +226,7 @@ def check_meta_gradient(mode, g_np, w_np, n, gw, gamma, d_g, d_gamma):
   else:
     s, ds_dn, ds_dgamma = gamma / (n + gamma), -gamma / (n + gamma) ** 2, n / (n + gamma) ** 2
   expected_d_g = jax.tree.map(lambda gi, wi: s * wi + gw * ds_dn * gi / n, g_np, w_np)
-  assert_tree_close(d_g, expected_d_g, rtol=2e-5, atol=1e-6)
+  chex.assert_trees_all_close(d_g, expected_d_g, rtol=2e-5, atol=1e-6)
   np.testing.assert_allclose(float(d_gamma), gw * ds_dgamma, rtol=2e-5, atol=1e-7)
 
 
@@ -257,7 +251,7 @@ def test_property_hard_clip_bounded_and_identity_below(g, gamma):
   assert norm_u <= gamma * (1 + 1e-5)
   assert norm_u == pytest.approx(min(norm_g, gamma), rel=1e-5, abs=1e-30)
   if norm_g < gamma * (1 - 1e-5):
-    assert_tree_close(u, np_tree(g), rtol=0, atol=0)  # untouched, bit for bit
+    chex.assert_trees_all_close(u, np_tree(g), rtol=0, atol=0)  # untouched, bit for bit
 
 
 @given(g=GRADS, gamma=GAMMAS)
@@ -278,6 +272,38 @@ def test_property_direction_unchanged(mode, g, gamma):
     cosine = np.dot(u, g_flat) / (np.linalg.norm(u) * np.linalg.norm(g_flat))
     assert cosine == pytest.approx(1.0, abs=1e-6)
   assert np.all(np.sign(u) * np.sign(g_flat) >= 0)  # no entry flips sign
+
+
+# Magnitudes 1e-30..1e30 (#13): a tree is sign · 10**e per entry, the exponents spread
+# around a centre (all tiny, all huge, or mixed: spread 60 covers the whole range), in
+# float32 or float64. γ = ‖g‖ · 10**r with |r| <= 3, so every clipped entry lies in
+# [1e-33, 3e33] and the clipped norm in [1e-33, 3e33]: normal float32 numbers (smallest
+# normal 1.2e-38, largest 3.4e38), so the result itself neither underflows nor overflows
+# and 1e-5 relative is a fair demand; every ‖g‖² below 1e-38 or above 3.4e38 exercises
+# the second, rescaled pass of the norm.
+WIDE_TREES = st.tuples(
+    st.sampled_from(["float32", "float64"]),
+    st.floats(-30.0, 30.0),                                           # centre exponent
+    st.sampled_from([0.0, 1.0, 8.0, 60.0]),                           # spread
+    hnp.arrays(np.float64, (7,), elements=st.floats(-0.5, 0.5)),      # offsets
+    hnp.arrays(np.bool_, (7,)),                                       # signs
+)
+
+
+@given(tree=WIDE_TREES, log_ratio=st.floats(-3.0, 3.0))
+def test_property_clipped_norm_is_min_of_norm_and_gamma_over_60_decades(tree, log_ratio):
+  dtype, centre, spread, offsets, negative = tree
+  exponents = np.clip(centre + spread * offsets, -30.0, 30.0)
+  values = np.where(negative, -1.0, 1.0) * 10.0**exponents
+  with jax.enable_x64(dtype == "float64"):
+    g = {"a": jnp.asarray(values[:3], dtype), "b": jnp.asarray(values[3:].reshape(2, 2), dtype)}
+    g_np = np_tree(g)  # the entries as rounded to ``dtype``, exactly, in float64
+    norm = np_global_norm(g_np)
+    gamma = float(norm * 10.0**log_ratio)
+    u, state = global_clip(g, gamma, "hard")
+    assert u["a"].dtype == jnp.dtype(dtype)
+    assert float(state.grad_norm) == pytest.approx(norm, rel=1e-5)
+    assert np_global_norm(np_tree(u)) == pytest.approx(min(norm, gamma), rel=1e-5)
 
 
 # ------------------------------------------------------------------------- clip_by_leaf_norm
@@ -367,7 +393,7 @@ def test_auto_clip_threshold_is_numpy_percentile_of_ring_buffer(percentile, hist
   np.testing.assert_array_equal(states.num_recorded, np.arange(1, num_steps + 1))
   for step, g in enumerate(grads):
     expected_u = jax.tree.map(lambda x, s=scales[step]: x * s, np_tree(g))
-    assert_tree_close(step_tree(us, step), expected_u, rtol=1e-5)
+    chex.assert_trees_all_close(step_tree(us, step), expected_u, rtol=1e-5)
   if percentile < 100 and history > 1:
     assert np.sum(scales < 1) > 0  # the thresholds were not all trivially above the norms
 
@@ -382,7 +408,7 @@ def test_auto_clip_first_step_threshold_is_first_norm(percentile, mode):
   np.testing.assert_allclose(float(state.max_norm), 1234.5, rtol=1e-6)
   if mode == "hard":  # never clipped
     assert float(state.clip_scale) == 1.0
-    assert_tree_close(u, np_tree(g), rtol=0, atol=0)
+    chex.assert_trees_all_close(u, np_tree(g), rtol=0, atol=0)
   else:  # soft clipping to γ = ‖g‖ halves it
     np.testing.assert_allclose(float(state.clip_scale), 0.5, rtol=1e-6)
 
@@ -407,7 +433,7 @@ def test_auto_clip_non_finite_norm_is_not_recorded_and_update_is_nan():
     if math.isfinite(n):
       np.testing.assert_allclose(state.max_norm, threshold, rtol=1e-5)
       expected_u = jax.tree.map(lambda x, s=scale: x * s, np_tree(grads[step]))
-      assert_tree_close(u, expected_u, rtol=1e-5)
+      chex.assert_trees_all_close(u, expected_u, rtol=1e-5)
     else:
       before = step_tree(states, step - 1)
       assert all_nan(u)
@@ -523,7 +549,7 @@ def test_zscore_clip_matches_published_zclip(kwargs):
     np.testing.assert_allclose(state.clip_scale, scale, rtol=1e-5)
     np.testing.assert_allclose(state.norm_mean, mean, rtol=1e-5)
     np.testing.assert_allclose(state.norm_var, var, rtol=1e-4, atol=1e-9)
-    assert_tree_close(u, jax.tree.map(lambda x, s=scale: x * s, np_tree(g)), rtol=1e-5)
+    chex.assert_trees_all_close(u, jax.tree.map(lambda x, s=scale: x * s, np_tree(g)), rtol=1e-5)
     if full["max_norm"] is not None:
       assert np_global_norm(u) <= full["max_norm"] * (1 + 1e-5)
   assert 3 not in detected  # a spike inside warm-up is not z-tested
@@ -574,7 +600,7 @@ def test_zscore_clip_non_finite_gradient_keeps_statistics_and_gives_nan(bad):
       np.testing.assert_allclose(state.norm_mean, mean, rtol=1e-5)
       np.testing.assert_allclose(state.norm_var, var, rtol=1e-4, atol=1e-9)
       expected_u = jax.tree.map(lambda x, s=scale: x * s, np_tree(grads[step]))
-      assert_tree_close(u, expected_u, rtol=1e-5)
+      chex.assert_trees_all_close(u, expected_u, rtol=1e-5)
     else:
       before = step_tree(states, step - 1)
       assert all_nan(u)
@@ -607,12 +633,9 @@ def test_non_finite_gradient_propagates_visibly_and_does_not_poison_state(name):
   state = tx.init(good[0])
   for g in good[:3]:
     _, state = update(g, state)
-  for bad in ("nan", "inf", "-inf", "norm_overflow"):
+  for bad in ("nan", "inf", "-inf"):
     faulty = random_tree(rng)
-    if bad == "norm_overflow":  # every entry finite, but ‖g‖² overflows float32
-      faulty["dense/kernel"] = faulty["dense/kernel"].at[0, 0].set(1e20)
-    else:
-      faulty["dense/kernel"] = faulty["dense/kernel"].at[1, 2].set(float(bad))
+    faulty["dense/kernel"] = faulty["dense/kernel"].at[1, 2].set(float(bad))
     u, bad_state = update(faulty, state)
     if name.startswith("leaf"):  # per-leaf: only the faulty leaf is NaN
       assert all_nan(u["dense/kernel"]), bad
@@ -633,7 +656,126 @@ def test_non_finite_gradient_propagates_visibly_and_does_not_poison_state(name):
     u_after, _ = update(good[3], bad_state)
     u_clean, _ = update(good[3], state)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u_after))
-    assert_tree_close(u_after, np_tree(u_clean), rtol=0, atol=0)
+    chex.assert_trees_all_close(u_after, np_tree(u_clean), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["global_hard", "global_soft", "leaf_soft", "auto_hard",
+                                  "zscore_max_norm"])
+def test_finite_gradient_whose_squares_overflow_float32_is_clipped_not_nan(name):
+  # Every entry is finite, but the float32 sum of squares of 1e20 is inf: the norm must
+  # still be the float64 reference (it was inf, giving NaN updates, before #13).
+  rng = np.random.default_rng(11)
+  tx = TRANSFORMATIONS[name]()
+  update = jax.jit(tx.update)
+  state = tx.init(random_tree(rng))
+  for s in (0.5, 1.0, 2.0):
+    _, state = update(random_tree(rng, scale=s), state)
+  g = random_tree(rng)
+  g["dense/kernel"] = g["dense/kernel"].at[0, 0].set(1e20)
+  g_np = np_tree(g)
+  u, new_state = update(g, state)
+  if name.startswith("leaf"):
+    mode = name.split("_")[1]
+    for k in g:
+      norm = np_norm(g_np[k])
+      np.testing.assert_allclose(float(new_state.grad_norm[k]), norm, rtol=1e-6)
+      np.testing.assert_allclose(np.asarray(u[k], np.float64),
+                                 g_np[k] * np_scale(norm, 1.0, mode), rtol=2e-6)
+    return
+  norm = np_global_norm(g_np)
+  np.testing.assert_allclose(float(new_state.grad_norm), norm, rtol=1e-6)
+  scale = float(new_state.clip_scale)
+  if name.startswith("global"):
+    np.testing.assert_allclose(scale, np_scale(norm, 1.0, name.split("_")[1]), rtol=1e-6)
+  assert 0 < scale < 1e-18  # the spike is clipped hard, whatever the rule's threshold
+  chex.assert_trees_all_close(u, jax.tree.map(lambda x: x * scale, g_np), rtol=2e-6)
+
+
+def test_float64_norm_is_computed_in_float64_under_x64():
+  # ‖[1e200, 1e200]‖ overflows float32 (and float64's sum of squares): the state keeps
+  # float64 and the update is the float64 reference.
+  with jax.enable_x64(True):
+    g = {"w": jnp.array([1e200, -1e200, 3.0], jnp.float64), "b": jnp.array([1e-200])}
+    norm = math.sqrt(2.0) * 1e200
+    clipped = {k: np.asarray(v) / norm for k, v in g.items()}
+    for tx, expected in ((gradtx.clip_by_global_norm(1.0), clipped),
+                         (gradtx.zscore_clip(warmup_steps=1, max_norm=1.0), clipped),
+                         (gradtx.auto_clip(50.0, history=4), g)):  # γ_1 = ‖g_1‖: unclipped
+      u, state = jax.jit(tx.update)(g, tx.init(g))
+      assert state.grad_norm.dtype == jnp.float64
+      np.testing.assert_allclose(float(state.grad_norm), norm, rtol=1e-12)
+      chex.assert_trees_all_close(u, expected, rtol=1e-12, atol=1e-300)
+    tx = gradtx.clip_by_leaf_norm(1.0)
+    u, state = jax.jit(tx.update)(g, tx.init(g))
+    assert state.grad_norm["w"].dtype == jnp.float64
+    np.testing.assert_allclose(float(state.grad_norm["b"]), 1e-200, rtol=1e-12)
+    chex.assert_trees_all_close(u, {"w": np.asarray(g["w"]) / norm, "b": g["b"]},
+                                rtol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_complex_gradients_are_clipped_by_their_modulus(mode):
+  # [10+10j, 10-10j] has modulus norm 20 (its real parts alone would give √200, and the
+  # old float32 cast dropped the imaginary parts: "norm" 0 for [10j, -10j]).
+  g = {"c": jnp.array([10 + 10j, 10 - 10j], jnp.complex64), "r": jnp.array([5.0])}
+  c = np.array([10 + 10j, 10 - 10j])
+  norm = math.sqrt(float(np.sum(np.abs(c) ** 2)) + 25.0)
+  u, state = global_clip(g, 2.0, mode)
+  scale = np_scale(norm, 2.0, mode)
+  np.testing.assert_allclose(float(state.grad_norm), norm, rtol=1e-6)
+  assert u["c"].dtype == jnp.complex64
+  np.testing.assert_allclose(np.asarray(u["c"]), c * scale, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(u["r"]), [5.0 * scale], rtol=1e-6)
+  tx = gradtx.clip_by_leaf_norm(2.0, mode=mode)
+  imaginary = {"c": jnp.array([10j, -10j], jnp.complex64)}
+  u, state = tx.update(imaginary, tx.init(imaginary))
+  np.testing.assert_allclose(float(state.grad_norm["c"]), math.sqrt(200.0), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(u["c"]), np.array([10j, -10j]) *
+                             np_scale(math.sqrt(200.0), 2.0, mode), rtol=1e-6)
+
+
+@pytest.mark.parametrize("make, mode", [(gradtx.clip_by_global_norm, "hard"),
+                                        (gradtx.clip_by_leaf_norm, "soft")])
+def test_schedule_max_norm_not_positive_gives_nan_not_a_sign_flip(make, mode):
+  # γ = 2, 0, -2, NaN on steps 0-3. γ <= 0 used to flip the sign (hard: γ/‖g‖ < 0) or
+  # pass a zero leaf unclipped; now every entry is NaN and grad_norm stays the reference.
+  values = jnp.array([2.0, 0.0, -2.0, jnp.nan])
+  tx = make(lambda count: values[jnp.minimum(count, 3)], mode=mode)
+  g = {"w": jnp.array([3.0, 4.0]), "z": jnp.zeros(2)}
+  update = jax.jit(tx.update)
+  u, state = update(g, tx.init(g))
+  s = np_scale(5.0, 2.0, mode)
+  chex.assert_trees_all_close(u, {"w": np.array([3.0, 4.0]) * s, "z": np.zeros(2)},
+                              rtol=1e-6)
+  for step in range(1, 4):
+    u, state = update(g, state)
+    assert all_nan(u), step
+    norms = state.grad_norm if isinstance(state.grad_norm, dict) else {"w": state.grad_norm}
+    np.testing.assert_allclose(float(norms["w"]), 5.0, rtol=1e-6)
+
+
+def test_clip_scale_refuses_to_flip_the_sign():
+  scale = gradtx.clipping.clip_scale
+  for mode in ("hard", "soft"):
+    assert np.isnan(float(scale(jnp.float32(5.0), -1.0, mode)))
+    assert np.isnan(float(scale(jnp.float32(0.0), jnp.nan, mode)))
+    assert float(scale(jnp.float32(0.0), 0.0, mode)) == 1.0  # AutoClip's zero threshold
+  assert float(scale(jnp.float32(4.0), 0.0, "hard")) == 0.0
+
+
+def test_state_after_a_failed_call_gives_the_clean_run():
+  rng = np.random.default_rng(12)
+  grads = [random_tree(rng, scale=s) for s in (0.5, 3.0, 1.0, 0.2, 4.0)]
+  tx = TRANSFORMATIONS["auto_hard"]()
+  clean_us, clean_states = run_steps(tx, grads)
+  update = jax.jit(tx.update)
+  state = tx.init(grads[0])
+  for step, g in enumerate(grads):
+    with pytest.raises(TypeError, match=r"updates must hold floating.*dense/bias \(int32\)"):
+      update({**g, "dense/bias": jnp.array([1, 2, 3])}, state)
+    u, state = update(g, state)
+    chex.assert_trees_all_close(u, step_tree(clean_us, step), rtol=1e-6)
+    chex.assert_trees_all_close(state, step_tree(clean_states, step), rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(TRANSFORMATIONS))

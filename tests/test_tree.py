@@ -1,4 +1,4 @@
-"""Tests for gradtx._tree: leaf paths and ordered regex path rules.
+"""Tests for gradtx._paths: leaf paths, path collisions and ordered regex path rules.
 
 Expected paths and labels are written out by hand from the tree's structure, never
 derived from the code under test.
@@ -130,6 +130,21 @@ def test_tree_paths_flax_nnx_state_has_no_value_suffix():
 def test_path_tree_holds_paths_in_place():
   tree = {"a": [jnp.zeros(1), None], "b": _Pair(jnp.zeros(1), jnp.zeros(2))}
   assert _paths.path_tree(tree) == {"a": ["a/0", None], "b": _Pair("b/first", "b/second")}
+
+
+def test_colliding_paths_are_an_error_naming_both_leaves():
+  # "a/b" the key and a -> b the nesting both join to "a/b": one leaf's rule, mask or
+  # random draw would silently apply to the other (#13).
+  tree = {"a/b": jnp.zeros(1), "a": {"b": jnp.ones(1)}}
+  for call in (gradtx.tree_paths, _paths.path_tree,
+               lambda t: gradtx.path_labels(t, {".*": 0}),
+               lambda t: gradtx.scale_by_path({".*": 2.0}).init(t),
+               lambda t: gradtx.clip_by_global_norm(1.0).init(t)):
+    with pytest.raises(ValueError, match=r"two leaves have the same path 'a/b': "
+                                         r"\['a'\]\['b'\] and \['a/b'\]"):
+      call(tree)
+  # Keys that only look alike do not collide.
+  assert gradtx.tree_paths({"a/b": jnp.zeros(1), "a": {"c": jnp.ones(1)}}) == ["a/c", "a/b"]
 
 
 # ----------------------------------------------------------------------------- path rules
