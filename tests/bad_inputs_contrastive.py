@@ -218,4 +218,71 @@ CASES = [
     Case("contrastive-sharded-rng-int",
          lambda: _sharded(encode=_dropout_encode)(W, Z, rng=7),
          TypeError, r"rng must be a jax\.random key .*got 7"),
+    # --- sigmoid_contrastive and the ring losses (#16)
+    Case("contrastive-sigmoid-bias-1d",
+         lambda: gradtx.sigmoid_contrastive(Z, Z, temperature=0.1, bias=jnp.zeros(4)),
+         ValueError, r"bias must be a scalar.*shape \(4,\)"),
+    Case("contrastive-sigmoid-bias-1d-traced",
+         lambda: jax.jit(lambda c: gradtx.sigmoid_contrastive(Z, Z, temperature=0.1, bias=c))(
+             jnp.zeros((1,))),
+         ValueError, r"bias must be a scalar.*shape \(1,\)"),
+    Case("contrastive-sigmoid-bias-none",
+         lambda: gradtx.sigmoid_contrastive(Z, Z, temperature=0.1, bias=None),
+         TypeError, r"bias must be .*got None"),
+    Case("contrastive-sigmoid-bias-nan",
+         lambda: gradtx.sigmoid_contrastive(Z, Z, temperature=0.1, bias=float("nan")),
+         ValueError, r"bias must be a finite number, got nan"),
+    Case("contrastive-sigmoid-temperature-2d",
+         lambda: gradtx.sigmoid_contrastive(Z, Z, temperature=jnp.ones((1, 1)), bias=0.0),
+         ValueError, r"temperature must be a scalar.*shape \(1, 1\)"),
+    Case("contrastive-sigmoid-temperature-zero",
+         lambda: gradtx.sigmoid_contrastive(Z, Z, temperature=0, bias=-10.0),
+         ValueError, r"temperature must be a finite number > 0, got 0"),
+    Case("contrastive-sigmoid-temperature-negative-blockwise",
+         lambda: gradtx.sigmoid_contrastive(Z, Z, temperature=-0.1, bias=-10.0, block_size=2),
+         ValueError, r"temperature must be a finite number > 0, got -0\.1"),
+    Case("contrastive-sigmoid-towers-batch",
+         lambda: gradtx.sigmoid_contrastive(Z, Z[:3], temperature=0.1, bias=0.0),
+         ValueError, r"a and b must have the same batch size.*\(4, 3\).*\(3, 3\)"),
+    Case("contrastive-sigmoid-labels-shape",
+         lambda: gradtx.sigmoid_contrastive(Z, Z, temperature=0.1, bias=0.0,
+                                            labels=jnp.arange(3)),
+         ValueError, r"labels must be an integer array of shape \(4,\)"),
+    Case("contrastive-ring-axis_name-unbound",
+         lambda: gradtx.info_nce(Z, Z, temperature=0.1, axis_name="data"),
+         ValueError, r"axis_name='data' is not bound.*jax\.shard_map"),
+    Case("contrastive-ring-sigmoid-axis_name-unbound-in-jit",
+         lambda: jax.jit(lambda a: gradtx.sigmoid_contrastive(
+             a, a, temperature=0.1, bias=0.0, axis_name="batch"))(Z),
+         ValueError, r"axis_name='batch' is not bound"),
+    Case("contrastive-ring-axis_name-wrong-axis",
+         lambda: _in_shard_map(lambda a, b: gradtx.nt_xent(a, b, temperature=0.1,
+                                                           axis_name="model"), Z, Z),
+         ValueError, r"axis_name='model' is not bound"),
+    Case("contrastive-ring-axis_name-tuple",
+         lambda: gradtx.info_nce(Z, Z, temperature=0.1, axis_name=("data",)),
+         TypeError, r"axis_name must be None or the name \(a str\)"),
+    Case("contrastive-ring-local-batches-differ",
+         lambda: _in_shard_map(lambda a, b: gradtx.sigmoid_contrastive(
+             a, b, temperature=0.1, bias=0.0, axis_name="data"), Z, Z[:3]),
+         ValueError, r"a and b must have the same batch size \(towers are paired row by "
+                     r"row\) \(the local batches .*'data'.*a\.shape=\(4, 3\).*"
+                     r"b\.shape=\(3, 3\)"),
+    Case("contrastive-sharded-loss_comm-unknown",
+         lambda: _sharded(loss_comm="reduce_scatter"),
+         ValueError, r"loss_comm.*'all_gather', 'ring'.*reduce_scatter"),
+    Case("contrastive-cached-loss_inputs-rows",
+         lambda: _cached(loss=lambda p, h, labels: _loss(p, h))(W, Z, loss_inputs=jnp.arange(3)),
+         ValueError, r"loss_inputs must have one row per sample.*4 rows.*got 3"),
 ]
+
+
+def _in_shard_map(fn, a, b):
+  """``fn(a, b)`` inside a one-device shard_map (``a`` sharded, ``b`` replicated)."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  mesh = jax.make_mesh((1,), ("data",))
+  a = jax.device_put(a, NamedSharding(mesh, P("data")))
+  b = jax.device_put(b, NamedSharding(mesh, P()))
+  return jax.shard_map(fn, mesh=mesh, in_specs=(P("data"), P()), out_specs=P())(a, b)

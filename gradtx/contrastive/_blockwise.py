@@ -1,61 +1,69 @@
-r"""Blockwise contrastive row losses: streaming log-sum-exp, no B × B matrix.
+r"""Tiled and ring-sharded pairwise losses: no B × B matrix, no all-gathered batch.
 
-The row losses of ``_losses.dense_row_losses``,
+Every contrastive loss of this package is a sum of per-row losses over a similarity
+matrix ``s_ij = τ⁻¹ <q_i, k_j> + β`` with a set of *allowed* columns ``A(i)`` and a set of
+*positive* columns ``P(i) ⊆ A(i)`` (equal labels). Two kernels share the tiling code:
+
+- softmax (InfoNCE, NT-Xent, SupCon; ``β = 0``):
+  ``ℓ_i = log Σ_{j∈A(i)} e^{s_ij} − |P(i)|⁻¹ Σ_{j∈P(i)} s_ij``, carried online with a
+  streaming log-sum-exp (Milakov & Gimelshein):
+  ``m_i ← max(m_i, max_j s_ij)``, ``l_i ← l_i e^{m_i^{old} − m_i} + Σ_j e^{s_ij − m_i}``,
+  ``lse_i = m_i + log l_i``; rows without a positive give ``ℓ_i = 0`` and do not count;
+- sigmoid (SigLIP): ``ℓ_i = −Σ_{j∈A(i)} log σ(z_ij s_ij)``, ``z_ij = ±1`` (positive or
+  not): a plain sum, no normaliser to carry.
+
+**Tiles.** Rows and columns are cut into blocks of ``block_size`` (a batch that does not
+divide is padded with masked rows and columns; nothing is dropped). For each block of
+rows the column blocks are visited in turn (``lax.map`` over row blocks, ``lax.scan``
+over column blocks); one ``block × block`` tile of scores lives at a time.
+
+**The ring** (``axis_name=``, inside ``jax.shard_map`` over ``n`` devices). Device ``d``
+holds its rows ``q⁽ᵈ⁾`` and its block ``k⁽ᵈ⁾``. It accumulates the row statistics of
+``q⁽ᵈ⁾`` against ``k⁽ᵈ⁾``, passes the ``k`` block (with its labels and global row ids) to
+device ``d + 1`` with ``lax.ppermute`` while it computes, and repeats: after ``n − 1``
+hops every row has seen every column (Inf-CL, Wang et al. 2024). Per device and hop:
+``B/n`` rows of work, memory ``O((B/n)·d + block²)``; the all-gathered ``B × d`` never
+exists. The backward pass is a ring too: the ``k`` block travels again together with its
+gradient accumulator ``k̄``, which every device adds its rows' share to; one last hop
+brings ``k̄`` home. Row ids are global (``axis_index · rows``), so self-exclusion and the
+default labels are those of the single-device loss.
+
+**Gradients** (a ``jax.custom_vjp`` recomputing the tiles from ``q``, ``k`` and per-row
+saved values; ``c_i`` the cotangent of ``ℓ_i``): ``g_ij = ∂(Σ_i c_i ℓ_i)/∂s_ij`` is
 
 .. math::
-  \ell_i = \log \sum_{j \in A(i)} e^{s_{ij}} - \frac{1}{|P(i)|} \sum_{j \in P(i)} s_{ij},
-  \qquad s_{ij} = \tau^{-1} \langle q_i, k_j \rangle,
+  g_{ij} = c_i \Big([j \in A(i)]\, e^{s_{ij} - \mathrm{lse}_i}
+    - \frac{[j \in P(i)]}{|P(i)|}\Big) \ \text{(softmax)}, \qquad
+  g_{ij} = -c_i\, [j \in A(i)]\, z_{ij}\, \sigma(-z_{ij} s_{ij}) \ \text{(sigmoid)},
 
-are computed tile by tile. Rows and columns are cut into blocks of ``block_size`` (a
-batch that does not divide is padded with masked rows and columns; no sample is
-dropped). For each block of rows, the column blocks ``J`` are visited in turn and the
-log-sum-exp is carried online (Milakov & Gimelshein's streaming softmax normaliser):
+and ``q̄_i = τ⁻¹ Σ_j g_ij k_j``, ``k̄_j = τ⁻¹ Σ_i g_ij q_i``, ``∂τ⁻¹ = Σ_ij g_ij <q_i, k_j>``,
+``β̄ = Σ_ij g_ij``. ``τ`` and ``β`` are replicated over the ring: their gradients are the
+``psum`` of every device's share. The cotangents ``c_i`` are those of each device's own
+rows; the ring's global mean (:func:`global_mean`) has the semantics of a replicated
+loss (its cotangent, the same on every device, is not summed over the devices), under
+``check_vma=True`` or ``False`` alike.
 
-.. math::
-  m_i \leftarrow \max(m_i, \max_{j \in J \cap A(i)} s_{ij}), \qquad
-  l_i \leftarrow l_i\, e^{m_i^{old} - m_i} + \sum_{j \in J \cap A(i)} e^{s_{ij} - m_i},
-  \qquad \mathrm{lse}_i = m_i + \log l_i,
+Cost. The forward costs ``Bq·Bk·d`` multiply-adds, as the dense loss; the backward
+recomputes the scores and does the two products for ``q̄`` and ``k̄`` (3 tile matmuls
+instead of the dense backward's 2): the price of never storing the matrix. At
+B = 65536, d = 128 in float32 the dense matrix alone is 16 GiB, while the blockwise
+``value_and_grad`` of the symmetric InfoNCE needs about 160 MiB of temporaries with
+``block_size=1024`` (the tests check < 1 GiB); ring numbers are in
+``benchmarks/results/contrastive_scaling.md``. Forward-mode differentiation
+(``jax.jvp``, Hessians) is not available through the custom VJP.
 
-together with the positive sums ``Σ_{j∈P(i)} s_ij`` and counts ``|P(i)|``. Rows without
-a positive give ``ℓ_i = 0`` and ``has_positive = False``, as in the dense loss.
-
-The backward pass is a ``jax.custom_vjp`` that recomputes each tile from ``q``, ``k``
-and the saved ``lse``: with the upstream cotangent ``c_i`` of ``ℓ_i``,
-
-.. math::
-  g_{ij} = \frac{\partial}{\partial s_{ij}} \sum_i c_i \ell_i
-    = c_i \Big(p_{ij} - \frac{[j \in P(i)]}{|P(i)|}\Big), \qquad
-  p_{ij} = [j \in A(i)]\, e^{s_{ij} - \mathrm{lse}_i}
-
-(``g_ij = 0`` on rows without a positive), and
-
-.. math::
-  \bar q_i = \tau^{-1} \sum_j g_{ij} k_j, \qquad
-  \bar k_j = \tau^{-1} \sum_i g_{ij} q_i, \qquad
-  \overline{\tau^{-1}} = \sum_{ij} g_{ij} \langle q_i, k_j \rangle.
-
-Cost. Memory is O(B·d + block²): the residuals are ``q``, ``k``, the labels, ``τ⁻¹``,
-``lse`` and the positive counts (O(B)); one tile of ``block × block`` scores lives at a
-time. At B = 65536, d = 128 in float32 the dense matrix alone is 16 GiB, while the
-blockwise ``value_and_grad`` of the symmetric InfoNCE needs about 160 MiB of
-temporaries with ``block_size=1024`` (XLA CPU ``memory_analysis``; the tests check < 1 GiB).
-FLOPs: the forward costs ``Bq·Bk·d`` multiply-adds, as the dense loss does; the
-backward recomputes the scores and does the two products for ``q̄`` and ``k̄``, about
-twice the forward's work again (3 tile matmuls instead of the dense backward's 2): the
-price of never storing the matrix. Tiles are visited sequentially (``lax.map`` and
-``lax.scan``), so a block of 512–2048 keeps the matmuls large enough to be efficient;
-1024 is a sensible default. Forward-mode differentiation (``jax.jvp``, Hessians) is not
-available through the custom VJP.
-
-Computation is in float32, or float64 when the inputs are float64. Matmuls use JAX's
-default precision, like the dense loss (set ``jax.default_matmul_precision`` to change
-both).
+Computation is in float32, or float64 when the inputs are float64; matmuls use JAX's
+default precision, like the dense loss.
 
 References:
   Milakov, Gimelshein, "Online normalizer calculation for softmax", 2018,
   arXiv:1805.02867 (the streaming log-sum-exp).
-  Dao, Fu, Ermon, Rudra, Ré, "FlashAttention: fast and memory-efficient exact attention
-  with IO-awareness", 2022, arXiv:2205.14135 (tiling with recomputation in the backward).
+  Dao, Fu, Ermon, Rudra, Ré, "FlashAttention", 2022, arXiv:2205.14135 (tiling with
+  recomputation in the backward).
+  Liu, Zaharia, Abbeel, "Ring attention with blockwise transformers for near-infinite
+  context", 2023, arXiv:2310.01889 (blocks passed around a ring of devices).
+  Cheng et al., "Breaking the memory barrier: near infinite batch size scaling for
+  contrastive loss" (Inf-CL), 2024, arXiv:2410.17243.
 """
 
 from __future__ import annotations
@@ -68,127 +76,273 @@ import jax.numpy as jnp
 
 from gradtx import _checks
 
+# ---------------------------------------------------------------------------- kernels
+
+
+class Softmax:
+  """InfoNCE's row statistics ``(m, l, Σ_P s, |P|)`` and its tile gradient."""
+
+  @staticmethod
+  def init(shape, dtype):
+    return (jnp.full(shape, -jnp.inf, dtype), jnp.zeros(shape, dtype),
+            jnp.zeros(shape, dtype), jnp.zeros(shape, jnp.int32))
+
+  @staticmethod
+  def accumulate(stats, s, allowed, positive):
+    m, norm, pos_sum, pos_count = stats
+    s_allowed = jnp.where(allowed, s, -jnp.inf)
+    m_new = jnp.maximum(m, s_allowed.max(axis=-1))
+    shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows with nothing allowed yet
+    norm = norm * jnp.exp(m - shift) + jnp.exp(s_allowed - shift[..., None]).sum(axis=-1)
+    pos_sum = pos_sum + jnp.where(positive, s, 0.0).sum(axis=-1)
+    pos_count = pos_count + positive.sum(axis=-1, dtype=jnp.int32)
+    return m_new, norm, pos_sum, pos_count
+
+  @staticmethod
+  def finalize(stats):
+    """``(ℓ, counts, saved)``: rows count when they have a positive."""
+    m, norm, pos_sum, count = stats
+    lse = jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(norm)  # -inf where nothing allowed
+    has_positive = count > 0
+    loss = jnp.where(has_positive, lse - pos_sum / jnp.maximum(count, 1).astype(lse.dtype), 0.0)
+    return loss, has_positive, (jnp.where(has_positive, lse, 0.0), count)
+
+  @staticmethod
+  def tile_grad(s, allowed, positive, coef, saved):
+    lse, count = saved
+    p = jnp.where(allowed, jnp.exp(s - lse[:, None]), 0.0)
+    pos_coef = coef / jnp.maximum(count, 1).astype(coef.dtype)
+    return coef[:, None] * p - jnp.where(positive, pos_coef[:, None], 0.0)
+
+
+class Sigmoid:
+  """SigLIP's row sums ``−Σ_j log σ(z_ij s_ij)`` and their tile gradient."""
+
+  @staticmethod
+  def init(shape, dtype):
+    return (jnp.zeros(shape, dtype),)
+
+  @staticmethod
+  def accumulate(stats, s, allowed, positive):
+    z = jnp.where(positive, 1.0, -1.0).astype(s.dtype)
+    return (stats[0] - jnp.where(allowed, jax.nn.log_sigmoid(z * s), 0.0).sum(axis=-1),)
+
+  @staticmethod
+  def finalize(stats):
+    return stats[0], jnp.ones(stats[0].shape, bool), ()
+
+  @staticmethod
+  def tile_grad(s, allowed, positive, coef, saved):
+    del saved
+    z = jnp.where(positive, 1.0, -1.0).astype(s.dtype)
+    return jnp.where(allowed, -z * jax.nn.sigmoid(-z * s), 0.0) * coef[:, None]
+
+
+# ------------------------------------------------------------------------------ rings
+
+
+def _vary(tree: Any, axis_name: str | None) -> Any:
+  """Leaves marked device-varying over ``axis_name`` (scan carries under check_vma=True)."""
+  if axis_name is None:
+    return tree
+
+  def vary(x):
+    manual = getattr(jax.typeof(x), "manual_axis_type", None)
+    if axis_name in getattr(manual, "varying", frozenset()):
+      return x
+    return jax.lax.pcast(x, axis_name, to="varying")
+
+  return jax.tree.map(vary, tree)
+
+
+def _ring_perm(axis_name: str) -> list[tuple[int, int]]:
+  n = jax.lax.axis_size(axis_name)
+  return [(i, (i + 1) % n) for i in range(n)]
+
+
+def _around_ring(step, carry, block, axis_name):
+  """``step(carry, block) -> (carry, block)`` on this device's block, then on each of the
+  ``n − 1`` blocks that arrive by ``ppermute`` (the next one is sent while this one is
+  computed). Returns the carry and the last block, which came from device ``d + 1``."""
+  if axis_name is None:
+    return step(carry, block)
+  perm = _ring_perm(axis_name)
+
+  def hop(state, _):
+    carry, block = state
+    carry, block = step(carry, block)
+    return (carry, jax.lax.ppermute(block, axis_name, perm)), None
+
+  hops = jax.lax.axis_size(axis_name) - 1
+  if hops:
+    (carry, block), _ = jax.lax.scan(hop, (carry, block), length=hops)
+  return step(carry, block)
+
+
+# ------------------------------------------------------------------------------ tiles
+
+
+def _tile_masks(q_ids, q_lab, k_ids, k_lab, exclude_self):
+  """Allowed and positive masks of one tile; padded columns (id < 0) are not allowed."""
+  allowed = jnp.broadcast_to(k_ids[None, :] >= 0, (q_ids.shape[0], k_ids.shape[0]))
+  if exclude_self:
+    allowed = allowed & (q_ids[:, None] != k_ids[None, :])
+  return allowed, allowed & (q_lab[:, None] == k_lab[None, :])
+
+
+def _scores(q_i, k_j, inv_t, bias):
+  raw = q_i @ k_j.T
+  return raw, raw * inv_t + bias
+
+
+def _hop_stats(kernel, exclude_self, stats, rows, block, inv_t, bias):
+  """Row statistics of every local row block updated with one ``k`` block's tiles."""
+  kb, klb, kib = block
+
+  def row_block(xs):
+    st, q_i, ql_i, qi_i = xs
+
+    def col(st, ys):
+      k_j, kl_j, ki_j = ys
+      _, s = _scores(q_i, k_j, inv_t, bias)
+      allowed, positive = _tile_masks(qi_i, ql_i, ki_j, kl_j, exclude_self)
+      return kernel.accumulate(st, s, allowed, positive), None
+
+    return jax.lax.scan(col, st, (kb, klb, kib))[0]
+
+  return jax.lax.map(row_block, (stats,) + rows)
+
+
+def _hop_grads(kernel, exclude_self, carry, rows, row_coefs, block, inv_t, bias):
+  """One ``k`` block's tiles: adds to ``q̄``, ``∂τ⁻¹``, ``β̄`` and the travelling ``k̄``.
+
+  ``row_coefs`` are the rows' cotangents ``c_i`` and the kernel's saved row values.
+  """
+  dqb, dinv, dbias = carry
+  kb, klb, kib, dkb = block
+
+  def row_step(inner, xs):
+    dkb, dinv, dbias = inner
+    q_i, ql_i, qi_i, coef_i, saved_i = xs
+
+    def col_step(acc, ys):
+      dq_i, dkb, dinv, dbias = acc
+      k_j, kl_j, ki_j, j = ys
+      raw, s = _scores(q_i, k_j, inv_t, bias)
+      allowed, positive = _tile_masks(qi_i, ql_i, ki_j, kl_j, exclude_self)
+      g = kernel.tile_grad(s, allowed, positive, coef_i, saved_i)
+      return (dq_i + g @ k_j, dkb.at[j].add(g.T @ q_i), dinv + jnp.sum(g * raw),
+              dbias + jnp.sum(g)), None
+
+    ys = (kb, klb, kib, jnp.arange(kb.shape[0]))
+    (dq_i, dkb, dinv, dbias), _ = jax.lax.scan(col_step, (jnp.zeros_like(q_i), dkb, dinv,
+                                                          dbias), ys)
+    return (dkb, dinv, dbias), dq_i
+
+  (dkb, dinv, dbias), dq = jax.lax.scan(row_step, (dkb, dinv, dbias), rows + row_coefs)
+  return (dqb + dq, dinv, dbias), (kb, klb, kib, dkb)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _tiled_core(kernel, axis_name, exclude_self, rows, block, inv_t, bias):
+  """Row losses and whether each row counts, of the padded, blocked local inputs."""
+  loss, counted, _ = _core_values(kernel, axis_name, exclude_self, rows, block, inv_t, bias)
+  return loss, counted
+
+
+def _core_values(kernel, axis_name, exclude_self, rows, block, inv_t, bias):
+  qb = rows[0]
+  init = _vary(kernel.init(qb.shape[:2], qb.dtype), axis_name)
+
+  def step(stats, blk):
+    return _hop_stats(kernel, exclude_self, stats, rows, blk, inv_t, bias), blk
+
+  stats, _ = _around_ring(step, init, block, axis_name)
+  loss, counted, saved = kernel.finalize(stats)
+  counted = counted & (rows[2] >= 0)  # padded rows never count
+  return loss, counted.astype(jnp.int32), saved
+
+
+def _core_fwd(kernel, axis_name, exclude_self, rows, block, inv_t, bias):
+  loss, counted, saved = _core_values(kernel, axis_name, exclude_self, rows, block, inv_t,
+                                      bias)
+  return (loss, counted), (rows, block, inv_t, bias, counted, saved)
+
+
+def _core_bwd(kernel, axis_name, exclude_self, residuals, cotangents):
+  rows, block, inv_t, bias, counted, saved = residuals
+  c_loss, _ = cotangents  # the integer output carries no gradient
+  qb = rows[0]
+  coef = jnp.where(counted > 0, c_loss, 0.0).astype(qb.dtype)
+  zero = jnp.zeros((), qb.dtype)
+  carry = _vary((jnp.zeros_like(qb), zero, zero), axis_name)
+  travelling = block + (jnp.zeros_like(block[0]),)
+
+  def step(carry, blk):
+    return _hop_grads(kernel, exclude_self, carry, rows, (coef, saved), blk, inv_t, bias)
+
+  (dqb, dinv, dbias), last = _around_ring(step, carry, travelling, axis_name)
+  dkb = last[3]
+  if axis_name is not None:  # k̄ is one hop from home; τ, β are replicated: sum the shares
+    dkb = jax.lax.ppermute(dkb, axis_name, _ring_perm(axis_name))
+    dinv, dbias = jax.lax.psum((dinv, dbias), axis_name)
+  dinv = dinv.astype(inv_t.dtype).reshape(inv_t.shape)
+  dbias = dbias.astype(bias.dtype).reshape(bias.shape)
+  no_grad = (None, None)
+  return (dqb * inv_t,) + no_grad, (dkb * inv_t,) + no_grad, dinv, dbias
+
+
+_tiled_core.defvjp(_core_fwd, _core_bwd)
+
 
 def _cdiv(a: int, b: int) -> int:
   return -(-a // b)
 
 
-def _pad_blocks(x: jax.Array, num_blocks: int, block: int) -> jax.Array:
-  """``x`` (n, ...) zero-padded to ``num_blocks * block`` rows, as (num_blocks, block, ...)."""
+def _pad_blocks(x: jax.Array, num_blocks: int, block: int, value: Any = 0) -> jax.Array:
+  """``x`` (n, ...) padded with ``value`` to ``num_blocks * block`` rows, blocked."""
   pad = num_blocks * block - x.shape[0]
-  x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+  x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=value)
   return x.reshape((num_blocks, block) + x.shape[1:])
 
 
-def _tile_masks(row_start, col_start, q_lab, k_lab, *, num_cols, exclude_self):
-  """Allowed and positive masks of one (rows, cols) tile; padded columns not allowed."""
-  rows = row_start + jnp.arange(q_lab.shape[0])
-  cols = col_start + jnp.arange(k_lab.shape[0])
-  allowed = jnp.broadcast_to(cols[None, :] < num_cols, (rows.shape[0], cols.shape[0]))
-  if exclude_self:
-    allowed = allowed & (rows[:, None] != cols[None, :])
-  positive = allowed & (q_lab[:, None] == k_lab[None, :])
-  return allowed, positive
+def _blocked(x, labels, block_size, axis_name, pad_id):
+  """``(x, labels, global ids)`` blocked by ``block_size`` (None: one block)."""
+  n = x.shape[0]
+  block = max(1, min(block_size or n, n))
+  num_blocks = _cdiv(n, block)
+  ids = global_ids(n, axis_name)
+  return (_pad_blocks(x, num_blocks, block), _pad_blocks(labels, num_blocks, block),
+          _pad_blocks(ids, num_blocks, block, pad_id))
 
 
-def _forward(qb, kb, qlb, klb, inv_t, num_cols, exclude_self):
-  """Streaming pass: per padded row, ``lse``, positive sum and positive count."""
-  dtype = qb.dtype
-  row_block, col_block = qb.shape[1], kb.shape[1]
-  col_starts = jnp.arange(kb.shape[0]) * col_block
-
-  def row_block_stats(xs):
-    q_i, ql_i, row_start = xs
-
-    def step(carry, ys):
-      m, norm, pos_sum, pos_count = carry
-      k_j, kl_j, col_start = ys
-      s = (q_i @ k_j.T) * inv_t
-      allowed, positive = _tile_masks(row_start, col_start, ql_i, kl_j,
-                                      num_cols=num_cols, exclude_self=exclude_self)
-      s_allowed = jnp.where(allowed, s, -jnp.inf)
-      m_new = jnp.maximum(m, s_allowed.max(axis=1))
-      shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows with nothing allowed yet
-      norm = norm * jnp.exp(m - shift) + jnp.exp(s_allowed - shift[:, None]).sum(axis=1)
-      pos_sum = pos_sum + jnp.where(positive, s, 0.0).sum(axis=1)
-      pos_count = pos_count + positive.sum(axis=1, dtype=jnp.int32)
-      return (m_new, norm, pos_sum, pos_count), None
-
-    init = (
-        jnp.full((row_block,), -jnp.inf, dtype),
-        jnp.zeros((row_block,), dtype),
-        jnp.zeros((row_block,), dtype),
-        jnp.zeros((row_block,), jnp.int32),
-    )
-    (m, norm, pos_sum, pos_count), _ = jax.lax.scan(step, init, (kb, klb, col_starts))
-    lse = jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(norm)  # -inf where nothing allowed
-    return lse, pos_sum, pos_count
-
-  row_starts = jnp.arange(qb.shape[0]) * row_block
-  return jax.lax.map(row_block_stats, (qb, qlb, row_starts))
+def global_ids(n: int, axis_name: str | None) -> jax.Array:
+  """Global positions of this device's ``n`` rows: ``axis_index · n + arange(n)``."""
+  ids = jnp.arange(n, dtype=jnp.int32)
+  if axis_name is None:
+    return ids
+  return ids + jax.lax.axis_index(axis_name).astype(jnp.int32) * n
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _blockwise_core(qb, kb, qlb, klb, inv_t, num_cols, exclude_self):
-  """Row losses and positive counts of the padded, blocked inputs (differentiable)."""
-  loss, count, _ = _core_fwd_values(qb, kb, qlb, klb, inv_t, num_cols, exclude_self)
-  return loss, count
+def tiled_row_losses(kernel, q, k, q_labels, k_labels, inv_temperature, bias=0.0, *,
+                     exclude_self: bool, block_size: int | None,
+                     axis_name: str | None = None) -> tuple[jax.Array, jax.Array]:
+  """Per-row losses of ``kernel`` (:class:`Softmax` or :class:`Sigmoid`) by tiles.
 
-
-def _core_fwd_values(qb, kb, qlb, klb, inv_t, num_cols, exclude_self):
-  lse, pos_sum, count = _forward(qb, kb, qlb, klb, inv_t, num_cols, exclude_self)
-  has_positive = count > 0
-  loss = jnp.where(has_positive, lse - pos_sum / jnp.maximum(count, 1).astype(lse.dtype), 0.0)
-  return loss, count, lse
-
-
-def _core_fwd(qb, kb, qlb, klb, inv_t, num_cols, exclude_self):
-  loss, count, lse = _core_fwd_values(qb, kb, qlb, klb, inv_t, num_cols, exclude_self)
-  return (loss, count), (qb, kb, qlb, klb, inv_t, lse, count)
-
-
-def _core_bwd(num_cols, exclude_self, residuals, cotangents):
-  qb, kb, qlb, klb, inv_t, lse, count = residuals
-  c_loss, _ = cotangents  # the integer count output carries no gradient
-  dtype = qb.dtype
-  row_block, col_block = qb.shape[1], kb.shape[1]
-  has_positive = count > 0
-  coef = jnp.where(has_positive, c_loss, 0.0).astype(dtype)  # c_i, 0 on rows without P(i)
-  pos_coef = coef / jnp.maximum(count, 1).astype(dtype)  # c_i / |P(i)|
-  safe_lse = jnp.where(has_positive, lse, 0.0)  # finite: a row with a positive has A(i)
-  col_starts = jnp.arange(kb.shape[0]) * col_block
-  row_starts = jnp.arange(qb.shape[0]) * row_block
-
-  def row_step(carry, xs):
-    dkb, dinv = carry
-    q_i, ql_i, lse_i, coef_i, pos_coef_i, row_start = xs
-
-    def col_step(inner, ys):
-      dq_i, dkb, dinv = inner
-      k_j, kl_j, col_start, j = ys
-      raw = q_i @ k_j.T
-      allowed, positive = _tile_masks(row_start, col_start, ql_i, kl_j,
-                                      num_cols=num_cols, exclude_self=exclude_self)
-      p = jnp.where(allowed, jnp.exp(raw * inv_t - lse_i[:, None]), 0.0)
-      g = coef_i[:, None] * p - jnp.where(positive, pos_coef_i[:, None], 0.0)
-      dq_i = dq_i + g @ k_j
-      dkb = dkb.at[j].add(g.T @ q_i)
-      dinv = dinv + jnp.sum(g * raw)
-      return (dq_i, dkb, dinv), None
-
-    init = (jnp.zeros_like(q_i), dkb, dinv)
-    ys = (kb, klb, col_starts, jnp.arange(kb.shape[0]))
-    (dq_i, dkb, dinv), _ = jax.lax.scan(col_step, init, ys)
-    return (dkb, dinv), dq_i
-
-  init = (jnp.zeros_like(kb), jnp.zeros((), dtype))
-  xs = (qb, qlb, safe_lse, coef, pos_coef, row_starts)
-  (dkb, dinv), dqb = jax.lax.scan(row_step, init, xs)
-  dinv = dinv.astype(inv_t.dtype).reshape(inv_t.shape)
-  return dqb * inv_t, dkb * inv_t, None, None, dinv
-
-
-_blockwise_core.defvjp(_core_fwd, _core_bwd)
+  ``q``, ``k`` (and their labels) are this device's rows when ``axis_name`` is given (the
+  ``k`` blocks then travel the ring), the whole batch otherwise. ``block_size=None``
+  means one tile per ring hop (``axis_name`` given). Returns ``(row_loss, counts)``:
+  (Bq,) losses in the compute dtype and (Bq,) bools (rows that enter the mean).
+  """
+  dtype = jnp.promote_types(jnp.promote_types(q.dtype, k.dtype), jnp.float32)
+  q, k = q.astype(dtype), k.astype(dtype)
+  inv_t, bias = jnp.asarray(inv_temperature, dtype), jnp.asarray(bias, dtype)
+  rows = _blocked(q, q_labels, block_size, axis_name, -2)
+  block = _blocked(k, k_labels, block_size, axis_name, -1)
+  loss, counted = _tiled_core(kernel, axis_name, bool(exclude_self), rows, block, inv_t,
+                              bias)
+  num_rows = q.shape[0]
+  return loss.reshape(-1)[:num_rows], counted.reshape(-1)[:num_rows] > 0
 
 
 def blockwise_row_losses(
@@ -201,7 +355,7 @@ def blockwise_row_losses(
     exclude_self: bool,
     block_size: int,
 ) -> tuple[jax.Array, jax.Array]:
-  r"""Per-row contrastive losses ``ℓ_i`` computed tile by tile (no B × B matrix).
+  r"""Per-row InfoNCE losses ``ℓ_i`` computed tile by tile (no B × B matrix).
 
   The same values as ``dense_row_losses``: with ``s_ij = <q_i, k_j> · inv_temperature``,
   allowed columns ``A(i)`` (all but ``j = i`` when ``exclude_self``) and positives
@@ -246,18 +400,33 @@ def blockwise_row_losses(
         f"q_labels and k_labels must have shapes {q.shape[:1]} and {k.shape[:1]}, got "
         f"{q_labels.shape} and {k_labels.shape}"
     )
-  dtype = jnp.promote_types(jnp.promote_types(q.dtype, k.dtype), jnp.float32)
-  q, k = q.astype(dtype), k.astype(dtype)
-  inv_t = jnp.asarray(inv_temperature, dtype)
-  num_rows, num_cols = q.shape[0], k.shape[0]
-  row_block = max(1, min(block_size, num_rows))
-  col_block = max(1, min(block_size, num_cols))
-  num_row_blocks, num_col_blocks = _cdiv(num_rows, row_block), _cdiv(num_cols, col_block)
-  qb = _pad_blocks(q, num_row_blocks, row_block)
-  kb = _pad_blocks(k, num_col_blocks, col_block)
-  qlb = _pad_blocks(q_labels, num_row_blocks, row_block)
-  klb = _pad_blocks(k_labels, num_col_blocks, col_block)
-  loss, count = _blockwise_core(qb, kb, qlb, klb, inv_t, num_cols, bool(exclude_self))
-  loss = loss.reshape(-1)[:num_rows]
-  has_positive = count.reshape(-1)[:num_rows] > 0
-  return loss, has_positive
+  return tiled_row_losses(Softmax, q, k, q_labels, k_labels, inv_temperature,
+                          exclude_self=exclude_self, block_size=block_size)
+
+
+# ------------------------------------------------------------------------ global mean
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def global_mean(row_loss: jax.Array, counted: jax.Array, axis_name: str) -> jax.Array:
+  """``psum(Σ counted ℓ_i) / psum(Σ counted)``: the mean over every device's counted rows.
+
+  Its cotangent is that of a replicated loss (the same on every device, not summed): row
+  ``i`` gets ``c / count``, under ``check_vma=True`` or ``False`` alike.
+  """
+  return _global_mean_fwd(row_loss, counted, axis_name)[0]
+
+
+def _global_mean_fwd(row_loss, counted, axis_name):
+  total = jax.lax.psum(jnp.sum(jnp.where(counted, row_loss, 0.0)), axis_name)
+  count = jnp.maximum(jax.lax.psum(jnp.sum(counted, dtype=jnp.int32), axis_name), 1)
+  return total / count.astype(total.dtype), (counted, count)
+
+
+def _global_mean_bwd(axis_name, residuals, ct):
+  del axis_name
+  counted, count = residuals
+  return jnp.where(counted, ct / count.astype(ct.dtype), 0.0).astype(ct.dtype), None
+
+
+global_mean.defvjp(_global_mean_fwd, _global_mean_bwd)

@@ -78,8 +78,12 @@ def _check_encode_fn(encode_fn: Any) -> None:
     ) from None
 
 
-def check_call(inputs: Any, extra_args: tuple, rng: Any) -> tuple[int, jax.Array | None]:
-  """``(batch size, typed key or None)`` of a call ``f(params, inputs, *extra_args, rng=rng)``."""
+def check_call(inputs: Any, extra_args: tuple, rng: Any,
+               loss_inputs: Any = None) -> tuple[int, jax.Array | None]:
+  """``(batch size, typed key or None)`` of a call ``f(params, inputs, *extra_args, rng=rng)``.
+
+  ``loss_inputs`` (per-sample data for the loss, e.g. labels) must have the batch size.
+  """
   if extra_args:
     raise TypeError(
         f"pass the random key by keyword: f(params, inputs, rng=key), not as a third "
@@ -93,7 +97,29 @@ def check_call(inputs: Any, extra_args: tuple, rng: Any) -> tuple[int, jax.Array
       "inputs", [(jax.tree_util.keystr(path), x) for path, x in leaves])
   if batch == 0:
     raise ValueError("inputs must have at least one row: the batch (axis 0) is empty")
+  _check_loss_inputs(loss_inputs, batch)
   return batch, None if rng is None else _random.as_key(rng, argname="rng")
+
+
+def _check_loss_inputs(loss_inputs: Any, batch: int) -> None:
+  """Every leaf of ``loss_inputs`` has ``batch`` rows (axis 0), named by path if not."""
+  if loss_inputs is None:
+    return
+  leaves = jax.tree_util.tree_flatten_with_path(loss_inputs)[0]
+  named = [(jax.tree_util.keystr(path), x) for path, x in leaves]
+  size = _checks.common_leading_size("loss_inputs", named) if named else batch
+  if size != batch:
+    raise ValueError(
+        f"loss_inputs must have one row per sample of the batch: axis 0 of every leaf must "
+        f"have {batch} rows (the batch size of inputs), got {size}"
+    )
+
+
+def with_loss_inputs(loss_fn: Callable, loss_inputs: Any) -> Callable:
+  """``loss_fn(params, reps)``, or ``loss_fn(params, reps, loss_inputs)`` when given."""
+  if loss_inputs is None:
+    return loss_fn
+  return lambda params, reps: loss_fn(params, reps, loss_inputs)
 
 
 def _check_reps(reps: Any) -> None:
@@ -288,6 +314,7 @@ def cached_value_and_grad(
       towers may return a dict. A deterministic encoder still takes (and ignores) ``rng``.
     loss_fn: ``loss_fn(params, reps) -> scalar`` on the whole batch's representations;
       ``params`` is passed so loss-side parameters (a temperature) get their gradient.
+      Called as ``loss_fn(params, reps, loss_inputs)`` when ``f`` gets ``loss_inputs``.
     chunk_size: rows per chunk (a static int >= 1).
     method: ``"two_pass"`` (encode without gradients, loss gradient, re-encode with
       vjp: the GradCache algorithm) or ``"remat"`` (``lax.map`` over
@@ -297,8 +324,12 @@ def cached_value_and_grad(
       ``((loss, aux), grads)``.
 
   Returns:
-    ``f(params, inputs, *, rng=None) -> (loss, grads)``, jit-compatible. ``rng`` (a
-    ``jax.random`` key, by keyword) is required when ``encode_fn`` draws randomness.
+    ``f(params, inputs, *, rng=None, loss_inputs=None) -> (loss, grads)``,
+    jit-compatible. ``rng`` (a ``jax.random`` key, by keyword) is required when
+    ``encode_fn`` draws randomness. ``loss_inputs`` is per-sample data the loss needs
+    besides the representations (labels for ``supervised_contrastive`` or ``info_nce(...,
+    labels=)``): a pytree of arrays with the batch's rows on axis 0, passed whole to
+    ``loss_fn`` (a new batch's labels need no new ``f``, so no recompilation).
 
   Raises:
     TypeError: ``encode_fn`` cannot be called as ``encode_fn(params, inputs, rng)``;
@@ -327,9 +358,10 @@ def cached_value_and_grad(
   _checks.check_choice("method", method, _METHODS)
   passes = _remat if method == "remat" else _two_pass
 
-  def value_and_grad(params, inputs, *extra_args, rng=None):
-    _, rng = check_call(inputs, extra_args, rng)
-    return passes(encode_fn, loss_fn, has_aux, params, inputs, chunk_size=chunk_size, rng=rng)
+  def value_and_grad(params, inputs, *extra_args, rng=None, loss_inputs=None):
+    _, rng = check_call(inputs, extra_args, rng, loss_inputs)
+    return passes(encode_fn, with_loss_inputs(loss_fn, loss_inputs), has_aux, params, inputs,
+                  chunk_size=chunk_size, rng=rng)
 
   return value_and_grad
 

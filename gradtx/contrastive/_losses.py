@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from gradtx import _checks, _numerics
+from gradtx.contrastive import _blockwise
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -74,27 +75,40 @@ def dense_row_losses(q, k, q_labels, k_labels, inv_temperature, *, exclude_self)
   return jnp.where(has_positive, lse - positive_mean, 0.0), has_positive
 
 
-def _row_losses(q, k, q_labels, k_labels, temperature, *, exclude_self, block_size):
-  dtype = jnp.promote_types(_numerics.compute_dtype(q), _numerics.compute_dtype(k))
-  q, k = q.astype(dtype), k.astype(dtype)
+def _inverse_temperature(temperature: Any, dtype: Any) -> jax.Array:
+  """``1/τ`` in ``dtype``; a traced τ ≤ 0 (a learnable one, unchecked) gives NaN."""
   tau = jnp.asarray(temperature, dtype)
   inv_temperature = 1.0 / tau
   if _checks.concrete_scalar(temperature) is None:
-    # A traced τ (learnable) was not checked: τ ≤ 0 gives a visible NaN, not a loss with
-    # the sign of the similarities flipped.
+    # A traced τ ≤ 0 gives a visible NaN, not a loss with the similarities' sign flipped.
     inv_temperature = jnp.where(tau > 0, inv_temperature, jnp.nan)
-  if block_size is None:
-    return dense_row_losses(q, k, q_labels, k_labels, inv_temperature,
-                            exclude_self=exclude_self)
-  from gradtx.contrastive import _blockwise  # only the blockwise path needs it
-
-  return _blockwise.blockwise_row_losses(
-      q, k, q_labels, k_labels, inv_temperature,
-      exclude_self=exclude_self, block_size=block_size,
-  )
+  return inv_temperature
 
 
-def _mean_over_anchors(row_loss: jax.Array, has_positive: jax.Array) -> jax.Array:
+def _compute_dtype(q: jax.Array, k: jax.Array) -> Any:
+  return jnp.promote_types(_numerics.compute_dtype(q), _numerics.compute_dtype(k))
+
+
+def _softmax_loss(q, k, q_labels, k_labels, temperature, *, exclude_self, block_size,
+                  axis_name):
+  """The mean of the row losses ``ℓ_i`` over the rows with a positive (all devices)."""
+  dtype = _compute_dtype(q, k)
+  q, k = q.astype(dtype), k.astype(dtype)
+  inv_temperature = _inverse_temperature(temperature, dtype)
+  if block_size is None and axis_name is None:
+    rows, has_positive = dense_row_losses(q, k, q_labels, k_labels, inv_temperature,
+                                          exclude_self=exclude_self)
+  else:
+    rows, has_positive = _blockwise.tiled_row_losses(
+        _blockwise.Softmax, q, k, q_labels, k_labels, inv_temperature,
+        exclude_self=exclude_self, block_size=block_size, axis_name=axis_name)
+  return _mean_over_anchors(rows, has_positive, axis_name)
+
+
+def _mean_over_anchors(row_loss: jax.Array, has_positive: jax.Array,
+                       axis_name: str | None = None) -> jax.Array:
+  if axis_name is not None:
+    return _blockwise.global_mean(row_loss, has_positive, axis_name)
   count = jnp.maximum(has_positive.sum(), 1)
   return jnp.sum(jnp.where(has_positive, row_loss, 0.0)) / count
 
@@ -108,12 +122,47 @@ def _check_representations(name: str, x: Any) -> None:
                     f"<q_i, k_j> of complex rows is not a real logit")
 
 
-def _check_common(temperature: Any, block_size: Any) -> None:
+def _check_pair(name_a: str, a: Any, name_b: str, b: Any, axis_name: Any) -> None:
+  """Two (B, d) towers paired row by row (this device's rows when ``axis_name``)."""
+  _check_representations(name_a, a)
+  _check_representations(name_b, b)
+  if a.shape[0] != b.shape[0]:
+    local = (f" (the local batches of this device inside shard_map over {axis_name!r}: each "
+             f"device must hold the same rows of both)" if axis_name is not None else "")
+    raise ValueError(
+        f"{name_a} and {name_b} must have the same batch size (towers are paired row by "
+        f"row){local}, got {name_a}.shape={a.shape} and {name_b}.shape={b.shape}"
+    )
+  if a.shape[1] != b.shape[1]:
+    raise ValueError(f"{name_a} and {name_b} must have the same feature size, got {a.shape} "
+                     f"and {b.shape}")
+
+
+def _check_axis_name(axis_name: Any) -> None:
+  """``None`` or the name of an axis bound by an enclosing ``jax.shard_map``."""
+  if axis_name is None:
+    return
+  if not isinstance(axis_name, str):
+    raise TypeError(f"axis_name must be None or the name (a str) of the mesh axis that "
+                    f"shards the batch, got {axis_name!r}")
+  try:
+    jax.lax.axis_size(axis_name)
+  except NameError:
+    raise ValueError(
+        f"axis_name={axis_name!r} is not bound: the ring losses run inside "
+        f"jax.shard_map(..., mesh=mesh, in_specs=P({axis_name!r}), ...) over a mesh with "
+        f"the axis {axis_name!r}, each device passing its own rows; outside shard_map, use "
+        f"axis_name=None"
+    ) from None
+
+
+def _check_common(temperature: Any, block_size: Any, axis_name: Any = None) -> None:
   """τ: a scalar, > 0 when concrete (a traced τ ≤ 0 gives NaN); block_size: static int."""
   _checks.check_positive("temperature", temperature, allow_schedule=False)
   if block_size is not None:
     _checks.check_static("block_size", block_size)
     _checks.check_int("block_size", block_size, minimum=1)
+  _check_axis_name(axis_name)
 
 
 def _check_labels(labels: Any, batch: int, name: str = "labels") -> jax.Array:
@@ -126,6 +175,13 @@ def _check_labels(labels: Any, batch: int, name: str = "labels") -> jax.Array:
   return labels
 
 
+def _labels_or_ids(labels: Any, batch: int, axis_name: str | None) -> jax.Array:
+  """The given labels (this device's rows), or each row's global position."""
+  if labels is None:
+    return _blockwise.global_ids(batch, axis_name)
+  return _check_labels(labels, batch)
+
+
 def info_nce(
     a: jax.Array,
     b: jax.Array,
@@ -135,6 +191,7 @@ def info_nce(
     labels: jax.Array | None = None,
     normalize: bool = True,
     block_size: int | None = None,
+    axis_name: str | None = None,
 ) -> jax.Array:
   r"""InfoNCE between two towers; with ``symmetric=True``, CLIP's loss.
 
@@ -155,17 +212,24 @@ def info_nce(
     labels: optional (B,) integer labels; positives are all pairs with equal labels.
     normalize: use cosine similarity (rows scaled to unit norm first), as CLIP does.
     block_size: compute the loss in tiles of this many rows/columns without forming
-      the B × B matrix (streaming log-sum-exp, custom VJP); ``None`` = dense. A static
-      Python int (it sets the tile shapes).
+      the B × B matrix (streaming log-sum-exp, custom VJP); ``None`` = dense (one tile
+      per ring hop with ``axis_name``). A static Python int (it sets the tile shapes).
+    axis_name: the name of the mesh axis that shards the batch, to call the loss inside
+      ``jax.shard_map``: each device passes its own rows (and labels) and gets the loss
+      of the whole batch, computed as a ring (``lax.ppermute``, ``n − 1`` hops, forward
+      and backward, never the all-gathered batch); its gradient w.r.t. the local rows
+      is their share of the global gradient. ``None``: one device.
 
   Returns:
     The scalar loss, float32 (float64 for float64 inputs).
 
   Raises:
     TypeError: ``temperature`` is None, a string or a schedule; ``block_size`` is not
-      an int or is traced; ``symmetric`` or ``normalize`` not a bool; complex representations.
+      an int or is traced; ``symmetric`` or ``normalize`` not a bool; complex
+      representations; ``axis_name`` not a str.
     ValueError: a concrete ``temperature`` ≤ 0 or non-finite, or not a scalar;
-      ``block_size`` < 1; ``a`` and ``b`` not (B, d) arrays of the same shape; bad ``labels``.
+      ``block_size`` < 1; ``a`` and ``b`` not (B, d) arrays of the same shape; bad
+      ``labels``; ``axis_name`` not bound by an enclosing ``shard_map``.
 
   Example:
     >>> import jax.numpy as jnp, gradtx
@@ -174,29 +238,20 @@ def info_nce(
     0.5514
 
   References:
-    van den Oord et al., 2018, arXiv:1807.03748; Radford et al., 2021, arXiv:2103.00020.
+    van den Oord et al., 2018, arXiv:1807.03748; Radford et al., 2021, arXiv:2103.00020;
+    Cheng et al., "Breaking the memory barrier" (Inf-CL), 2024, arXiv:2410.17243 (ring).
   """
-  _check_representations("a", a)
-  _check_representations("b", b)
-  if a.shape[0] != b.shape[0]:
-    raise ValueError(
-        f"a and b must have the same batch size (towers are paired row by row), got "
-        f"a.shape={a.shape} and b.shape={b.shape}"
-    )
-  if a.shape[1] != b.shape[1]:
-    raise ValueError(f"a and b must have the same feature size, got {a.shape} and {b.shape}")
-  _check_common(temperature, block_size)
+  _check_pair("a", a, "b", b, axis_name)
+  _check_common(temperature, block_size, axis_name)
   _checks.check_bool("symmetric", symmetric)
   _checks.check_bool("normalize", normalize)
-  batch = a.shape[0]
-  labels = jnp.arange(batch) if labels is None else _check_labels(labels, batch)
+  labels = _labels_or_ids(labels, a.shape[0], axis_name)
   if normalize:
     a, b = l2_normalize(a), l2_normalize(b)
 
   def direction(q, k):
-    rows, has_positive = _row_losses(q, k, labels, labels, temperature,
-                                     exclude_self=False, block_size=block_size)
-    return _mean_over_anchors(rows, has_positive)
+    return _softmax_loss(q, k, labels, labels, temperature, exclude_self=False,
+                         block_size=block_size, axis_name=axis_name)
 
   loss = direction(a, b)
   if symmetric:
@@ -205,7 +260,7 @@ def info_nce(
 
 
 def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature: Any,
-            block_size: int | None = None) -> jax.Array:
+            block_size: int | None = None, axis_name: str | None = None) -> jax.Array:
   r"""SimCLR's NT-Xent: one tower, two augmented views of each of B samples.
 
   The 2B rows ``z = [z1; z2]`` are L2-normalised; each row's positive is the other view
@@ -222,15 +277,22 @@ def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature: Any,
     temperature: τ > 0, a Python float or a (learnable) scalar array; a traced τ ≤ 0
       gives a NaN loss.
     block_size: tile size for the blockwise loss (a static int); ``None`` = dense.
+    axis_name: the name of the mesh axis that shards the batch, to call the loss inside
+      ``jax.shard_map``: each device passes its own rows (and labels) and gets the loss
+      of the whole batch, computed as a ring (``lax.ppermute``, ``n − 1`` hops, forward
+      and backward, never the all-gathered batch); its gradient w.r.t. the local rows
+      is their share of the global gradient. ``None``: one device. Each device passes
+      both views of its own samples.
 
   Returns:
     The scalar loss.
 
   Raises:
     TypeError: ``temperature`` is None, a string or a schedule; ``block_size`` is not
-      an int or is traced; complex representations.
+      an int or is traced; complex representations; ``axis_name`` not a str.
     ValueError: a concrete ``temperature`` ≤ 0 or non-finite, or not a scalar;
-      ``block_size`` < 1; ``z1`` and ``z2`` not (B, d) arrays of the same shape.
+      ``block_size`` < 1; ``z1`` and ``z2`` not (B, d) arrays of the same shape;
+      ``axis_name`` not bound by an enclosing ``shard_map``.
 
   Example:
     >>> import jax.numpy as jnp, gradtx
@@ -248,16 +310,16 @@ def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature: Any,
         f"z1 and z2 must have the same shape (two views of the same samples), got "
         f"{z1.shape} and {z2.shape}"
     )
-  _check_common(temperature, block_size)
+  _check_common(temperature, block_size, axis_name)
   z = l2_normalize(jnp.concatenate([z1, z2], axis=0))
-  labels = jnp.tile(jnp.arange(z1.shape[0]), 2)
-  rows, has_positive = _row_losses(z, z, labels, labels, temperature,
-                                   exclude_self=True, block_size=block_size)
-  return _mean_over_anchors(rows, has_positive)
+  labels = jnp.tile(_blockwise.global_ids(z1.shape[0], axis_name), 2)
+  return _softmax_loss(z, z, labels, labels, temperature, exclude_self=True,
+                       block_size=block_size, axis_name=axis_name)
 
 
 def supervised_contrastive(z: jax.Array, labels: jax.Array, *, temperature: Any,
-                           block_size: int | None = None) -> jax.Array:
+                           block_size: int | None = None,
+                           axis_name: str | None = None) -> jax.Array:
   r"""Supervised contrastive loss (Khosla et al.'s :math:`L^{sup}_{out}`).
 
   Rows are L2-normalised; the positives of anchor i are the other rows with its label:
@@ -275,15 +337,21 @@ def supervised_contrastive(z: jax.Array, labels: jax.Array, *, temperature: Any,
     temperature: τ > 0, a Python float or a (learnable) scalar array; a traced τ ≤ 0
       gives a NaN loss.
     block_size: tile size for the blockwise loss (a static int); ``None`` = dense.
+    axis_name: the name of the mesh axis that shards the batch, to call the loss inside
+      ``jax.shard_map``: each device passes its own rows (and labels) and gets the loss
+      of the whole batch, computed as a ring (``lax.ppermute``, ``n − 1`` hops, forward
+      and backward, never the all-gathered batch); its gradient w.r.t. the local rows
+      is their share of the global gradient. ``None``: one device.
 
   Returns:
     The scalar loss.
 
   Raises:
     TypeError: ``temperature`` is None, a string or a schedule; ``block_size`` is not
-      an int or is traced; complex representations.
+      an int or is traced; complex representations; ``axis_name`` not a str.
     ValueError: a concrete ``temperature`` ≤ 0 or non-finite, or not a scalar;
-      ``block_size`` < 1; ``z`` not (N, d); ``labels`` not an (N,) integer array.
+      ``block_size`` < 1; ``z`` not (N, d); ``labels`` not an (N,) integer array;
+      ``axis_name`` not bound by an enclosing ``shard_map``.
 
   Example:
     >>> import jax.numpy as jnp, gradtx
@@ -296,9 +364,8 @@ def supervised_contrastive(z: jax.Array, labels: jax.Array, *, temperature: Any,
     Khosla et al., "Supervised contrastive learning", NeurIPS 2020, arXiv:2004.11362.
   """
   _check_representations("z", z)
-  _check_common(temperature, block_size)
+  _check_common(temperature, block_size, axis_name)
   labels = _check_labels(labels, z.shape[0])
   z = l2_normalize(z)
-  rows, has_positive = _row_losses(z, z, labels, labels, temperature,
-                                   exclude_self=True, block_size=block_size)
-  return _mean_over_anchors(rows, has_positive)
+  return _softmax_loss(z, z, labels, labels, temperature, exclude_self=True,
+                       block_size=block_size, axis_name=axis_name)
