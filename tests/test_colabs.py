@@ -1,5 +1,10 @@
 """Runs every notebook in ``colabs/`` top to bottom, in fast mode, so none can rot.
 
+Also checks how each is stored: its first code cell is the Colab install cell, pinned to
+this release; it holds the outputs of one clean top-to-bottom run (the documentation
+site renders them, ``docs/conf.py``); it forces no JAX platform (a GPU is used when the
+runtime has one).
+
 Each notebook is executed with nbclient in a fresh kernel, in a temporary working
 directory, with ``GRADTX_SMOKE=1`` (the notebooks shrink their step counts and grids) and
 ``MPLBACKEND=Agg``; any cell error fails the test with the cell's traceback. New notebooks
@@ -17,11 +22,15 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import tomllib
 
 import ipykernel.kernelspec  # these three come with the [examples] extra, part of [dev]
+import IPython.core.inputtransformer2
 import nbclient
 import nbformat
 import pytest
+
+import gradtx
 
 COLABS = pathlib.Path(__file__).resolve().parents[1] / "colabs"
 NOTEBOOKS = sorted(COLABS.glob("*.ipynb"))
@@ -73,18 +82,77 @@ def test_found_the_notebooks() -> None:
   assert NOTEBOOKS, f"no notebooks found in {COLABS}"
 
 
+def _version() -> str:
+  with open(COLABS.parent / "pyproject.toml", "rb") as f:
+    return tomllib.load(f)["project"]["version"]
+
+
+def install_cell(version: str) -> str:
+  """The first code cell of every notebook: installs gradtx in Colab, nothing elsewhere."""
+  return INSTALL_CELL.format(version=version)
+
+
+INSTALL_CELL = "\n".join([
+    "# Installs gradtx when this notebook runs in Colab; does nothing elsewhere.",
+    "import sys",
+    "",
+    'if "google.colab" in sys.modules:',
+    '  %pip install -q "gradtx[examples]=={version}"',
+])
+
+# Forcing a platform would keep a notebook off Colab's GPU; JAX picks the GPU by itself.
+_FORCED_PLATFORM = re.compile(r"JAX_PLATFORMS?|jax_platforms?|jax_platform_name")
+
+
+def test_install_cell_pins_the_package_version() -> None:
+  assert install_cell(_version()).endswith(f'"gradtx[examples]=={gradtx.__version__}"'), (
+      "gradtx.__version__ differs from pyproject.toml's version: reinstall the package "
+      "(pip install -e .)"
+  )
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_is_stored_clean(path: pathlib.Path) -> None:
-  """Committed without outputs, and the Colab install line is commented out."""
+def test_notebook_starts_with_the_colab_install_cell(path: pathlib.Path) -> None:
+  nb = nbformat.read(path, as_version=4)
+  code = [cell for cell in nb.cells if cell.cell_type == "code"]
+  assert code, f"{path.name} has no code cell"
+  expected = install_cell(_version())
+  assert code[0].source.strip() == expected, (
+      f"{path.name}: the first code cell must be exactly\n{expected}\n"
+      f"(pinned to this release, {_version()}); found\n{code[0].source}"
+  )
+  # Well-formed: IPython turns the indented magic into a call, and the cell runs here
+  # without installing anything (the test kernel is not Colab).
+  transformed = IPython.core.inputtransformer2.TransformerManager().transform_cell(
+      code[0].source)
+  compile(transformed, f"{path.name}: install cell", "exec")
+  assert "get_ipython().run_line_magic('pip'" in transformed
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_is_stored_with_the_outputs_of_a_clean_run(path: pathlib.Path) -> None:
+  """The docs render the stored outputs: every cell ran, in order, without an error."""
   nb = nbformat.read(path, as_version=4)
   nbformat.validate(nb)
-  for index, cell in enumerate(nb.cells):
-    if cell.cell_type != "code":
-      continue
-    assert not cell.outputs and cell.execution_count is None, (
-        f"{path.name}: cell {index} has stored outputs; clear them before committing"
+  code = [cell for cell in nb.cells if cell.cell_type == "code"]
+  counts = [cell.execution_count for cell in code]
+  assert None not in counts, (
+      f"{path.name}: code cells {[i for i, c in enumerate(counts) if c is None]} were not "
+      "run; store the notebook with the outputs of a top-to-bottom run"
+  )
+  assert counts == sorted(counts) and len(set(counts)) == len(counts), (
+      f"{path.name}: execution counts {counts} are not one top-to-bottom run"
+  )
+  for index, cell in enumerate(code):
+    errors = [o for o in cell.outputs if o.get("output_type") == "error"]
+    assert not errors, f"{path.name}: code cell {index} has a stored error: {errors[0]}"
+    if index > 0:
+      for line in cell.source.splitlines():
+        assert not line.lstrip().startswith(("%pip", "!pip")), (
+            f"{path.name}: code cell {index} installs packages: {line!r} (only the first "
+            "cell may, in Colab)"
+        )
+    assert not _FORCED_PLATFORM.search(cell.source), (
+        f"{path.name}: code cell {index} forces a JAX platform; JAX uses a GPU when the "
+        "runtime has one"
     )
-    for line in cell.source.splitlines():
-      assert not line.lstrip().startswith(("%pip", "!pip")), (
-          f"{path.name}: cell {index} installs packages when run: {line!r}; comment it out"
-      )
