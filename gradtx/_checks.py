@@ -252,3 +252,26 @@ def check_callable(name: str, value: Any, *, call: str = "") -> None:
            if isinstance(value, (np.ndarray, jax.Array)) else repr(value))
     how = f" called as {call}" if call else ""
     raise TypeError(f"{name} must be a function{how}, got {got}")
+
+
+def check_addressable(name: str, tree: Any, *, needs: str, hint: str) -> None:
+  """Every array of ``tree`` can be read whole by this process, or a clear error.
+
+  In a multi-process run (``jax.distributed``) an array sharded over the devices of
+  several processes holds only this process's shards here; a function that needs its
+  full values on the host (``needs``: what for) cannot read it. Replicated arrays and
+  tracers pass. The message names the paths, shapes and layouts, this process, and what
+  to do (``hint``).
+  """
+  bad = []
+  for path, leaf in zip(_paths.tree_paths(tree), jax.tree.leaves(tree), strict=True):
+    if (isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
+        and not leaf.is_fully_addressable and not leaf.is_fully_replicated):
+      layout = getattr(leaf.sharding, "spec", leaf.sharding)
+      bad.append(f"{path or '<root>'!r} (shape {leaf.shape}, {layout} over "
+                 f"{len(leaf.sharding.device_set)} devices)")
+  if bad:
+    raise ValueError(
+        f"{name} must be readable whole on this process ({jax.process_index()} of "
+        f"{jax.process_count()}): {needs}; sharded over other processes' devices: "
+        f"{', '.join(bad)}. {hint}")
