@@ -23,6 +23,7 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import chex
@@ -35,15 +36,18 @@ from gradtx import _checks, _numerics, _paths
 
 NORMALIZATIONS = (None, "simplex")
 
+# ``axis``: an int for every leaf, or ``{regex: int}`` path rules (or ``(regex, int)`` pairs).
+_Axis = int | Mapping[str, int] | Sequence[tuple[str, int]]
 
-def _axes(params: Any, axis: Any) -> Any:
+
+def _axes(params: optax.Params, axis: _Axis) -> Any:
   """Per-leaf axis: an int for every leaf, or ``{regex: int}`` path rules."""
   if isinstance(axis, int) and not isinstance(axis, bool):
     return jax.tree.map(lambda _: axis, params)
   return _paths.map_by_rules(params, axis, argname="axis", has_default=False)[0]
 
 
-def _check_axes(params: Any, axis: Any, name: str) -> None:
+def _check_axes(params: optax.Params, axis: _Axis, name: str) -> None:
   """Every leaf has the axis it is normalised along (a 0-d leaf has none); the rules, if
   any, cover every leaf."""
   paths, _ = _paths.leaf_paths_and_treedef(params)
@@ -104,7 +108,7 @@ def exponentiated_gradient(
     learning_rate: optax.ScalarOrSchedule,
     *,
     normalize: str | None = None,
-    axis: Any = -1,
+    axis: int | Mapping[str, int] | Sequence[tuple[str, int]] = -1,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Exponentiated-gradient update (EGU), optionally normalised onto the simplex.
 
@@ -191,8 +195,8 @@ class EGPlusMinusState(NamedTuple):
   """
 
   count: chex.Array
-  theta_plus: Any
-  theta_minus: Any
+  theta_plus: optax.Params
+  theta_minus: optax.Params
 
 
 def eg_plus_minus(
@@ -299,7 +303,9 @@ def eg_plus_minus(
 NormalizedMultiplicativeState = optax.EmptyState
 
 
-def normalized_multiplicative(*, axis: Any = 0) -> optax.GradientTransformationExtraArgs:
+def normalized_multiplicative(
+    *, axis: int | Mapping[str, int] | Sequence[tuple[str, int]] = 0,
+) -> optax.GradientTransformationExtraArgs:
   r"""The normalised multiplicative update that is EM's M-step for pLSA-type models.
 
   .. math::

@@ -350,7 +350,7 @@ def blockwise_row_losses(
     k: jax.Array,
     q_labels: jax.Array,
     k_labels: jax.Array,
-    inv_temperature: Any,
+    inv_temperature: jax.Array,
     *,
     exclude_self: bool,
     block_size: int,

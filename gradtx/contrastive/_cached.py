@@ -31,8 +31,10 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
+import optax
 
 from gradtx import _checks, _chunking, _random
 
@@ -205,7 +207,8 @@ def pull_back(encode_fn: Callable, params: Any, inputs: Any, reps_grad: Any, *,
 # ----------------------------------------------------------------------------- public
 
 
-def representation_grad(loss_fn: Callable, params: Any, reps: Any, *, has_aux: bool = False):
+def representation_grad(loss_fn: Callable, params: optax.Params, reps: Any, *,
+                        has_aux: bool = False) -> tuple[Any, Any, optax.Updates]:
   """The loss, its gradient w.r.t. the representations, and w.r.t. loss-side params.
 
   Step 2 of the two-pass algorithm, exposed for accumulation across separate calls:
@@ -241,7 +244,7 @@ def representation_grad(loss_fn: Callable, params: Any, reps: Any, *, has_aux: b
   return value, reps_grad, params_grad
 
 
-def surrogate_loss(reps: Any, reps_grad: Any, *, scale: Any = 1.0) -> jax.Array:
+def surrogate_loss(reps: Any, reps_grad: Any, *, scale: chex.Numeric = 1.0) -> jax.Array:
   r"""``scale · Σ_i <h_i, stop_gradient(G_i)>``: its parameter gradient is the chunk's exact share.
 
   With ``G`` the whole batch's ``∂L/∂h`` (from :func:`representation_grad`), the

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gradtx import _checks, _numerics
 from gradtx.contrastive import _blockwise
@@ -75,7 +77,7 @@ def dense_row_losses(q, k, q_labels, k_labels, inv_temperature, *, exclude_self)
   return jnp.where(has_positive, lse - positive_mean, 0.0), has_positive
 
 
-def _inverse_temperature(temperature: Any, dtype: Any) -> jax.Array:
+def _inverse_temperature(temperature: chex.Numeric, dtype: jax.typing.DTypeLike) -> jax.Array:
   """``1/τ`` in ``dtype``; a traced τ ≤ 0 (a learnable one, unchecked) gives NaN."""
   tau = jnp.asarray(temperature, dtype)
   inv_temperature = 1.0 / tau
@@ -85,7 +87,7 @@ def _inverse_temperature(temperature: Any, dtype: Any) -> jax.Array:
   return inv_temperature
 
 
-def _compute_dtype(q: jax.Array, k: jax.Array) -> Any:
+def _compute_dtype(q: jax.Array, k: jax.Array) -> np.dtype:
   return jnp.promote_types(_numerics.compute_dtype(q), _numerics.compute_dtype(k))
 
 
@@ -186,7 +188,7 @@ def info_nce(
     a: jax.Array,
     b: jax.Array,
     *,
-    temperature: Any,
+    temperature: chex.Numeric,
     symmetric: bool = True,
     labels: jax.Array | None = None,
     normalize: bool = True,
@@ -259,7 +261,7 @@ def info_nce(
   return loss
 
 
-def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature: Any,
+def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature: chex.Numeric,
             block_size: int | None = None, axis_name: str | None = None) -> jax.Array:
   r"""SimCLR's NT-Xent: one tower, two augmented views of each of B samples.
 
@@ -317,7 +319,7 @@ def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature: Any,
                        block_size=block_size, axis_name=axis_name)
 
 
-def supervised_contrastive(z: jax.Array, labels: jax.Array, *, temperature: Any,
+def supervised_contrastive(z: jax.Array, labels: jax.Array, *, temperature: chex.Numeric,
                            block_size: int | None = None,
                            axis_name: str | None = None) -> jax.Array:
   r"""Supervised contrastive loss (Khosla et al.'s :math:`L^{sup}_{out}`).

@@ -52,8 +52,8 @@ def _check_batch(batch: int, num_devices: int, batch_axis: str, chunk_size: int,
   return local
 
 
-def _check_mesh(mesh: object, batch_axis: object) -> None:
-  """A ``jax.sharding.Mesh`` with the axis ``batch_axis``, or a clear error."""
+def _check_mesh(mesh: object, batch_axis: object) -> jax.sharding.Mesh:
+  """``mesh``, a ``jax.sharding.Mesh`` with the axis ``batch_axis``, or a clear error."""
   if mesh is None:
     raise TypeError(
         "sharded_cached_value_and_grad needs mesh=, the device mesh whose axis batch_axis "
@@ -68,6 +68,7 @@ def _check_mesh(mesh: object, batch_axis: object) -> None:
         f"batch_axis must be an axis of the mesh, one of {tuple(mesh.axis_names)}, got "
         f"{batch_axis!r}"
     )
+  return mesh
 
 
 def _check_ring_loss(loss: Callable, params, local_reps, batch_axis: str) -> None:
@@ -188,7 +189,7 @@ def sharded_cached_value_and_grad(
     Cheng et al., "Breaking the memory barrier" (Inf-CL), 2024, arXiv:2410.17243 (ring).
   """
   _cached.check_args(encode_fn, loss_fn, chunk_size, has_aux)
-  _check_mesh(mesh, batch_axis)
+  mesh = _check_mesh(mesh, batch_axis)
   _checks.check_choice("loss_comm", loss_comm, _LOSS_COMMS)
   num_devices = mesh.shape[batch_axis]
   ring = loss_comm == "ring"

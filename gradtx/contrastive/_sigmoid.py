@@ -17,8 +17,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Any
-
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -36,8 +35,8 @@ def sigmoid_contrastive(
     a: jax.Array,
     b: jax.Array,
     *,
-    temperature: Any,
-    bias: Any,
+    temperature: chex.Numeric,
+    bias: chex.Numeric,
     labels: jax.Array | None = None,
     normalize: bool = True,
     block_size: int | None = None,

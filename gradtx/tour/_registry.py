@@ -42,6 +42,18 @@ class Config:
 Value = float | int | None
 
 
+def number(values: Mapping[str, Value], key: str) -> float:
+  """``values[key]`` for a finding, which reads back only the numbers its part set.
+
+  Raises:
+    TypeError: the value is missing (``None``).
+  """
+  value = values[key]
+  if value is None:
+    raise TypeError(f"{key!r} is None: a finding needs a number there")
+  return value
+
+
 @dataclasses.dataclass(frozen=True)
 class Column:
   """A column of a part's table: ``key`` into :attr:`Row.values`, its header and format.
@@ -132,7 +144,8 @@ class Part:
 PARTS: dict[str, Part] = {}
 
 
-def part(name: str, title: str, about: str) -> Callable:
+def part(name: str, title: str, about: str,
+         ) -> Callable[[Callable[[Context], PartResult]], Callable[[Context], PartResult]]:
   """Registers ``run(ctx) -> PartResult`` as a part of the tour, in definition order."""
 
   def register(run: Callable[[Context], PartResult]) -> Callable[[Context], PartResult]:

@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import numpy.typing as npt
 import optax
 
 import gradtx
@@ -41,12 +42,12 @@ class Panel:
   """
 
   title: str
-  curves: dict[str, np.ndarray | tuple[np.ndarray, np.ndarray]]
+  curves: Mapping[str, np.ndarray | tuple[np.ndarray, np.ndarray]]
   ylabel: str = "loss"
   logy: bool = True
   logx: bool = False
   vlines: Sequence[float] = ()
-  x: Sequence[float] | None = None
+  x: Sequence[float] | np.ndarray | None = None
   xlabel: str = "step"
   xticklabels: Sequence[str] | None = None
   ymax: float | None = None
@@ -66,7 +67,7 @@ class Figure:
   panels: list[Panel]
 
 
-def mean_std(values: Any) -> tuple[float, float]:
+def mean_std(values: npt.ArrayLike) -> tuple[float, float]:
   """Mean and standard deviation (float64) of the values over seeds."""
   values = np.asarray(values, np.float64)
   return float(np.mean(values)), float(np.std(values))
@@ -79,7 +80,7 @@ def run_values(runs: Runs, sel: Any = slice(None)) -> dict[str, float]:
           "test_acc_std": acc_std}
 
 
-def smooth(curve: np.ndarray, window: int) -> np.ndarray:
+def smooth(curve: npt.ArrayLike, window: int) -> np.ndarray:
   """Trailing moving average (the first points average what exists so far).
 
   Example:

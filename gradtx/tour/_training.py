@@ -151,7 +151,8 @@ def train(
         grads = grad_hook(grads, t, run_arg)
       updates, opt_state = tx.update(grads, opt_state, params)
       params = optax.apply_updates(params, updates)
-      logs = (loss, {} if log_fn is None else log_fn(grads, opt_state))
+      logs: tuple[jax.Array | dict[str, jax.Array], ...] = (
+          loss, {} if log_fn is None else log_fn(grads, opt_state))
       if track_test:
         logs += (_accuracy(apply_fn, params, data.x_test, data.y_test),)
       return (params, opt_state), logs

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -14,7 +14,16 @@ import optax
 
 import gradtx
 from gradtx.attribution import METHODS
-from gradtx.tour._registry import TEST_ACC, TRAIN_LOSS, Column, Context, PartResult, Row, part
+from gradtx.tour._registry import (
+    TEST_ACC,
+    TRAIN_LOSS,
+    Column,
+    Context,
+    PartResult,
+    Row,
+    number,
+    part,
+)
 from gradtx.tour._report import Figure, Panel, direction
 from gradtx.tour._training import init_params, run_compiled, train
 
@@ -114,7 +123,9 @@ def _attribution(ctx: Context) -> PartResult:
   runs = train(model.apply, optax.adam(_LR), init_params(model, keys[0]), data,
                steps=cfg.steps, keys=keys[1], batch_size=cfg.batch_size)
   params = jax.tree.map(lambda a: a[0], runs.params)
-  fn: Callable[[jax.Array], jax.Array] = lambda z: model.apply(params, z)  # (N, 10) logits
+  # (N, 10) logits; apply returns an array (flax types it with mutable=True's tuple too)
+  fn: Callable[[jax.typing.ArrayLike], jax.Array] = (
+      lambda z: cast(jax.Array, model.apply(params, z)))
 
   # Small arrays: the arithmetic outside the compiled calls is numpy (no op-by-op compiles).
   idx = _examples(np.asarray(data.y_test), sizes.examples)
@@ -200,10 +211,10 @@ _COLUMNS = [TRAIN_LOSS, TEST_ACC, Column("mean_delta", "mean |δ|", ".1e"),
 
 def _findings(rows: list[Row], sweep: dict[str, list[float]], sizes: _Sizes) -> list[str]:
   """The findings, worded from the rows' relative deltas and the convergence sweep."""
-  rel = {(r.technique, r.setting): r.values["rel_delta"] for r in rows}
+  rel = {(r.technique, r.setting): number(r.values, "rel_delta") for r in rows}
   gl = rel["integrated_gradients", f"gausslegendre, {_STEPS} steps"]
   trap = rel["integrated_gradients", f"riemann_trapezoid, {_STEPS} steps"]
-  first, layer = rows[0].values["rel_delta"], rows[-1].values["rel_delta"]
+  first, layer = number(rows[0].values, "rel_delta"), number(rows[-1].values, "rel_delta")
   return [
       f"- Completeness: with {_STEPS} Gauss–Legendre nodes the attributions add up to "
       f"F(x) − F(x') within relative δ {gl:.1e} (≤ {_CHECK:g}: "

@@ -12,7 +12,16 @@ import optax
 
 import gradtx
 from gradtx.tour._data import MLP
-from gradtx.tour._registry import TEST_ACC, TRAIN_LOSS, Column, Context, PartResult, Row, part
+from gradtx.tour._registry import (
+    TEST_ACC,
+    TRAIN_LOSS,
+    Column,
+    Context,
+    PartResult,
+    Row,
+    number,
+    part,
+)
 from gradtx.tour._report import Figure, Panel, direction, finite, fmt_loss, mean_curve, run_values
 from gradtx.tour._training import Runs, init_params, train
 
@@ -114,7 +123,8 @@ def _clipping(ctx: Context) -> PartResult:
   optimizers = _optimizers(cfg.quick)
 
   jobs = [(opt, name, clip) for opt in optimizers for name, clip in _clip_rules(steps)]
-  rows, curves = [], {}
+  rows: list[Row] = []
+  curves: dict[tuple[str, str], dict[str, np.ndarray]] = {}
   for opt, name, clip in ctx.track(jobs):
     tx = _OPTIMIZERS[opt]() if clip is None else optax.chain(clip, _OPTIMIZERS[opt]())
     factor = _SPIKE_FACTORS[opt]
@@ -153,21 +163,23 @@ def _findings(rows: list[Row], opt: str, steps: int) -> list[str]:
   by = {(r.technique, r.clean): r.values for r in rows if r.setting.startswith(opt + ",")}
   base, base_clean = by["none", False], by["none", True]
   rules = [t for (t, c) in by if not c and t != "none"]
-  worst = max(rules, key=lambda t: finite(by[t, False]["train_loss"]))
-  every = [t for t in rules if by[t, False]["clipped_steps"] >= steps - 0.5]
+  worst = max(rules, key=lambda t: finite(number(by[t, False], "train_loss")))
+  every = [t for t in rules if number(by[t, False], "clipped_steps") >= steps - 0.5]
   spikes_only = [t for t in rules if t not in every
-                 and by[t, False]["spike_gain"] < 0.1 * base["spike_gain"]]
+                 and number(by[t, False], "spike_gain") < 0.1 * number(base, "spike_gain")]
   counts = ", ".join(f"{t} {by[t, False]['clipped_steps']:.0f} "
                      f"({by[t, False]['spikes_clipped']:.0f} spikes, mean scale "
                      f"{by[t, False]['mean_scale']:.2f})" for t in rules)
   factor = _SPIKE_FACTORS[opt]
   return [
       f"- {opt}: spikes ×{factor:g} take the unclipped run from train loss "
-      f"{fmt_loss(base_clean['train_loss'])} (test acc {base_clean['test_acc']:.3f}) to "
-      f"{fmt_loss(base['train_loss'])} (test acc {base['test_acc']:.3f}); with clipping, "
-      f"the worst spiked run ends at {fmt_loss(by[worst, False]['train_loss'])} ({worst}, "
+      f"{fmt_loss(number(base_clean, 'train_loss'))} (test acc "
+      f"{base_clean['test_acc']:.3f}) to {fmt_loss(number(base, 'train_loss'))} (test acc "
+      f"{base['test_acc']:.3f}); with clipping, the worst spiked run ends at "
+      f"{fmt_loss(number(by[worst, False], 'train_loss'))} ({worst}, "
       f"test acc {by[worst, False]['test_acc']:.3f}), "
-      f"{direction(by[worst, False]['train_loss'], base['train_loss'])} than without.",
+      f"{direction(number(by[worst, False], 'train_loss'), number(base, 'train_loss'))} "
+      "than without.",
       f"- {opt}, clipped steps out of {steps} with spikes: {counts}.",
       f"- {opt}: rules that scale every step: {', '.join(every) or 'none'}; rules that "
       f"shrink the spikes more than 10× below the unclipped spike × "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -14,7 +14,7 @@ import optax
 
 import gradtx
 from gradtx.tour._data import raw_digits
-from gradtx.tour._registry import TEST_ACC, Column, Context, PartResult, Row, part
+from gradtx.tour._registry import TEST_ACC, Column, Context, PartResult, Row, number, part
 from gradtx.tour._report import Figure, Panel, direction, smooth
 from gradtx.tour._training import _COMPILER_OPTIONS
 
@@ -141,7 +141,7 @@ def _init(model: Encoder, seeds: np.ndarray) -> tuple[Any, Any]:
 def _eval_loss(model: Encoder, params: Any, images: jax.Array, sizes: _Sizes) -> jax.Array:
   """NT-Xent of fixed augmented pairs of the first ``sizes.large`` images."""
   views = _views(jax.random.key(_SEED + 2), images[: sizes.large])
-  reps = {k: model.apply(params, v) for k, v in views.items()}
+  reps = {k: cast(jax.Array, model.apply(params, v)) for k, v in views.items()}
   return gradtx.nt_xent(reps["a"], reps["b"], temperature=_TEMPERATURE)
 
 
@@ -248,8 +248,7 @@ def _contrastive(ctx: Context) -> PartResult:
   # Quick runs are dominated by compilation, full runs by the steps (see _training).
   options = _COMPILER_OPTIONS if cfg.quick else None
   methods = [m for m in _METHODS if not (cfg.quick and m == "naive")]
-  x_train, _, x_test, _ = (np.asarray(a, np.float32) for a in raw_digits(data))
-  x_train, x_test = jnp.asarray(x_train), jnp.asarray(x_test)
+  x_train, _, x_test, _ = (jnp.asarray(np.asarray(a, np.float32)) for a in raw_digits(data))
   y_train, y_test = data.y_train, data.y_test
   shots = jnp.asarray(_shots(np.asarray(y_train)))
   model = Encoder()
@@ -264,18 +263,21 @@ def _contrastive(ctx: Context) -> PartResult:
 
   eval0 = np.asarray(jax.jit(jax.vmap(lambda p: _eval_loss(model, p, x_train, sizes)),
                              compiler_options=options)(params0))
-  losses, evals, few_curve, final_params = {}, {}, {}, {}
+  losses: dict[str, np.ndarray] = {}
+  evals: dict[str, list[np.ndarray]] = {}
+  few_points: dict[str, list[np.ndarray]] = {}  # the probes between checkpoints
+  final_params: dict[str, Any] = {}
   for method in ctx.track(methods):
     run = jax.jit(_pretrain_segment(model, method, sizes, segment), compiler_options=options)
     params, opt_state = params0, opt_state0
-    curve, evals[method], few_curve[method] = [], [eval0], []
+    curve, evals[method], few_points[method] = [], [eval0], []
     for c in range(sizes.checkpoints):
       params, opt_state, loss, eval_loss = run(params, opt_state, seeds, c, x_train)
       curve.append(np.asarray(loss))
       evals[method].append(np.asarray(eval_loss))
       if c < sizes.checkpoints - 1:  # the last checkpoint is probed with the others below
         few = probe(model, params, *probe_args, pixels=False)
-        few_curve[method].append(np.asarray(few).mean(-1))
+        few_points[method].append(np.asarray(few).mean(-1))
     losses[method] = np.concatenate(curve, axis=1)
     final_params[method] = params
 
@@ -288,9 +290,9 @@ def _contrastive(ctx: Context) -> PartResult:
   per = lambda i: slice(i * n, (i + 1) * n)
   final = {g: (few_all[per(i)], ce_all[per(i)], acc_all[per(i)]) for i, g in enumerate(groups)}
   final["pixels"] = (few_all[-1:], ce_all[-1:], acc_all[-1:])
-  for method in methods:
-    few_curve[method] = np.stack([final["random"][0].mean(-1), *few_curve[method],
-                                  final[method][0].mean(-1)], axis=1)  # [seeds, points]
+  few_curve = {method: np.stack([final["random"][0].mean(-1), *few_points[method],
+                                 final[method][0].mean(-1)], axis=1)  # [seeds, points]
+               for method in methods}
 
   names = {**_METHODS, "random": "random encoder (no pre-training)",
            "pixels": "raw pixels (no encoder)"}
@@ -351,9 +353,9 @@ def _findings(rows: list[Row], sizes: _Sizes) -> list[str]:
   trained = [(name, by[label]) for name, label in [
       (f"batch {sizes.small}", _METHODS["small"]), ("naive accumulation", _METHODS["naive"]),
       (f"exact cached gradient at {sizes.large}", _METHODS["cached"])] if label in by]
-  accs = [v["test_acc"] for v in by.values()]
-  lower = direction(by[_METHODS["cached"]]["nt_xent_large"],
-                    by[_METHODS["small"]]["nt_xent_large"])
+  accs = [number(v, "test_acc") for v in by.values()]
+  lower = direction(number(by[_METHODS["cached"]], "nt_xent_large"),
+                    number(by[_METHODS["small"]], "nt_xent_large"))
   lines = [
       f"- Linear probe on {_SHOTS} labels per class: random encoder {few(random)}, raw "
       f"pixels {few(pixels)}; after {sizes.steps} pre-training steps: "

@@ -10,7 +10,16 @@ import optax
 
 import gradtx
 from gradtx.tour._data import MLP, MLP_DEPTH_RULES
-from gradtx.tour._registry import TEST_ACC, TRAIN_LOSS, Column, Context, PartResult, Row, part
+from gradtx.tour._registry import (
+    TEST_ACC,
+    TRAIN_LOSS,
+    Column,
+    Context,
+    PartResult,
+    Row,
+    number,
+    part,
+)
 from gradtx.tour._report import Figure, Panel, direction, mean_curve, mean_std, run_values
 from gradtx.tour._training import init_params, train
 
@@ -89,7 +98,10 @@ def _layerwise(ctx: Context) -> PartResult:
       ("scale_by_path(body ×0): probe", optax.chain(
           optax.adam(lr), gradtx.scale_by_path({body: 0.0}))),
   ]
-  rows, losses, accs, moved = [], {}, {}, {}
+  rows: list[Row] = []
+  losses: dict[str, np.ndarray] = {}
+  accs: dict[str, np.ndarray] = {}
+  moved: dict[str, np.ndarray] = {}
   pretrained = None
   for name, tx in ctx.track([("pretrain", optax.adam(1e-3))] + methods):
     if name == "pretrain":
@@ -98,6 +110,7 @@ def _layerwise(ctx: Context) -> PartResult:
                    train_idx=np.stack(upstream))
       pretrained, (pre_acc, pre_std) = runs.params, mean_std(runs.test_acc)
       continue
+    assert pretrained is not None  # the first job, "pretrain", has set it
     start = fresh if "scratch" in name else {
         "params": dict(pretrained["params"], head=fresh["params"]["head"])}
     runs = train(model.apply, tx, start, parity, steps=cfg.finetune_steps, keys=keys[3],
@@ -107,23 +120,24 @@ def _layerwise(ctx: Context) -> PartResult:
         **run_values(runs), "moved_embed": float(change[0]), "moved_head": float(change[-1])},
         chance=0.5))
     losses[name] = mean_curve(runs.loss)
+    assert runs.test_curve is not None  # track_test=True
     accs[name] = mean_curve(runs.test_curve)
     moved[name] = change
 
   by = {r.technique: r.values for r in rows}
   scratch, plain = by["adam, from scratch"], by["adam, fine-tune"]
-  best = max(rows, key=lambda r: r.values["test_acc"])
-  order = sorted(_EMBED_SCALE, key=_EMBED_SCALE.get, reverse=True)  # body lr, high to low
-  moves = [by[n]["moved_embed"] for n in order]
-  fits = [by[n]["train_loss"] for n in order]
+  best = max(rows, key=lambda r: number(r.values, "test_acc"))
+  order = sorted(_EMBED_SCALE, key=lambda n: _EMBED_SCALE[n], reverse=True)  # body lr, high to low
+  moves = [number(by[n], "moved_embed") for n in order]
+  fits = [number(by[n], "train_loss") for n in order]
   moves_less = bool(np.all(np.diff(moves) <= 0))
   fits_less = bool(np.all(np.diff(fits) >= 0))
   findings = [
       f"- Pretraining (10 digits, {len(upstream[0])} images, {cfg.pretrain_steps} steps) "
       f"reaches test accuracy {pre_acc:.3f} ± {pre_std:.3f}. On few-shot parity, plain "
       f"fine-tuning scores {plain['test_acc']:.3f}, "
-      f"{direction(plain['test_acc'], scratch['test_acc'])} than training from scratch "
-      f"({scratch['test_acc']:.3f}); the "
+      f"{direction(number(plain, 'test_acc'), number(scratch, 'test_acc'))} than training "
+      f"from scratch ({scratch['test_acc']:.3f}); the "
       f"best is {best.technique} ({best.values['test_acc']:.3f}).",
       f"- From the largest body learning rate to the smallest ({', '.join(order)}), the "
       f"embed kernel moves {' → '.join(f'{m:.2f}' for m in moves)} "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -94,7 +94,8 @@ def _sweep(make_tx: Callable[[Any], optax.GradientTransformation], lrs: np.ndarr
 
     carry = (params, tx.init(params))
     (params, _), (losses, step_sizes) = jax.lax.scan(step, carry, jax.random.split(key, steps))
-    acc = jnp.mean(jnp.argmax(model.apply(params, x_test), -1) == y_test)
+    logits = cast(jax.Array, model.apply(params, x_test))
+    acc = jnp.mean(jnp.argmax(logits, -1) == y_test)
     return xent(params, x, y), acc, losses, step_sizes
 
   over_seeds = jax.vmap(one, in_axes=(None, 0, 0, None, None, None, None))

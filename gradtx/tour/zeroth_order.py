@@ -13,7 +13,7 @@ import optax
 
 import gradtx
 from gradtx.tour._data import Dataset
-from gradtx.tour._registry import TEST_ACC, Column, Context, PartResult, Row, part
+from gradtx.tour._registry import TEST_ACC, Column, Context, PartResult, Row, number, part
 from gradtx.tour._report import Figure, Panel, direction
 from gradtx.tour._training import run_compiled
 
@@ -145,8 +145,8 @@ def _zeroth_order(ctx: Context) -> PartResult:
   findings = [
       f"- ES on the argmax accuracy alone (no gradient anywhere) reaches test accuracy "
       f"{es['test_acc']:.3f} (chance 0.1) after {sizes.steps} steps, "
-      f"{direction(es['test_acc'], bp['test_acc'])} than backprop on the cross-entropy "
-      f"({bp['test_acc']:.3f}). Training error: ES {es['train_error']:.3f}, backprop "
+      f"{direction(number(es, 'test_acc'), number(bp, 'test_acc'))} than backprop on the "
+      f"cross-entropy ({bp['test_acc']:.3f}). Training error: ES {es['train_error']:.3f}, backprop "
       f"{bp['train_error']:.3f}.",
       f"- The price is evaluations: ES spends {sizes.population} per step, "
       f"{es['evaluations']} in all against {bp['evaluations']}; evaluations to "
