@@ -366,3 +366,109 @@ CASES += [
          check=lambda out: np.testing.assert_allclose(
              np.asarray(out.scores).sum(1), out.log_prob + np.log(5.0), atol=1e-4)),
 ]
+
+# ------------------------------------------------------- scanned layers (issue #20)
+
+
+class _ScanBody(nn.Module):
+
+  @nn.compact
+  def __call__(self, h, _):
+    return h + jnp.tanh(nn.Dense(3)(h)), None
+
+
+class _ScannedText(nn.Module):
+
+  @nn.compact
+  def __call__(self, ids):
+    h = nn.Embed(5, 3)(ids)
+    h, _ = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
+                   length=3)(name="blocks")(h, None)
+    return nn.Dense(2)(h.mean(axis=1))
+
+
+@functools.cache
+def _scanned_text():
+  ids = jnp.array([[1, 2], [3, 4]], jnp.int32)
+  variables = _ScannedText().init(jax.random.key(0), ids)
+  return variables, ids
+
+
+def _lig_scanned(variables=None, **kwargs):
+  default, ids = _scanned_text()
+  variables = variables or default
+  return lig(lambda i: _ScannedText().apply(variables, i), ids, "blocks",
+             **{"target": 0, "steps": 2, **kwargs})
+
+
+def _twin_iterations():
+  variables, _ = _scanned_text()
+  params = dict(variables["params"])
+  params["blocks"] = jax.tree.map(lambda a: a.at[2].set(a[0]), params["blocks"])
+  return {"params": params}
+
+
+class _NnxBlock(nnx.Module):
+
+  def __init__(self, rngs):
+    self.linear = nnx.Linear(3, 3, rngs=rngs)
+
+  def __call__(self, h):
+    return h + jnp.tanh(self.linear(h))
+
+
+class _NnxScanned(nnx.Module):
+
+  def __init__(self, graph):
+    rngs = nnx.Rngs(0)
+    self.embed = nnx.Embed(5, 3, rngs=rngs)
+
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return _NnxBlock(rngs)
+
+    self.blocks = make(rngs)
+    self.graph = graph
+
+  def __call__(self, ids):
+    body = nnx.scan(lambda h, block: block(h), in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
+                    graph=self.graph)
+    return body(self.embed(ids), self.blocks).sum(axis=(1, 2))
+
+
+CASES += [
+    Case("attribution-lig-scan-layer_index-beyond",
+         lambda: _lig_scanned(layer_index=3),
+         ValueError, r"layer_index must be in \[-3, 3\) for layer 'blocks', scanned over 3 "
+                     r"iterations \(its variable 'params/Dense_0/bias' of shape \(3, 3\) is "
+                     r"stacked on axis 0\), got 3"),
+    Case("attribution-lig-scan-layer_index-below",
+         lambda: _lig_scanned(layer_index=-4),
+         ValueError, r"layer_index must be in \[-3, 3\) for layer 'blocks'.*got -4"),
+    Case("attribution-lig-scan-layer_index-missing", lambda: _lig_scanned(),
+         ValueError, r"layer 'blocks' is scanned \(3 iterations; its variable "
+                     r"'params/Dense_0/bias' of shape \(3, 3\).*pass layer_index.*\[-3, 3\)"),
+    Case("attribution-lig-scan-layer_index-float", lambda: _lig_scanned(layer_index=1.0),
+         TypeError, r"layer_index must be an int \(the iteration of a scanned layer\), "
+                    r"got 1\.0"),
+    Case("attribution-lig-scan-layer_index-not-scanned",
+         lambda: _lig_text(layer_index=0),
+         ValueError, r"layer_index is only for a scanned layer.*layer 'Embed_0' is not "
+                     r"scanned.*got layer_index=0"),
+    Case("attribution-lig-scan-equal-iterations",
+         lambda: _lig_scanned(_twin_iterations(), layer_index=0),
+         ValueError, r"layer 'blocks': iteration 0 of the scan cannot be told apart from "
+                     r"iterations \[2\]"),
+    Case("attribution-lig-scan-nnx-layer_index-beyond",
+         lambda: lig(_NnxScanned(False), _scanned_text()[1], "blocks", layer_index=5),
+         ValueError, r"layer_index must be in \[-3, 3\) for layer 'blocks'.*"
+                     r"'linear/bias' of shape \(3, 3\).*got 5"),
+    Case("attribution-lig-scan-nnx-graph-mode",
+         lambda: lig(_NnxScanned(True), _scanned_text()[1], "blocks", layer_index=1),
+         ValueError, r"model: calling the nnx model under a JAX transform failed.*graph=False"),
+    Case("attribution-lig-scan-nnx-layer_index-1",
+         lambda: lig(_NnxScanned(False), _scanned_text()[1], "blocks", layer_index=1,
+                     steps=4, layer_baseline=0.0, return_delta=True)[1],
+         check=lambda delta: np.testing.assert_array_less(np.abs(delta), 1e-2)),
+]

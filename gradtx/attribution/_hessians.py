@@ -90,8 +90,8 @@ def integrated_hessians(
     return_delta: also return the per-example completeness delta (N,).
 
   Returns:
-    For one array input (N, *S), the interactions (N, *S, *S); for a pytree input, the
-    (N, D, D) matrix over its features flattened leaf by leaf (``jax.tree.leaves``
+    For one array input ``(N, *S)``, the interactions ``(N, *S, *S)``; for a pytree input,
+    the ``(N, D, D)`` matrix over its features flattened leaf by leaf (``jax.tree.leaves``
     order, each row-major). With ``return_delta``, the pair ``(interactions, delta)``.
 
   Example:

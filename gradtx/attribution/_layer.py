@@ -20,6 +20,9 @@ sees the real inputs (so an attention mask built from token ids stays that of ``
 * Flax nnx: the layer object is found by its attribute path in the root ``model``
   (``"embed"``, ``"blocks/0/mlp"``; list indices are path parts) and, for the duration
   of the call, its ``__call__`` is intercepted (see ``_nnx_cut``).
+* Scanned layers (``layer_index=``): one iteration of a linen ``nn.scan`` or an nnx
+  ``nnx.scan`` over a stacked module, recognised by its slice of the stacked variables
+  (``_scanned``).
 
 References:
   Sundararajan, Taly, Yan, "Axiomatic attribution for deep networks", ICML 2017,
@@ -31,16 +34,17 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from gradtx import _checks, _paths
-from gradtx.attribution import _integrated
+from gradtx.attribution import _integrated, _scanned
 from gradtx.attribution._integrated import _name, resolve_baseline
 
 REDUCTIONS = (None, "sum")
@@ -51,13 +55,24 @@ def _path_str(parts: tuple[Any, ...]) -> str:
 
 
 class _Cut:
-  """What to do when the layer is called: record its output, or replace it."""
+  """What to do when the layer is called: record its output, or replace it.
+
+  It also keeps the layer's variables inside the call (``inner``) and as the model holds
+  them (``outer``), by which a scanned layer is recognised (``_scanned``).
+  """
 
   def __init__(self, replacement: Any = None):
     self.replacement = replacement
     self.outputs: list[Any] = []
+    self.outer: dict[str, Any] | None = None
+    self.inner: dict[str, Any] | None = None
 
-  def __call__(self, compute: Callable[[], Any]) -> Any:
+  def set_outer(self, outer: dict[str, Any]) -> None:
+    self.outer = outer
+
+  def __call__(self, compute: Callable[[], Any], variables: Callable[[], Any]) -> Any:
+    self.inner = {p: jax.ShapeDtypeStruct(jnp.shape(v), v.dtype)
+                  for p, v in _scanned.flat_variables(variables()).items()}
     if self.replacement is None:
       out = compute()
       self.outputs.append(out)
@@ -66,16 +81,37 @@ class _Cut:
     return self.replacement
 
 
+def _linen_outer(module: nn.Module, rest: tuple[str, ...]) -> dict[str, Any] | None:
+  """The variables at ``rest`` below ``module``, per collection (``None``: not there)."""
+  found = {}
+  for collection, tree in module.variables.items():
+    for part in rest:
+      if not isinstance(tree, Mapping) or part not in tree:
+        break
+      tree = tree[part]
+    else:
+      found[collection] = tree
+  return _scanned.flat_variables(found) if found else None
+
+
 @contextlib.contextmanager
-def _linen_cut(layer: str, cut: _Cut, called: list[str]) -> Iterator[None]:
+def _linen_cut(layer: str, cut: Any, called: list[str]) -> Iterator[None]:
+  parts = tuple(layer.split("/"))
+
   def interceptor(next_fun, args, kwargs, context):
+    path = tuple(str(p) for p in context.module.path)
+    if (cut.outer is None and path != parts and parts[:len(path)] == path
+        and not context.method_name.startswith("<")):
+      # a module above the layer, outside any lifted transform of the layer
+      outer = _linen_outer(context.module, parts[len(path):])
+      if outer is not None:
+        cut.set_outer(outer)
     if context.method_name != "__call__":
       return next_fun(*args, **kwargs)
-    path = _path_str(context.module.path)
-    called.append(path)
-    if path != layer:
+    called.append("/".join(path))
+    if path != parts:
       return next_fun(*args, **kwargs)
-    return cut(lambda: next_fun(*args, **kwargs))
+    return cut(lambda: next_fun(*args, **kwargs), lambda: context.module.variables)
 
   with nn.intercept_methods(interceptor):
     yield
@@ -89,7 +125,8 @@ def _intercepting_class(cls: type) -> type:
   if cls not in _NNX_CLASSES:
 
     def __call__(self, *args, **kwargs):
-      return _NNX_ACTIVE.cut(lambda: cls.__call__(self, *args, **kwargs))
+      return _NNX_ACTIVE.cut(lambda: cls.__call__(self, *args, **kwargs),
+                             lambda: nnx.state(self))
 
     _NNX_CLASSES[cls] = type(cls.__name__, (cls,), {
         "__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
@@ -109,8 +146,9 @@ def _nnx_layer(model: nnx.Module, layer: str) -> nnx.Module:
 
 
 @contextlib.contextmanager
-def _nnx_cut(module: nnx.Module, cut: _Cut) -> Iterator[None]:
+def _nnx_cut(module: nnx.Module, cut: Any) -> Iterator[None]:
   original = type(module)
+  cut.set_outer(_scanned.flat_variables(nnx.state(module)))
   previous = getattr(_NNX_ACTIVE, "cut", None)
   _NNX_ACTIVE.cut = cut
   # nnx (0.12) offers no supported way to replace a submodule's output from outside the
@@ -128,31 +166,94 @@ def _nnx_cut(module: nnx.Module, cut: _Cut) -> Iterator[None]:
     _NNX_ACTIVE.cut = previous
 
 
-def _cut_fn(fn: Callable, layer: str, model: nnx.Module | None) -> Callable:
-  """``run(inputs, replacement)`` -> ``(fn(inputs), layer outputs seen)``."""
+def _call_count_error(layer: str, count: int, called: list[str], nnx_model: bool) -> str:
+  message = (f"layer: fn must call the layer {layer!r} exactly once per call, but it "
+             f"was called {count} times")
+  if nnx_model:
+    return message + ("; is fn calling model itself (not a copy made by nnx.merge or an nnx "
+                      "transform)?")
+  if called:
+    return message + f"; the linen module paths fn called are {sorted(set(called) - {''})}"
+  return message + "; fn called no linen module (for an nnx model, pass model=)"
+
+
+_NNX_TRACE_HINT = (
+    "model: calling the nnx model under a JAX transform failed (attribution differentiates "
+    "and vmaps fn): its nnx.scan/nnx.vmap runs in graph mode, which refuses a model closed "
+    "over by a JAX transform; write the scan with graph=False (tree mode), e.g. "
+    "nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, graph=False). nnx said: ")
+
+
+def _cut_fn(fn: Callable, layer: str, model: nnx.Module | None,
+            layer_index: Any = None) -> Callable:
+  """``run(inputs, replacement)`` -> ``(fn(inputs), the layer's output)``.
+
+  With ``layer_index`` the layer is a scanned one and the output is that of one iteration
+  (``_scanned``); without, a scanned layer is an error that says to pass it.
+  """
   target = None if model is None else _nnx_layer(model, layer)
 
+  def call(inputs, cut):
+    called = list[str]()
+    context = _linen_cut(layer, cut, called) if target is None else _nnx_cut(target, cut)
+    try:
+      with context:
+        out = fn(inputs)
+    except ValueError as error:
+      if target is None or "different trace level" not in str(error):
+        raise
+      raise ValueError(_NNX_TRACE_HINT + str(error).split("\n")[0]) from error
+    found = (_scanned.stacking(layer, cut.outer or {}, cut.inner)
+             if cut.inner is not None else None)
+    if layer_index is None:
+      _scanned.check_layer_index(layer, None, found)
+    count = cut.calls if layer_index is not None else len(cut.outputs)
+    if count == 0 or (layer_index is None and count != 1):
+      raise ValueError(_call_count_error(layer, count, called, target is not None))
+    return out, found
+
+  if layer_index is None:
+
+    def run(inputs, replacement=None):
+      cut = _Cut(replacement)
+      out, _ = call(inputs, cut)
+      return out, cut.outputs[0]
+
+    return run
+
+  discovered = {}
+
+  def discover(inputs):
+    cut = _scanned.ScanCut(layer, "discover")
+    jax.eval_shape(lambda x: call(x, cut)[0], inputs)
+    found = _scanned.stacking(layer, cut.outer or {}, cut.inner)
+    index = _scanned.check_layer_index(layer, layer_index, found)
+    discovered.update(found=found, index=index, output=cut.output)
+
   def run(inputs, replacement=None):
-    cut, called = _Cut(replacement), list[str]()
-    context = (_linen_cut(layer, cut, called) if target is None
-               else _nnx_cut(target, cut))
-    with context:
-      out = fn(inputs)
-    if len(cut.outputs) != 1:
-      message = (f"layer: fn must call the layer {layer!r} exactly once per call, but it "
-                 f"was called {len(cut.outputs)} times")
-      if target is not None:
-        message += ("; is fn calling model itself (not a copy made by nnx.merge or an nnx "
-                    "transform)?")
-      elif called:
-        message += (f"; the linen module paths fn called are "
-                  f"{sorted(set(called) - {''})}")
-      else:
-        message += "; fn called no linen module (for an nnx model, pass model=)"
-      raise ValueError(message)
-    return out, cut.outputs[0]
+    if not discovered:
+      discover(inputs)
+    found, index = discovered["found"], discovered["index"]
+    if replacement is not None:
+      cut = _scanned.ScanCut(layer, "replace", index, found, replacement)
+      return call(inputs, cut)[0], replacement
+
+    def tapped(probe):
+      cut = _scanned.ScanCut(layer, "record", index, found, probe)
+      return call(inputs, cut)[0], jnp.asarray(cut.unique)
+
+    probe = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), discovered["output"])
+    out, vjp, unique = jax.vjp(tapped, probe, has_aux=True)
+    (h,) = vjp(jax.tree.map(_zero_cotangent, out))
+    return out, jax.tree.map(lambda a: jnp.where(unique, a, jnp.nan), h)
 
   return run
+
+
+def _zero_cotangent(x: jax.Array) -> jax.Array:
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    return jnp.zeros_like(x)
+  return np.zeros(x.shape, jax.dtypes.float0)
 
 
 def _check_lig_args(fn: Any, layer: Any, model: Any, baseline: Any, layer_baseline: Any,
@@ -178,6 +279,7 @@ def layer_integrated_gradients(
     inputs: Any,
     layer: str,
     *,
+    layer_index: int | None = None,
     model: nnx.Module | None = None,
     baseline: Any = None,
     layer_baseline: Any = None,
@@ -200,8 +302,18 @@ def layer_integrated_gradients(
   ``Σ LIG - (g(h(x)) - g(h(x')))``.
 
   Put models in inference mode first (``deterministic=True``, ``model.eval()`` for
-  nnx): dropout's random state cannot advance inside the traced path. A layer inside a
-  linen ``nn.scan`` (one module standing for every iteration) is not supported.
+  nnx): dropout's random state cannot advance inside the traced path.
+
+  Scanned layers (a linen ``nn.scan``, an nnx stack built with ``nnx.vmap`` and run by
+  ``nnx.scan``): ``layer`` names the scanned module and ``layer_index`` the iteration;
+  ``h`` is the output of that iteration's call and every other iteration runs on the
+  real inputs, so the result equals layer IG at the same block of the unrolled model.
+  The iteration is recognised by its slice of the stacked variables (two iterations with
+  equal variables raise; under ``jit`` they give NaN). For a linen ``nn.scan`` the
+  layer's output is the body's ``(carry, ys)``, and so are the attributions (the carry's
+  are ``attributions[0]``). Recording ``h(x)`` costs one extra forward-backward pass.
+  An nnx scan must run in tree mode (``nnx.scan(..., graph=False)``): graph mode refuses
+  a model closed over by a JAX transform.
 
   Args:
     fn: maps the batch ``inputs`` to (N,) or (N, C) outputs, calling the layer exactly
@@ -211,6 +323,9 @@ def layer_integrated_gradients(
     layer: the layer's module path, parts joined by ``"/"``. Linen: the scope path
       inside ``apply`` (``"Embed_0"``, ``"encoder/block_1"``); nnx: the attribute path in
       ``model`` (``"embed"``, ``"blocks/0"``).
+    layer_index: for a scanned ``layer``, the iteration whose output is attributed, an
+      int in [-L, L) for a scan of length L (negative counts from the end); ``None``
+      (the default) for a layer that is not scanned.
     model: for nnx, the root module that ``layer`` is a path in; ``None`` for linen.
       When ``fn`` is itself an ``nnx.Module`` it is the default.
     baseline: input-space baseline ``x'`` whose layer output is ``h(x')`` (as in
@@ -218,7 +333,8 @@ def layer_integrated_gradients(
     layer_baseline: or the layer-space baseline ``h(x')`` itself: with the layer
       output's structure, per leaf the full shape or one that broadcasts to the
       per-example shape (``0.0`` = a zero embedding; a (D,) vector = one embedding at
-      every token). At most one of ``baseline`` and ``layer_baseline``.
+      every token); a Python scalar applies to every leaf. At most one of ``baseline``
+      and ``layer_baseline``.
     steps: number of quadrature nodes.
     method: quadrature, as in :func:`integrated_gradients`.
     batch_size: interpolation points evaluated at once; ``None`` = all ``steps``.
@@ -260,7 +376,7 @@ def layer_integrated_gradients(
     raise ValueError("inputs must hold at least one array, got an empty pytree")
   batch = _checks.common_leading_size(
       "inputs", [(_name("inputs", p), x) for p, x in zip(in_paths, in_leaves, strict=True)])
-  run = _cut_fn(fn, layer, model)
+  run = _cut_fn(fn, layer, model, layer_index)
   _, h_x = run(inputs)
   h_paths, h_treedef = _paths.leaf_paths_and_treedef(h_x)
   h_leaves = jax.tree.leaves(h_x)
@@ -275,6 +391,8 @@ def layer_integrated_gradients(
     base_inputs = resolve_baseline(baseline, in_paths, in_leaves, in_treedef)
     _, layer_baseline = run(jax.tree.unflatten(in_treedef, base_inputs))
   else:
+    if isinstance(layer_baseline, int | float) and h_treedef.num_nodes > 1:
+      layer_baseline = jax.tree.unflatten(h_treedef, [layer_baseline] * len(h_leaves))
     layer_baseline = jax.tree.unflatten(h_treedef, resolve_baseline(
         layer_baseline, h_paths, h_leaves, h_treedef, argname="layer_baseline",
         of=f"the output of layer {layer!r}"))
