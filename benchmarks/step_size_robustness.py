@@ -1,9 +1,9 @@
 r"""Does a learned step size make the initial learning rate matter less? Digits, MLP and CNN.
 
-TECHNIQUES.md §3. A step-size adapter starts from the learning rate it is given and
-corrects it from the hypergradient ``-g_t · d_{t-1}`` (Baydin et al.'s hypergradient
-descent, additively) or from sign agreement between successive gradients (Amid, Anil,
-Fifty & Warmuth's EGDD, multiplicatively, as ``gradtx.eg_step_size``). If it works, the
+Amid, Anil, Fifty & Warmuth (arXiv:2202.00145). A step-size adapter starts from the
+learning rate it is given and corrects it from the hypergradient ``-g_t · d_{t-1}``
+(Baydin et al.'s hypergradient descent, additively) or from sign agreement between
+successive gradients (EGDD, multiplicatively, as ``gradtx.eg_step_size``). If it works, the
 final loss after a fixed budget should depend much less on the initial rate than a
 fixed-rate optimizer's does. This script measures it on ``load_digits`` (the tour's
 standardised 70/30 split: 1257 train, 540 test) for two flax linen models:
@@ -24,16 +24,26 @@ method and learning rate of a seed), ``steps`` updates (200 ≈ 20 epochs; 50 wi
 full-training-set cross-entropy and the test accuracy, both averaged over seeds (5; 1
 with ``--quick``). A run whose loss is not finite counts as diverged (no value).
 
-Methods (all from η0, everything else at its default):
+Methods (all from η0):
 
 * ``adam``: ``optax.adam(η0)``, the fixed-rate baseline; ``sgdm``:
   ``optax.sgd(η0, momentum=0.9)``, a second fixed-rate reference;
 * ``adam_hd``: ``gradtx.hypergradient_descent(optax.scale_by_adam(), learning_rate=η0,
-  hyper_lr=1e-7)`` (additive; 1e-7 is the paper's Adam-HD value);
+  hyper_lr=1e-7, log_space=False)`` (the paper's additive rule and its Adam-HD β);
+* ``adam_hd_log``: the log-space cosine rule, ``multiplicative=True, hyper_lr=0.02``
+  (the rate moves by at most e^{±0.02} per step, whatever the gradient scale);
 * ``adam_eg``: ``gradtx.eg_step_size(optax.scale_by_adam(), learning_rate=η0)`` with its
   defaults (EGDD: per-coordinate gains, global scale, ``gain_lr=0.01``,
-  ``scale_lr=0.001``);
-* ``adam_eg_per_leaf``: the same with ``gains="per_leaf", scale="per_leaf"``.
+  ``scale_lr=0.001``); ``adam_eg_per_leaf``: the same with ``gains="per_leaf",
+  scale="per_leaf"``;
+* ``adam_eg_fast``: ``gain_lr=0.03, scale_lr=0.02, scale_range=(0.01, 100)``;
+  ``adam_eg_faster``: ``gain_lr=0.05, scale_lr=0.05, scale_range=(1e-3, 1e3)`` (a 100×
+  correction is within ``e^{0.1 T}`` at T = 200); ``adam_eg_warm``: the latter with a
+  warm start ``initial_scale=0.01``;
+* optax.contrib's parameter-free optimizers, η0 in the role their API gives an initial
+  rate: ``prodigy(estim_lr0=η0)``, ``dog(init_step=("learning_rate", η0))``,
+  ``mechanize(optax.adam(η0))`` and ``schedule_free_adamw(η0)`` (scored at
+  ``schedule_free_eval_params``).
 
 All methods train side by side in one program per model (``lax.scan`` over steps,
 ``vmap`` over learning rates and seeds, one ``vmap``-ed gradient for the stacked
@@ -50,7 +60,10 @@ be fully corrected within the budget.
 Target (set before the run; reported, not tuned for): with ``adam_eg``, every initial
 rate in ``[η*/100, 10 η*]`` ends within 10% of ``L*``, where ``L*`` is the best
 fixed-rate Adam final loss over the grid and ``η*`` its rate. The effective final rate
-(``η0 · s · mean gain`` for EG, ``α_T`` for HD) shows how far each adapter moved.
+(``η0 · s · mean gain`` for EG, ``α_T`` for HD, prodigy's ``estim_lr``) shows how far each
+adapter moved. Ours vs theirs: the most robust of our methods against the most robust of
+optax.contrib's, by three measures (rates within 10% of L*; the worst loss / L* over
+[η*/100, 10η*]; rates whose test accuracy is within 1 point of the best Adam's).
 """
 
 from __future__ import annotations
@@ -71,7 +84,7 @@ from jax.flatten_util import ravel_pytree
 from tqdm.auto import tqdm
 
 import gradtx
-from gradtx.tour._data import MLP, load_data
+from gradtx.tour import MLP, load_data
 
 NAME = "step_size_robustness"
 BATCH = 128
@@ -127,28 +140,71 @@ def _eg_lr(lr, state):
   return lr * jnp.mean(jnp.stack(scales)) * optax.tree_utils.tree_get(state, "gain_mean")
 
 
+def _nan_lr(lr, state):
+  del state
+  return jnp.nan * lr
+
+
+def _prodigy_lr(lr, state):
+  del lr
+  return optax.tree_utils.tree_get(state, "estim_lr")
+
+
 class Method(NamedTuple):
   key: str
   label: str
   make: Callable[[Any], optax.GradientTransformation]
   effective_lr: Callable[[Any, Any], jax.Array]
   flat: bool  # the optimizer sees one raveled vector (exactly the same mathematics)
+  eval_params: Callable[[Any, Any], Any] | None = None  # (state, params) -> params to score
 
+
+# eg_step_size with a horizon long enough to cover a 100x error in T = 200 steps: gains
+# can move e^{0.03 T} = 403x, the scale e^{0.02 T} = 55x within a range of 1e4.
+EG_FAST = dict(gain_lr=0.03, scale_lr=0.02, scale_range=(0.01, 100.0))
+EG_FASTER = dict(gain_lr=0.05, scale_lr=0.05, scale_range=(1e-3, 1e3))
+HD_LOG_BETA = 0.02  # log-space cosine rule: α moves by at most e^{±0.02} per step
 
 METHODS = (
     Method("adam", "Adam (fixed η0)", optax.adam, _fixed_lr, True),
     Method("sgdm", "SGD-momentum 0.9 (fixed η0)",
            lambda lr: optax.sgd(lr, momentum=0.9), _fixed_lr, True),
-    Method("adam_hd", f"Adam + hypergradient_descent (β={HYPER_LR:g})",
+    Method("adam_hd", f"Adam + hypergradient_descent (additive, β={HYPER_LR:g})",
            lambda lr: gradtx.hypergradient_descent(optax.scale_by_adam(), learning_rate=lr,
-                                                   hyper_lr=HYPER_LR), _hd_lr, True),
+                                                   hyper_lr=HYPER_LR, log_space=False),
+           _hd_lr, True),
+    Method("adam_hd_log", f"Adam + hypergradient_descent (log space, cosine, β={HD_LOG_BETA:g})",
+           lambda lr: gradtx.hypergradient_descent(optax.scale_by_adam(), learning_rate=lr,
+                                                   hyper_lr=HD_LOG_BETA, multiplicative=True),
+           _hd_lr, True),
     Method("adam_eg", "Adam + eg_step_size (defaults)",
            lambda lr: gradtx.eg_step_size(optax.scale_by_adam(), learning_rate=lr), _eg_lr,
            True),
     Method("adam_eg_per_leaf", "Adam + eg_step_size (per-leaf gains, scale)",
            lambda lr: gradtx.eg_step_size(optax.scale_by_adam(), learning_rate=lr,
                                           gains="per_leaf", scale="per_leaf"), _eg_lr, False),
+    Method("adam_eg_fast", "Adam + eg_step_size (gain_lr 0.03, scale_lr 0.02, scale 1e-2..1e2)",
+           lambda lr: gradtx.eg_step_size(optax.scale_by_adam(), learning_rate=lr, **EG_FAST),
+           _eg_lr, True),
+    Method("adam_eg_faster", "Adam + eg_step_size (gain_lr 0.05, scale_lr 0.05, scale 1e-3..1e3)",
+           lambda lr: gradtx.eg_step_size(optax.scale_by_adam(), learning_rate=lr,
+                                          **EG_FASTER), _eg_lr, True),
+    Method("adam_eg_warm", "Adam + eg_step_size (as above, warm start initial_scale 0.01)",
+           lambda lr: gradtx.eg_step_size(optax.scale_by_adam(), learning_rate=lr,
+                                          initial_scale=0.01, **EG_FASTER), _eg_lr, True),
+    Method("prodigy", "optax.contrib.prodigy (estim_lr0 = η0)",
+           lambda lr: optax.contrib.prodigy(estim_lr0=lr), _prodigy_lr, True),
+    Method("dog", "optax.contrib.dog (init_step = η0)",
+           lambda lr: optax.contrib.dog(init_step=("learning_rate", lr)), _nan_lr, True),
+    Method("mechanize", "optax.contrib.mechanize(adam(η0))",
+           lambda lr: optax.contrib.mechanize(optax.adam(lr)), _nan_lr, True),
+    Method("schedule_free", "optax.contrib.schedule_free_adamw(η0), eval params",
+           lambda lr: optax.contrib.schedule_free_adamw(lr), _fixed_lr, True,
+           optax.contrib.schedule_free_eval_params),
 )
+OURS = ("adam_hd", "adam_hd_log", "adam_eg", "adam_eg_per_leaf", "adam_eg_fast",
+        "adam_eg_faster", "adam_eg_warm")
+THEIRS = ("prodigy", "dog", "mechanize", "schedule_free")
 
 
 def _cross_entropy(model, params, x, y):
@@ -191,6 +247,9 @@ def make_model_fn(model: nn.Module) -> Callable:
       test_acc = jnp.mean(jnp.argmax(model.apply(final, data.x_test), -1) == data.y_test)
       return _cross_entropy(model, final, data.x_train, data.y_train), test_acc
 
+    params = jnp.stack([
+        m.eval_params(states[i], params[i]) if m.eval_params else params[i]
+        for i, m in enumerate(METHODS)])
     losses, accs = jax.vmap(evaluate)(params)
     return {method.key: {"loss": losses[i], "test_acc": accs[i],
                          "effective_lr": method.effective_lr(lr, states[i])}
@@ -342,8 +401,13 @@ def plot(rows, models, out_dir):
   plt = _common.pyplot()
   fig, axes = plt.subplots(2, len(models), figsize=(6.5 * len(models), 9), squeeze=False)
   styles = {"adam": ("tab:gray", "o-"), "sgdm": ("tab:brown", "v:"),
-            "adam_hd": ("tab:blue", "s--"), "adam_eg": ("tab:orange", "D-"),
-            "adam_eg_per_leaf": ("tab:green", "^-")}
+            "adam_hd": ("tab:blue", "s--"), "adam_hd_log": ("tab:cyan", "s-"),
+            "adam_eg": ("tab:orange", "D-"), "adam_eg_per_leaf": ("tab:green", "^-"),
+            "adam_eg_fast": ("tab:red", "D-"), "adam_eg_faster": ("darkred", "d--"),
+            "adam_eg_warm": ("gold", "o-"),
+            "prodigy": ("tab:purple", "x:"), "dog": ("tab:pink", "+:"),
+            "mechanize": ("tab:olive", "*:"),
+            "schedule_free": ("black", "P:")}
   for col, model_name in enumerate(models):
     mine = [r for r in rows if r["model"] == model_name]
     best = mine[0]["adam_best"]
@@ -354,7 +418,7 @@ def plot(rows, models, out_dir):
       loss = np.asarray([np.nan if v is None else v for v in r["final_loss"]])
       eff = np.asarray([np.nan if v is None else v for v in r["effective_lr"]])
       ax_loss.plot(lrs, loss, fmt, color=color, label=r["label"], ms=4)
-      if r["method"] not in ("adam", "sgdm"):
+      if r["method"] not in ("adam", "sgdm", "schedule_free") and np.any(np.isfinite(eff)):
         ax_lr.plot(lrs, eff, fmt, color=color, label=r["label"], ms=4)
     low, high = best["lr"] / LOW_FACTOR, best["lr"] * HIGH_FACTOR
     for ax in (ax_loss, ax_lr):
@@ -373,6 +437,43 @@ def plot(rows, models, out_dir):
     ax_lr.legend(fontsize=7)
   fig.suptitle("Learned step sizes on digits: sensitivity to the initial learning rate")
   _common.save_figure(fig, out_dir, NAME)
+
+
+ACC_POINTS = 0.01  # "as good": test accuracy within 1 point of the best fixed-rate Adam's
+
+
+def _measures(row: dict, best_acc: float) -> dict:
+  """Three robustness measures over the grid / the target range [η*/100, 10η*]."""
+  acc = np.asarray([np.nan if v is None else v for v in row["test_acc"]])
+  worst = row["worst_ratio_in_target_range"]
+  return {"within_10pct": int(np.sum(row["ok"])),
+          "worst_ratio": np.inf if worst is None else worst,
+          "acc_rates": int(np.sum(np.nan_to_num(acc, nan=0.0) >= best_acc - ACC_POINTS))}
+
+
+def _ours_vs_theirs(rows: list[dict], model_name: str) -> dict:
+  """Our best method against optax.contrib's best, by each measure separately."""
+  mine = {r["method"]: r for r in rows if r["model"] == model_name}
+  adam = mine["adam"]
+  best_acc = adam["test_acc"][int(np.argmin(
+      [np.inf if v is None else v for v in adam["final_loss"]]))]
+  m = {k: _measures(mine[k], best_acc) for k in OURS + THEIRS}
+  verdicts, parts = {}, []
+  for measure, better, text in (
+      ("within_10pct", max, "rates within 10% of L*"),
+      ("worst_ratio", min, "worst loss / L* in [η*/100, 10η*]"),
+      ("acc_rates", max, f"rates with test acc ≥ Adam's best − {ACC_POINTS:.0%}")):
+    ours = better(OURS, key=lambda k, measure=measure: m[k][measure])
+    theirs = better(THEIRS, key=lambda k, measure=measure: m[k][measure])
+    a, b = m[ours][measure], m[theirs][measure]
+    at_least = a >= b if better is max else a <= b
+    verdicts[measure] = {"ours": ours, "theirs": theirs, "ours_value": float(a),
+                         "theirs_value": float(b), "at_least_as_robust": bool(at_least)}
+    fmt = (lambda v: f"{v:.3g}") if measure == "worst_ratio" else (lambda v: f"{int(v)}")
+    parts.append(f"{text}: ours {ours} {fmt(a)} vs theirs {theirs} {fmt(b)} "
+                 f"({'ours at least as robust' if at_least else 'theirs more robust'})")
+  line = f"- **{model_name}**: " + "; ".join(parts) + "."
+  return {"model": model_name, "measures": verdicts, "line": line}
 
 
 def main():
@@ -426,6 +527,7 @@ def main():
         f"worst adam_eg loss in the range = "
         + ("diverged" if target["diverged_in_target_range"]
            else f"{target['worst_ratio_in_target_range']:.3g} × L*") + ".")
+  comparison = [_ours_vs_theirs(rows, model_name) for model_name in models]
   title_quick = " (quick)" if quick else ""
   markdown = "\n".join([
       f"# Learned step sizes: robustness to the initial learning rate{title_quick}",
@@ -436,8 +538,12 @@ def main():
       "parameters and batch order), "
       "final full-training-set loss and test accuracy averaged over seeds ('div.' = a seed "
       "diverged). Methods: fixed-rate Adam and SGD-momentum; Adam + gradtx."
-      f"hypergradient_descent (additive, β = {HYPER_LR:g}); Adam + gradtx.eg_step_size "
-      "(defaults: per-coordinate gains, global scale; and per-leaf gains and scale).",
+      f"hypergradient_descent (the paper's additive rule, β = {HYPER_LR:g}; and the log-space "
+      f"cosine rule, β = {HD_LOG_BETA:g}); Adam + gradtx.eg_step_size (defaults: "
+      "per-coordinate gains, global scale; per-leaf gains and scale; and two faster "
+      "settings); optax.contrib's prodigy (η0 as its initial step estimate estim_lr0), dog "
+      "(η0 as its first step), mechanize (around adam(η0)) and schedule_free_adamw(η0) "
+      "(its loss and accuracy at the evaluation params).",
       "",
       f"**Target**: with adam_eg (eg_step_size, defaults), every initial rate in "
       f"[η*/{LOW_FACTOR:g}, {HIGH_FACTOR:g}·η*] ends within {TOLERANCE:.0%} of L*, the best "
@@ -449,6 +555,11 @@ def main():
       table,
       "",
       *verdicts,
+      "",
+      "**Ours vs optax.contrib**, the best of each side by three measures of robustness "
+      f"(of {len(lrs)} grid rates):",
+      "",
+      *[c["line"] for c in comparison],
       "",
       "Mean final training loss per initial rate:",
       "",
@@ -463,6 +574,7 @@ def main():
                  "range": [f"eta*/{LOW_FACTOR:g}", f"{HIGH_FACTOR:g}*eta*"],
                  "met": {m: next(r["target_met"] for r in rows if r["model"] == m
                                  and r["method"] == TARGET_METHOD) for m in models}},
+      "ours_vs_theirs": comparison,
       "rows": rows,
       "per_lr": {"rows": per_lr_rows},
   })

@@ -8,11 +8,28 @@ assignments ``C`` held fixed (EM's E-step), ``diag(H)`` is ``2 Σ_i C_ij`` for e
 coordinate of centroid ``j`` and the diagonal Newton step is exactly Lloyd's update
 ``c_j ← Σ_i C_ij x_i / Σ_i C_ij`` (hard or soft assignments alike).
 
-``diag(H)`` comes from Hessian-vector products of a ``loss_fn`` passed to ``update``:
-Hutchinson's estimator ``E[z ⊙ Hz]`` with Rademacher ``z`` (exact, with one sample, when
-``H`` is diagonal), or directly from a ``curvature`` the caller passes.
+``diag(H)`` comes from Hessian-vector products of a ``loss_fn`` passed to ``update``
+(Hutchinson's estimator ``E[z ⊙ Hz]`` with Rademacher ``z``: exact, with one sample, when
+``H`` is diagonal), from the model's logits (Sophia's Gauss–Newton–Bartlett estimator
+``B ĝ ⊙ ĝ`` with labels drawn from the model's own softmax, for classifiers and language
+models), from a function of the caller's, or directly from a ``curvature`` the caller
+passes; refreshed every ``k`` steps and smoothed by an EMA, it is Sophia's
+preconditioner.
+
+Migrating from optax's deprecated ``optax.second_order`` (removed in optax 0.2.9):
+``hessian_diag(loss, params, inputs, targets)`` built the exact diagonal from one
+Hessian-vector product per parameter (``O(n)`` passes) and returned a flat vector; call
+``hutchinson_diagonal(lambda p: loss(p, inputs, targets), params, key, samples=k)``
+instead (a pytree like ``params``, ``k`` passes, unbiased, exact for a diagonal Hessian).
+``fisher_diag(nll, params, inputs, targets)`` was the *empirical* Fisher, the squared
+gradient at the true targets, flattened; the Fisher (= Gauss–Newton for softmax
+cross-entropy) is estimated without bias by ``gnb_diagonal(logits_fn, params, inputs,
+key)``, which draws the labels from the model; ``jax.tree.map(jnp.square,
+jax.grad(nll)(params, inputs, targets))`` reproduces the old value if you need it.
 
 References:
+  Liu, Li, Hall, Liang, Ma, "Sophia: a scalable stochastic second-order optimizer for
+  language model pre-training", ICLR 2024, arXiv:2305.14342 (GNB, Sophia-G/H).
   Bekas, Kokiopoulou, Saad, "An estimator for the diagonal of a matrix", Applied
   Numerical Mathematics 57(11), 2007 (Hutchinson-type diagonal estimator).
   Yao, Gholami, Shen, Mustafa, Keutzer, Mahoney, "AdaHessian", AAAI 2021,
@@ -32,7 +49,8 @@ import optax
 
 from gradtx import _checks, _numerics, _random
 
-ESTIMATORS = ("hutchinson",)
+ESTIMATORS = ("hutchinson", "gnb")
+DAMPING_MODES = ("add", "max")
 
 
 def _rademacher(key: jax.Array, tree: Any) -> Any:
@@ -52,8 +70,18 @@ def hutchinson_diagonal(loss_fn: Callable[[Any], jax.Array], params: Any, key: j
   r"""Hutchinson's estimate of the Hessian diagonal, ``(1/S) Σ_s z_s ⊙ H z_s``.
 
   ``z_s`` are Rademacher (±1) vectors, so ``E[z ⊙ Hz] = diag(H)``; when ``H`` is diagonal
-  every sample is exact (``z ⊙ (h ⊙ z) = h``). Each sample is one Hessian-vector product
-  (forward-over-reverse, ``jax.jvp`` of ``jax.grad``); samples run vectorised.
+  every sample is exact (``z ⊙ (h ⊙ z) = h``). Coordinate ``i`` of one sample is
+  ``H_ii + Σ_{j≠i} H_ij z_i z_j``, so the estimate's variance is
+
+  .. math::
+    \mathrm{Var}\big[\hat h_i\big] = \frac{1}{S} \sum_{j \ne i} H_{ij}^2
+
+  (``1/S`` of one probe's; Gaussian probes, as in the Sophia paper, add ``2 H_ii² / S``).
+  Each sample is one Hessian-vector product (forward-over-reverse, ``jax.jvp`` of
+  ``jax.grad``); the ``S`` samples run in one vectorised (``vmap``) pass, so memory grows
+  with ``S``. Each leaf's probe is drawn from a key folded with its path, so the
+  estimate of a leaf does not change when other leaves are added; sharded params give
+  a sharded estimate with their layout.
 
   Args:
     loss_fn: ``loss_fn(params) -> scalar``.
@@ -72,6 +100,10 @@ def hutchinson_diagonal(loss_fn: Callable[[Any], jax.Array], params: Any, key: j
     >>> d["w"].tolist()
     [2.0, 4.0, 6.0]
 
+  Migrating from ``optax.second_order.hessian_diag(loss, params, inputs, targets)``
+  (deprecated; exact, one pass per parameter, a flat vector): ``hutchinson_diagonal(
+  lambda p: loss(p, inputs, targets), params, key, samples=k)``.
+
   References:
     Bekas, Kokiopoulou, Saad, "An estimator for the diagonal of a matrix", 2007.
   """
@@ -89,55 +121,233 @@ def hutchinson_diagonal(loss_fn: Callable[[Any], jax.Array], params: Any, key: j
   return jax.tree.map(lambda d: jnp.mean(d, axis=0), draws)
 
 
+def _checked_logits(logits_fn: Callable, params: Any, inputs: Any,
+                    mask: Any) -> jax.ShapeDtypeStruct:
+  """The logits' shape, checked: ``(batch, classes)`` or ``(batch, ..., classes)``, float."""
+  _checks.check_callable("logits_fn", logits_fn, call="logits_fn(params, inputs)")
+  out = jax.eval_shape(logits_fn, params, inputs)
+  if not isinstance(out, jax.ShapeDtypeStruct) or len(out.shape) < 2 or out.shape[-1] < 2:
+    got = (f"shape {out.shape}" if isinstance(out, jax.ShapeDtypeStruct)
+           else f"a {type(out).__name__}")
+    raise ValueError(
+        "logits_fn(params, inputs) must return logits of shape (batch, classes) (or (batch, "
+        f"..., classes), e.g. a language model's (batch, sequence, vocabulary)) with at "
+        f"least 2 classes, got {got}")
+  if not jnp.issubdtype(out.dtype, jnp.floating):
+    raise TypeError(f"logits_fn(params, inputs) must return floating logits, got {out.dtype}")
+  if mask is not None and jnp.shape(mask) != out.shape[:-1]:
+    raise ValueError(f"mask must have the logits' leading shape {out.shape[:-1]} (one entry "
+                     f"per example or token), got shape {jnp.shape(mask)}")
+  return out
+
+
+def _gnb_from_labels(logits_fn: Callable, params: Any, inputs: Any, labels: jax.Array,
+                     mask: Any = None) -> Any:
+  """``B ĝ ⊙ ĝ``, ``ĝ`` the gradient of the mean cross-entropy at the given labels."""
+  if mask is None:
+    weights = jnp.ones(labels.shape)
+  else:
+    weights = jnp.asarray(mask).astype(jnp.result_type(float))
+  count = jnp.sum(weights)
+
+  def sampled_loss(p):
+    logits = logits_fn(p, inputs)
+    logits = logits.astype(_numerics.compute_dtype(logits))
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return jnp.sum(weights * losses) / jnp.maximum(count, 1.0)
+
+  grads = jax.grad(sampled_loss)(params)
+  return jax.tree.map(
+      lambda g: (count * jnp.square(g.astype(_numerics.compute_dtype(g)))).astype(
+          _numerics.compute_dtype(g)), grads)
+
+
+def gnb_diagonal(logits_fn: Callable[[Any, Any], jax.Array], params: Any, inputs: Any,
+                 key: jax.Array, *, mask: Any = None) -> Any:
+  r"""Sophia's Gauss–Newton–Bartlett estimate of the Gauss–Newton (Fisher) diagonal.
+
+  For a softmax cross-entropy loss ``L = (1/B) Σ_b ℓ(f(θ, x_b), y_b)``, draw labels from
+  the model itself, ``ŷ_b ~ softmax(f(θ, x_b))``, and take the gradient ``ĝ`` of the loss
+  at those labels:
+
+  .. math::
+    \hat h = B\, \hat g \odot \hat g, \qquad
+    \mathbb{E}_{\hat y}\big[\hat h\big] = \operatorname{diag}\Big(\frac{1}{B} \sum_b
+      J_b^\top \big(\operatorname{diag}(p_b) - p_b p_b^\top\big) J_b\Big)
+
+  the diagonal of the Gauss–Newton matrix of the mean loss (``J_b = ∂f(θ, x_b)/∂θ``,
+  ``p_b = softmax(f(θ, x_b))``), which for softmax cross-entropy is also the Fisher
+  information; the expectation holds because the per-example terms ``p_b - e_{ŷ_b}``
+  have mean zero and are independent (Bartlett's identity). It is positive (a sum of
+  squares), needs one forward and one backward pass, and no labels: the data's labels
+  never enter. Every axis of the logits but the last counts as an example, so a language
+  model's ``(batch, sequence, vocabulary)`` logits use ``B = batch × sequence`` tokens,
+  as in Sophia-G; ``mask`` leaves out padding (``B`` is then the number of ``True``
+  entries). Labels are drawn with ``jax.random.categorical(key, logits)``; the result is
+  a pytree like ``params`` in their compute dtype (at least float32), with their sharding
+  when the params and inputs are sharded.
+
+  Args:
+    logits_fn: ``logits_fn(params, inputs) -> logits`` of shape ``(batch, classes)`` or
+      ``(batch, ..., classes)`` (e.g. ``lambda p, x: model.apply(p, x)``).
+    params: where to estimate (floating leaves; others are refused, naming their paths).
+    inputs: the model's inputs (any pytree ``logits_fn`` accepts).
+    key: a ``jax.random`` key for the labels.
+    mask: optional boolean array of the logits' leading shape, ``True`` where an example
+      (token) counts.
+
+  Returns:
+    A pytree like ``params``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, gradtx
+    >>> logits_fn = lambda p, x: x @ p["w"]
+    >>> params, x = {"w": jnp.zeros((3, 4))}, jnp.eye(3)
+    >>> h = gradtx.gnb_diagonal(logits_fn, params, x, jax.random.key(0))
+    >>> h["w"].shape, bool(jnp.all(h["w"] >= 0))
+    ((3, 4), True)
+
+  Migrating from ``optax.second_order.fisher_diag(nll, params, inputs, targets)``
+  (deprecated; the *empirical* Fisher, squared gradients at the data's targets, a flat
+  vector): ``gnb_diagonal`` estimates the true Fisher without bias; the old value is
+  ``jax.tree.map(jnp.square, jax.grad(nll)(params, inputs, targets))``.
+
+  References:
+    Liu, Li, Hall, Liang, Ma, "Sophia: a scalable stochastic second-order optimizer for
+    language model pre-training", ICLR 2024, arXiv:2305.14342 (Algorithm 2).
+  """
+  key = _random.as_key(key, argname="key")
+  _checks.check_float_leaves("params", params)
+  _checked_logits(logits_fn, params, inputs, mask)
+  logits = jax.lax.stop_gradient(logits_fn(params, inputs)).astype(jnp.float32)
+  labels = jax.random.categorical(key, logits, axis=-1)
+  return _gnb_from_labels(logits_fn, params, inputs, labels, mask)
+
+
 class ScaleByDiagNewtonState(NamedTuple):
   """State of :func:`scale_by_diag_newton`.
 
   Attributes:
-    rng_key: raw key data (uint32) for the next Hutchinson probes.
-    curvature: the last ``diag(H)`` estimate (like the params), for logging.
+    count: updates so far (the curvature is refreshed when ``count % every == 0``).
+    rng_key: raw key data (uint32) for the next probes or labels; split every update
+      into the next state's key and this update's key.
+    curvature: the (smoothed) ``diag(H)`` the last update divided by, like the params.
   """
 
+  count: chex.Array
   rng_key: chex.Array
   curvature: Any
+
+
+def _estimate(estimator: Any, samples: int, params: Any, key: jax.Array,
+              extra_args: dict) -> Any:
+  """A fresh curvature estimate ``ĥ`` at ``params`` from the update's keyword arguments."""
+  if params is None:
+    what = {"hutchinson": "loss_fn", "gnb": "estimator='gnb'"}.get(
+        estimator if isinstance(estimator, str) else "", "a custom estimator")
+    raise ValueError(f"scale_by_diag_newton with {what} needs the params: call "
+                     "update(updates, state, params, ...)")
+  if callable(estimator):
+    return estimator(params, key, **extra_args)
+  if estimator == "gnb":
+    logits_fn, inputs = extra_args.get("logits_fn"), extra_args.get("inputs")
+    if logits_fn is None or inputs is None:
+      raise ValueError(
+          "scale_by_diag_newton(estimator='gnb') needs logits_fn=((params, inputs) -> "
+          "logits of shape (batch, classes)) and inputs= passed to update(...), or "
+          "curvature=(a pytree like params)")
+    return gnb_diagonal(logits_fn, params, inputs, key, mask=extra_args.get("mask"))
+  loss_fn = extra_args.get("loss_fn")
+  if loss_fn is None:
+    raise ValueError(
+        "scale_by_diag_newton needs the curvature: pass loss_fn=(params -> scalar loss) "
+        "or curvature=(a pytree like params) to update(...)")
+  return hutchinson_diagonal(loss_fn, params, key, samples)
+
+
+def _direction(g: jax.Array, h: jax.Array, damping: Any, damping_mode: str) -> jax.Array:
+  """``g / (max(h, 0) + λ)`` or ``g / max(h, λ)``; an infinite ``h`` gives NaN."""
+  # An infinite curvature is a failed estimate: NaN, not g/inf = 0 (or g/λ for -inf).
+  h = jnp.where(jnp.isinf(h), jnp.nan, h)
+  denominator = jnp.maximum(h, damping) if damping_mode == "max" else jnp.maximum(h, 0) + damping
+  return (g / denominator).astype(g.dtype)
+
+
+def _check_estimator(estimator: Any) -> None:
+  if not callable(estimator) and estimator not in ESTIMATORS:
+    raise ValueError("estimator must be 'hutchinson', 'gnb' or a function estimator(params, "
+                     f"key, **update_kwargs) -> curvature like params, got {estimator!r}")
 
 
 def scale_by_diag_newton(
     *,
     damping: float = 1e-4,
-    estimator: str = "hutchinson",
+    estimator: str | Callable[..., Any] = "hutchinson",
     samples: int = 1,
     key: jax.Array,
+    every: int = 1,
+    ema: float = 0.0,
+    damping_mode: str = "add",
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Preconditions by the Hessian diagonal: ``g / (max(diag(H), 0) + λ)``.
+  r"""Preconditions by the (smoothed, periodically refreshed) Hessian diagonal.
+
+  Every ``k = every`` updates (the first included) a fresh estimate ``ĥ_t`` is taken at
+  the current params and smoothed; in between, the last one is reused:
 
   .. math::
-    d = \frac{g}{\max(\mathrm{diag}(H), 0) + \lambda}
+    h_t = \begin{cases} \beta\, h_{t-1} + (1 - \beta)\, \hat h_t & t \bmod k = 0 \\
+      h_{t-1} & \text{otherwise} \end{cases}, \qquad
+    d_t = \frac{g_t}{\max(h_t, 0) + \lambda} \;\;\text{or}\;\;
+      \frac{g_t}{\max(h_t, \lambda)}\;(\texttt{damping\_mode="max"})
+
+  with ``h_{-1} = 0`` (no bias correction, as in Sophia; ``β = ema = 0`` uses the fresh
+  estimate as it is). ``ĥ`` is Hutchinson's estimate from the ``loss_fn`` passed to
+  ``update`` (:func:`hutchinson_diagonal`), Sophia's Gauss–Newton–Bartlett estimate from
+  the ``logits_fn`` and ``inputs`` passed to ``update`` (:func:`gnb_diagonal`), a
+  function of yours, or a ``curvature`` passed to ``update`` (then ``every`` and ``ema``
+  apply to it alike). Negative curvature is clipped (at 0, or at ``λ``) so the step never
+  ascends; ``λ = damping`` keeps flat directions finite (``λ = 0`` only when the
+  curvature is known to be positive, as for K-means, where an empty cluster has zero
+  curvature and gets a NaN centroid). A NaN/inf gradient or curvature gives NaN/inf
+  directions (propagated; an infinite curvature gives NaN, not a silent zero step).
 
   Like every optax ``scale_by_*`` transformation this returns a direction, not a step:
   ``optax.chain(gradtx.scale_by_diag_newton(key=k), optax.sgd(1.0))`` (or
-  :func:`diag_newton`) applies the Newton step ``u = -g / (diag(H) + λ)``. ``diag(H)`` is
-  estimated from the ``loss_fn`` passed to ``update`` (Hutchinson), or taken from a
-  ``curvature`` passed instead. Negative curvature estimates are clipped at 0 so that
-  the step never ascends; ``λ = damping`` keeps flat directions finite (``λ = 0`` only
-  when the curvature is known to be positive, as for K-means, where an empty cluster has
-  zero curvature and gets a NaN centroid; a tiny λ keeps it in place instead). A NaN/inf
-  gradient or
-  curvature gives NaN/inf directions (propagated; an infinite curvature gives NaN, not a
-  silent zero step).
+  :func:`diag_newton`) applies the Newton step ``u = -g / (diag(H) + λ)``.
+
+  Sophia (Liu et al., Algorithm 1), ``θ ← θ - η clip(m / max(γ h, ε), 1) - η λ_wd θ``
+  with ``m`` an EMA of gradients, is this chain (``estimator="gnb"``: Sophia-G;
+  ``"hutchinson"``: Sophia-H), since ``m / max(γh, ε) = (1/γ) m / max(h, ε/γ)``::
+
+    optax.chain(
+        optax.ema(0.965, debias=False),                      # m_t
+        gradtx.scale_by_diag_newton(estimator="gnb", every=10, ema=0.99,
+                                    damping=eps / gamma, damping_mode="max", key=key),
+        optax.scale(1 / gamma),
+        optax.clip(1.0),                                     # per-coordinate clip
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate))
 
   Args:
     damping: ``λ >= 0`` (a number, not a schedule).
-    estimator: ``"hutchinson"`` (Rademacher probes of Hessian-vector products).
-    samples: probes per step, S >= 1; static (under ``optax.inject_hyperparams`` list it
-      in ``static_args``).
+    estimator: ``"hutchinson"`` (Rademacher probes of Hessian-vector products; needs
+      ``loss_fn=`` in ``update``), ``"gnb"`` (needs ``logits_fn=`` and ``inputs=``, and
+      takes an optional ``mask=``), or a function ``estimator(params, key, **kwargs) ->
+      pytree like params`` that receives every keyword argument given to ``update``.
+    samples: Hutchinson probes per refresh, S >= 1; static (under
+      ``optax.inject_hyperparams`` list it in ``static_args``).
     key: a ``jax.random`` key; the state carries it forward, split every step.
+    every: refresh the curvature every ``k >= 1`` updates (Sophia: 10); between
+      refreshes no estimator runs (``lax.cond``).
+    ema: the curvature EMA's ``β`` in [0, 1) (Sophia: 0.99).
+    damping_mode: ``"add"`` (``max(h, 0) + λ``) or ``"max"`` (``max(h, λ)``, Sophia's).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state, params,
-    *, loss_fn=None, curvature=None)`` needs one of ``loss_fn(params) -> scalar`` (the
-    loss whose gradient ``updates`` is) or ``curvature`` (a pytree with the paths and
-    leaf shapes of ``updates``; a mismatch is an error naming the paths). ``updates``
-    must be floating (integer leaves are refused, naming their paths).
+    *, loss_fn=None, logits_fn=None, inputs=None, mask=None, curvature=None)`` needs what
+    the estimator reads, or ``curvature`` (a pytree with the paths and leaf shapes of
+    ``updates``; a mismatch is an error naming the paths). ``updates`` must be floating
+    (integer leaves are refused, naming their paths).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, gradtx
@@ -148,44 +358,56 @@ def scale_by_diag_newton(
     >>> optax.apply_updates(params, updates)["w"].tolist()   # one step to the minimum
     [3.0, 3.0]
 
+  Migrating from optax's deprecated ``hessian_diag`` / ``fisher_diag``: see
+  :func:`hutchinson_diagonal` and :func:`gnb_diagonal`; this transformation calls them.
+
   References:
+    Liu, Li, Hall, Liang, Ma, "Sophia", ICLR 2024, arXiv:2305.14342.
     Yao et al., "AdaHessian", AAAI 2021, arXiv:2006.00719 (Hutchinson diagonal).
     Su, "Gradient descent and EM are one idea", kexue.fm/archives/4277.
   """
   _checks.check_non_negative("damping", damping, allow_schedule=False)
-  _checks.check_choice("estimator", estimator, ESTIMATORS)
+  _check_estimator(estimator)
   _check_samples(samples)
+  _checks.check_int("every", every, minimum=1)
+  _checks.check_in_interval("ema", ema, 0.0, 1.0, high_open=True)
+  _checks.check_choice("damping_mode", damping_mode, DAMPING_MODES)
   typed = _random.as_key(key)
   impl = jax.random.key_impl(typed)
 
   def init_fn(params):
-    return ScaleByDiagNewtonState(jax.random.key_data(typed), jax.tree.map(
-        lambda p: jnp.zeros(jnp.shape(p), _numerics.compute_dtype(p)), params))
+    return ScaleByDiagNewtonState(
+        count=jnp.zeros((), jnp.int32), rng_key=jax.random.key_data(typed),
+        curvature=jax.tree.map(lambda p: _numerics.sharded_like(
+            jnp.zeros(jnp.shape(p), _numerics.compute_dtype(p)), p), params))
 
-  def update_fn(updates, state, params=None, *, loss_fn=None, curvature=None, **extra_args):
-    del extra_args
+  def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
     _checks.check_float_leaves("updates", updates)  # g / (h + λ) would be truncated
     next_key, step_key = _random.split_state_key(state.rng_key, impl)
+    refresh = state.count % every == 0
     if curvature is None:
-      if loss_fn is None:
-        raise ValueError(
-            "scale_by_diag_newton needs the curvature: pass loss_fn=(params -> scalar loss) "
-            "or curvature=(a pytree like params) to update(...)")
-      if params is None:
-        raise ValueError("scale_by_diag_newton with loss_fn needs the params: call "
-                         "update(updates, state, params, loss_fn=...)")
-      curvature = hutchinson_diagonal(loss_fn, params, step_key, samples)
+      def fresh():  # like the state's curvature: its dtype and (explicit-mesh) layout
+        estimate = optax.tree.cast_like(
+            _estimate(estimator, samples, params, step_key, extra_args), state.curvature)
+        return jax.tree.map(_numerics.sharded_like, estimate, state.curvature)
+
+      if isinstance(every, int) and every == 1:
+        estimate = fresh()
+      else:  # no estimator runs between refreshes
+        estimate = jax.lax.cond(refresh, fresh, lambda: state.curvature)
     else:
       _checks.check_same_structure("curvature", curvature, "the updates", updates)
-    curvature = jax.tree.map(
-        lambda h, g: h.astype(_numerics.compute_dtype(g)), curvature, updates)
-    def direction(g, h):
-      # An infinite curvature is a failed estimate: NaN, not g/inf = 0 (or g/λ for -inf).
-      h = jnp.where(jnp.isinf(h), jnp.nan, jnp.maximum(h, 0))
-      return (g / (h + damping)).astype(g.dtype)
-
-    directions = jax.tree.map(direction, updates, curvature)
-    return directions, ScaleByDiagNewtonState(next_key, curvature)
+      estimate = optax.tree.cast_like(curvature, state.curvature)
+    smoothed = jax.tree.map(
+        lambda h, e: jnp.where(ema == 0, e, ema * h + (1 - ema) * e).astype(h.dtype),
+        state.curvature, estimate)
+    new_curvature = jax.tree.map(lambda s, h: jnp.where(refresh, s, h), smoothed,
+                                 state.curvature)
+    directions = jax.tree.map(
+        lambda g, h: _direction(g, h.astype(_numerics.compute_dtype(g)), damping,
+                                damping_mode), updates, new_curvature)
+    return directions, ScaleByDiagNewtonState(
+        count=optax.safe_increment(state.count), rng_key=next_key, curvature=new_curvature)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -194,9 +416,12 @@ def diag_newton(
     learning_rate: optax.ScalarOrSchedule = 1.0,
     *,
     damping: float = 1e-4,
-    estimator: str = "hutchinson",
+    estimator: str | Callable[..., Any] = "hutchinson",
     samples: int = 1,
     key: jax.Array,
+    every: int = 1,
+    ema: float = 0.0,
+    damping_mode: str = "add",
 ) -> optax.GradientTransformationExtraArgs:
   r"""The diagonal Newton step ``u = -η g / (max(diag(H), 0) + λ)``.
 
@@ -208,9 +433,13 @@ def diag_newton(
   Args:
     learning_rate: ``η`` > 0, or a schedule.
     damping: ``λ >= 0``.
-    estimator: ``"hutchinson"``.
-    samples: probes per step.
+    estimator: ``"hutchinson"``, ``"gnb"`` or a function (see
+      :func:`scale_by_diag_newton`).
+    samples: Hutchinson probes per refresh.
     key: a ``jax.random`` key.
+    every: refresh the curvature every ``every`` updates.
+    ema: the curvature EMA's ``β`` in [0, 1).
+    damping_mode: ``"add"`` or ``"max"``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -227,5 +456,6 @@ def diag_newton(
   """
   _checks.check_positive("learning_rate", learning_rate)
   return optax.chain(
-      scale_by_diag_newton(damping=damping, estimator=estimator, samples=samples, key=key),
+      scale_by_diag_newton(damping=damping, estimator=estimator, samples=samples, key=key,
+                           every=every, ema=ema, damping_mode=damping_mode),
       optax.scale_by_learning_rate(learning_rate))

@@ -9,8 +9,9 @@ back, too long. Two ways to act on it:
   on the hypergradient, or its sign), per coordinate and as a global scale, both clipped
   — Amid, Anil, Fifty & Warmuth's EGDD — or with Su's simpler per-coordinate rule
   ``ν ← ν ⊙ exp(γ g_{t-1} ⊙ g_t)``.
-* :func:`hypergradient_descent` updates one learning rate *additively* (or
-  multiplicatively by the cosine) — Baydin et al.
+* :func:`hypergradient_descent` updates one learning rate from the hypergradient —
+  Baydin et al. — by default in log space (``log α ← log α + β g_t · d_{t-1}``, positive
+  by construction), or additively / by the cosine as in the paper.
 
 Both wrap any base direction (``optax.scale_by_adam()``, ``optax.trace(0.9)``, ``optax.
 identity()`` for SGD) and return the full update (negative step included), so they are
@@ -26,11 +27,14 @@ References:
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from gradtx import _checks, _numerics
@@ -167,6 +171,7 @@ def eg_step_size(
     gain_range: tuple[float, float] = (0.01, 100.0),
     scale_range: tuple[float, float] = (0.1, 10.0),
     rule: str = "egdd",
+    initial_scale: float = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Learning-rate gains and scale adapted by exponentiated gradient (EGDD, or Su's rule).
 
@@ -184,7 +189,18 @@ def eg_step_size(
   ``cos`` is taken over the whole pytree (``scale="global"``) or per leaf (lingvo's
   EGDD); per-leaf gains use the mean of the sign agreement over the leaf. Su's rule
   (``rule="su"``) is ``p_t = clip(p_{t-1} ⊙ exp(η_p g_{t-1} ⊙ g_t))`` with no scale and no
-  EMA. Gains and scale start at 1. A NaN/inf gradient makes the update and the adapted
+  EMA. Gains start at 1, the scale at ``initial_scale`` (1).
+
+  How far the rate can move: in ``T`` steps by at most ``e^{(η_p + η_s) T}`` (the gains'
+  and the scale's steps), within ``gain_range × scale_range``: ``e^{0.011 T}`` (9× at
+  ``T = 200``) with lingvo's defaults, so a rate 100× too small is out of reach. A rate
+  too *large* is worse: it can wreck the model in the first few steps, before any
+  agreement is measured. Measured on digits (``benchmarks/results/
+  step_size_robustness.md``): ``gain_lr=0.05, scale_lr=0.05, scale_range=(1e-3, 1e3)``
+  recovers a rate 100× too small, and adding a warm start ``initial_scale=0.01`` (the
+  scale starts small and learns its way up) also protects against one 10× too large.
+
+  A NaN/inf gradient makes the update and the adapted
   statistics NaN (propagated, visible in ``gain_mean`` / ``lr_scale``). Params and
   updates must hold real floating arrays (integer and complex leaves are refused, naming
   their paths: the sign rule and the cosine are defined for real numbers). The update is
@@ -206,6 +222,9 @@ def eg_step_size(
     gain_range: ``(low, high)`` clip of the gains, ``0 < low <= 1 <= high``.
     scale_range: ``(low, high)`` clip of the scale.
     rule: ``"egdd"`` or ``"su"``.
+    initial_scale: the scale's start ``s_0`` > 0, inside ``scale_range`` (a warm start
+      below 1 makes a too-large ``learning_rate`` safe while the scale adapts; with
+      ``scale="none"`` or ``rule="su"`` it is a constant factor).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` giving the full update (use it like
@@ -236,6 +255,11 @@ def eg_step_size(
   _checks.check_choice("rule", rule, RULES)
   gain_low, gain_high = _check_range("gain_range", gain_range)
   scale_low, scale_high = _check_range("scale_range", scale_range)
+  _checks.check_positive("initial_scale", initial_scale, allow_schedule=False)
+  s0 = _checks.concrete_scalar(initial_scale)  # None when injected (traced)
+  if s0 is not None and not scale_low <= s0 <= scale_high:
+    raise ValueError(f"initial_scale must lie in scale_range = {scale_range!r}, got "
+                     f"{initial_scale!r}")
   if rule == "su":
     scale = "none"
   base = _checked_base(base)
@@ -250,10 +274,8 @@ def eg_step_size(
       init_gains = jax.tree.map(lambda _: jnp.ones((), jnp.float32), zeros)
     else:
       init_gains = ()
-    if scale == "per_leaf":
-      init_scale = jax.tree.map(lambda _: jnp.ones((), jnp.float32), zeros)
-    else:
-      init_scale = jnp.ones((), jnp.float32)
+    s0 = jnp.full((), initial_scale, jnp.float32)
+    init_scale = jax.tree.map(lambda _: s0, zeros) if scale == "per_leaf" else s0
     return EGStepSizeState(
         count=jnp.zeros((), jnp.int32), base_state=base.init(params), gains=init_gains,
         grad_ema=zeros, prev_direction=zeros, lr_scale=init_scale, gain_mean=one,
@@ -302,39 +324,103 @@ class HypergradientDescentState(NamedTuple):
   current_learning_rate: chex.Array
 
 
+# Without min_lr, log-space rates stay above the smallest normal float32 (never 0, never
+# denormal: XLA on CPU flushes denormals to zero); without max_lr, below float32's max.
+_LOG_TINY = float(np.log(np.finfo(np.float32).tiny)) + 1e-3
+_LOG_HUGE = float(np.log(np.finfo(np.float32).max)) - 1e-3
+
+
+def _check_lr_bounds(learning_rate: float, min_lr: float | None,
+                     max_lr: float | None) -> None:
+  """``0 < min_lr <= learning_rate <= max_lr`` where given (all plain numbers)."""
+  for name, value in (("min_lr", min_lr), ("max_lr", max_lr)):
+    if value is not None:
+      _checks.check_positive(name, value, allow_schedule=False)
+  # Injected (traced) bounds are not checked here: they are only known inside jit.
+  low = -math.inf if min_lr is None else _checks.concrete_scalar(min_lr)
+  high = math.inf if max_lr is None else _checks.concrete_scalar(max_lr)
+  if low is None or high is None:
+    return
+  if low > high:
+    raise ValueError(f"min_lr must be <= max_lr, got min_lr={min_lr!r} and max_lr={max_lr!r}")
+  lr = _checks.concrete_scalar(learning_rate)
+  if lr is not None and not low <= lr <= high:
+    raise ValueError(f"learning_rate must lie in [min_lr, max_lr] = [{min_lr!r}, {max_lr!r}] "
+                     f"(it is α_0), got {learning_rate!r}")
+
+
+def _new_rate(alpha: jax.Array, signal: jax.Array, *, hyper_lr: float, log_space: bool,
+              multiplicative: bool, min_lr: float | None, max_lr: float | None) -> jax.Array:
+  """``α_t`` from ``α_{t-1}`` and the hypergradient signal (``g·d`` or the cosine)."""
+  if log_space:
+    low = _LOG_TINY if min_lr is None else jnp.log(min_lr)
+    high = _LOG_HUGE if max_lr is None else jnp.log(max_lr)
+    log_alpha = jnp.clip(jnp.log(alpha) + hyper_lr * signal, low, high)
+    # An inf signal (an inf gradient) is a failure, not a rate at the bound: NaN, visible.
+    return jnp.where(jnp.isinf(signal), jnp.nan, jnp.exp(log_alpha))
+  alpha = alpha * (1 + hyper_lr * signal) if multiplicative else alpha + hyper_lr * signal
+  if min_lr is not None or max_lr is not None:
+    alpha = jnp.clip(alpha, min_lr, max_lr)
+  return alpha
+
+
 def hypergradient_descent(
     base: optax.GradientTransformation,
     *,
     learning_rate: float,
     hyper_lr: float,
     multiplicative: bool = False,
+    log_space: bool = True,
+    min_lr: float | None = None,
+    max_lr: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Hypergradient descent (Baydin et al.): the learning rate descends its own gradient.
+
+  With ``d_t`` the base direction (SGD: ``g_t``; Adam: ``m̂/(√v̂+ε)``), the hypergradient
+  is ``∂L(θ_t)/∂α_{t-1} = -g_t · d_{t-1}``, and the signal ``h_t`` is ``g_t · d_{t-1}``
+  (or, with ``multiplicative=True``, the scale-free ``cos(g_t, d_{t-1})``), over the whole
+  pytree. The default, ``log_space=True``, moves ``log α``:
+
+  .. math::
+    \log \alpha_t = \mathrm{clip}\big(\log \alpha_{t-1} + \beta\, h_t,\;
+      \log \alpha_{\min},\; \log \alpha_{\max}\big), \qquad u_t = -\alpha_t\, d_t
+
+  so ``α`` stays positive by construction, whatever ``β`` and however long the run (and
+  without ``min_lr`` it stays above the smallest normal float32, so it can always come
+  back). ``log_space=False`` is the paper's rule, on ``α`` itself:
 
   .. math::
     \text{additive: } \alpha_t = \alpha_{t-1} + \beta\, g_t \cdot d_{t-1}, \qquad
     \text{multiplicative: } \alpha_t = \alpha_{t-1}\big(1 + \beta \cos(g_t, d_{t-1})\big)
 
-  .. math::
-    u_t = -\alpha_t\, d_t
+  clipped to ``[min_lr, max_lr]`` where given; without ``min_lr``, nothing keeps the
+  additive ``α`` positive (the negative learning rates users of the paper's rule report).
 
-  where ``d_t`` is the base direction (SGD: ``g_t``; Adam: ``m̂/(√v̂+ε)``), and
-  ``-g_t · d_{t-1} = ∂L(θ_t)/∂α_{t-1}``. The dot product and the cosine run over the
-  whole pytree. Nothing keeps ``α`` positive in the additive form (as in the paper).
+  ``β`` means different things in the two spaces: in log space ``β h_t`` is the
+  *relative* change of ``α`` per step, so ``β_log ≈ β_additive / α_0`` gives the same first
+  step (Adam-HD's ``β = 1e-7`` at ``α_0 = 1e-3`` is ``β_log ≈ 1e-4``); with the cosine,
+  ``α`` moves by at most ``e^{±β}`` per step. ``g · d`` sums over every coordinate, so the
+  additive signal grows with the model (``≈ ‖g‖₁`` for Adam's directions): prefer
+  ``multiplicative=True`` when the gradient scale is unknown. ``max_lr`` bounds the other
+  failure users report, a rate that rises without bound.
+
   ``learning_rate`` is only ``α_0``: ``α_t`` lives in the state, so under
   ``optax.inject_hyperparams`` list it in ``static_args`` (changing it later has no
-  effect).
-  A NaN/inf gradient makes ``α`` NaN (propagated, visible in the state's
+  effect). A NaN/inf gradient makes ``α`` NaN (propagated, visible in the state's
   ``current_learning_rate``). Params and updates must hold real floating arrays (integer
   and complex leaves are refused, naming their paths). A meta-gradient through unrolled
-  steps is finite, the multiplicative rule's first (zero) cosine included.
+  steps is finite, the first (zero) cosine included.
 
   Args:
     base: the base direction, a transformation (not a factory), e.g.
       ``optax.identity()`` (SGD-HD) or ``optax.scale_by_adam()`` (Adam-HD).
-    learning_rate: the initial ``α_0`` > 0.
+    learning_rate: the initial ``α_0`` > 0 (inside ``[min_lr, max_lr]``).
     hyper_lr: ``β`` > 0.
-    multiplicative: use the multiplicative (cosine) rule.
+    multiplicative: use the cosine ``cos(g_t, d_{t-1})`` as the signal.
+    log_space: update ``log α`` (positive by construction; the default) or, with
+      ``False``, ``α`` itself (the paper's rules).
+    min_lr: optional lower bound ``α_min`` > 0 of ``α_t``.
+    max_lr: optional upper bound ``α_max`` >= ``min_lr`` of ``α_t``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` giving the full update; state
@@ -343,7 +429,7 @@ def hypergradient_descent(
   Example:
     >>> import jax.numpy as jnp, optax, gradtx
     >>> tx = gradtx.hypergradient_descent(optax.identity(), learning_rate=0.1,
-    ...                                   hyper_lr=0.01)
+    ...                                   hyper_lr=0.01, log_space=False)
     >>> params = {"w": jnp.array([4.0])}
     >>> state = tx.init(params)
     >>> for _ in range(2):
@@ -351,6 +437,15 @@ def hypergradient_descent(
     ...   params = optax.apply_updates(params, updates)
     >>> round(float(state.current_learning_rate), 4)   # 0.1 + 0.01 · (3.6 · 4.0)
     0.244
+    >>> tx = gradtx.hypergradient_descent(optax.identity(), learning_rate=0.1,
+    ...                                   hyper_lr=0.01)   # log space: 0.1 · e^{0.01 · 14.4}
+    >>> params = {"w": jnp.array([4.0])}
+    >>> state = tx.init(params)
+    >>> for _ in range(2):
+    ...   updates, state = tx.update(params, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> round(float(state.current_learning_rate), 4)
+    0.1155
 
   References:
     Baydin, Cornish, Martínez Rubio, Schmidt, Wood, "Online learning rate adaptation
@@ -359,7 +454,11 @@ def hypergradient_descent(
   _checks.check_positive("learning_rate", learning_rate, allow_schedule=False)
   _checks.check_positive("hyper_lr", hyper_lr, allow_schedule=False)
   _checks.check_bool("multiplicative", multiplicative)
+  _checks.check_bool("log_space", log_space)
+  _check_lr_bounds(learning_rate, min_lr, max_lr)
   base = _checked_base(base)
+  rate = functools.partial(_new_rate, hyper_lr=hyper_lr, log_space=log_space,
+                           multiplicative=multiplicative, min_lr=min_lr, max_lr=max_lr)
 
   def init_fn(params):
     _checks.check_float_leaves("params", params)
@@ -371,11 +470,8 @@ def hypergradient_descent(
     _checks.check_float_leaves("updates", updates)
     directions, base_state = base.update(updates, state.base_state, params, **extra_args)
     g = optax.tree.cast_like(updates, state.prev_direction)
-    if multiplicative:
-      alpha = state.current_learning_rate * (1 + hyper_lr * _cosine(g, state.prev_direction))
-    else:
-      alpha = state.current_learning_rate + hyper_lr * _vdot(g, state.prev_direction)
-    alpha = alpha.astype(jnp.float32)
+    signal = (_cosine if multiplicative else _vdot)(g, state.prev_direction)
+    alpha = rate(state.current_learning_rate, signal).astype(jnp.float32)
     new_updates = jax.tree.map(lambda d, u: (-alpha * d).astype(u.dtype), directions, updates)
     prev = optax.tree.cast_like(directions, state.prev_direction)
     return new_updates, HypergradientDescentState(

@@ -256,7 +256,7 @@ CASES = [
          lambda: _newton(damping=optax.constant_schedule(0.1)),
          TypeError, r"damping must be a number >= 0, not a schedule"),
     Case(f"{A}-scale_by_diag_newton-estimator-unknown", lambda: _newton(estimator="exact"),
-         ValueError, r"estimator must be one of 'hutchinson', got 'exact'"),
+         ValueError, r"estimator must be 'hutchinson', 'gnb' or a function .*got 'exact'"),
     Case(f"{A}-scale_by_diag_newton-key-float-array",
          lambda: gradtx.scale_by_diag_newton(key=jnp.zeros(2)),
          TypeError, r"key must be a jax\.random key"),

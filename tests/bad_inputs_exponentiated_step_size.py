@@ -86,8 +86,8 @@ _G1, _G2 = np.array([3e10, 1e10]), np.array([2e10, -4e10])
 _COS = _G1 @ _G2 / (np.linalg.norm(_G1) * np.linalg.norm(_G2))
 
 
-def large_gradient_alpha():
-  tx = hd(hyper_lr=0.5, multiplicative=True)
+def large_gradient_alpha(log_space=False):
+  tx = hd(hyper_lr=0.5, multiplicative=True, log_space=log_space)
   params, step = {"w": jnp.zeros(2)}, jax.jit(tx.update)
   _, state = step({"w": jnp.asarray(_G1, jnp.float32)}, tx.init(params), params)
   _, state = step({"w": jnp.asarray(_G2, jnp.float32)}, state, params)
@@ -225,4 +225,7 @@ CASES = [
          check=check_one_step_meta_gradient(0.3)),
     Case(f"{A}-hd-multiplicative-cosine-of-large-gradients", large_gradient_alpha,
          check=check_close(0.1 * (1 + 0.5 * _COS))),
+    Case(f"{A}-hd-log-space-cosine-of-large-gradients",
+         lambda: large_gradient_alpha(log_space=True),
+         check=check_close(0.1 * np.exp(0.5 * _COS))),
 ]

@@ -2,10 +2,14 @@
 
 References: Lloyd's K-means step and the soft-assignment EM step written in numpy (on
 sklearn's digits, float64); Hessians from ``jax.hessian`` (plain autodiff) or closed forms;
-Hutchinson's variance ``Σ_{j≠i} H_ij²`` for a CLT bound on its mean; the documented
-``g / (max(h, 0) + λ)`` in numpy.
+Hutchinson's variance ``Σ_{j≠i} H_ij² / S`` (measured over many draws); the documented
+``g / (max(h, 0) + λ)`` in numpy; the Gauss–Newton diagonal of a small softmax model with
+closed-form Jacobians (numpy float64), against which the GNB estimator's expectation is
+checked exactly by enumerating labels; and a numpy transcription of Sophia's Algorithm 1
+(Liu et al., arXiv:2305.14342) for the documented Sophia-H / Sophia-G recipe.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -284,7 +288,8 @@ def test_construction_errors(factory):
       factory(damping=damping, key=key)
   with pytest.raises(ValueError, match=r"samples must be an int >= 1, got 0"):
     factory(samples=0, key=key)
-  with pytest.raises(ValueError, match=r"estimator must be one of 'hutchinson', got 'exact'"):
+  with pytest.raises(ValueError,
+                     match=r"estimator must be 'hutchinson', 'gnb' or a function .*got 'exact'"):
     factory(estimator="exact", key=key)
   with pytest.raises(TypeError, match=r"key must be a jax.random key .*got 0"):
     factory(key=0)
@@ -343,3 +348,303 @@ def test_inf_curvature_is_visible():
   g = {"w": jnp.array([1.0, 1.0])}
   d, _ = tx.update(g, tx.init(g), g, curvature={"w": jnp.array([np.inf, -np.inf])})
   assert not np.any(np.isfinite(d["w"]))
+
+
+# ----------------------------------------------------------------------------- variance ∝ 1/S
+
+VAR_A = np.asarray(A, np.float64)  # a constant, dense Hessian (0.5 zᵀAz)
+
+
+def test_hutchinson_variance_is_one_over_samples():
+  """Var[ĥ_i] = Σ_{j≠i} A_ij² / S (numpy float64), measured over 3000 independent draws."""
+  quadratic = lambda p: 0.5 * p["z"] @ jnp.asarray(A, jnp.float32) @ p["z"]
+  params = {"z": jnp.ones(7)}
+  keys = jax.random.split(jax.random.key(0), 3000)
+  off = (VAR_A ** 2).sum(1) - np.diag(VAR_A) ** 2
+  variances = {}
+  for samples in (1, 4, 16):
+    draws = jax.jit(jax.vmap(lambda k, s=samples: gradtx.hutchinson_diagonal(
+        quadratic, params, k, samples=s)["z"]))(keys)
+    draws = np.asarray(draws, np.float64)
+    np.testing.assert_allclose(draws.mean(0), np.diag(VAR_A),
+                               atol=SIGMAS * np.sqrt(off.max() / samples / 3000))
+    variances[samples] = draws.var(0)
+    np.testing.assert_allclose(variances[samples], off / samples, rtol=0.2)
+  ratio = variances[1].sum() / variances[16].sum()
+  assert 12 < ratio < 20, ratio
+
+
+# ----------------------------------------------------------------------------- GNB
+
+GNB_RNG = np.random.default_rng(5)
+GNB_X = GNB_RNG.normal(size=(2, 3))  # B = 2 examples, 3 features
+GNB_PARAMS = {"w1": GNB_RNG.normal(size=(3, 4)), "w2": GNB_RNG.normal(size=(4, 3)),
+              "b": GNB_RNG.normal(size=(3,))}  # C = 3 classes
+
+
+def gnb_logits(params, x):
+  return jnp.tanh(x @ params["w1"]) @ params["w2"] + params["b"]
+
+
+def np_logits_and_jacobian(params, x):
+  """Per example: logits (C,) and the Jacobian of every parameter, closed form (numpy)."""
+  w1, w2, b = (np.asarray(params[k], np.float64) for k in ("w1", "w2", "b"))
+  a = np.tanh(x @ w1)  # (B, H)
+  logits = a @ w2 + b
+  num_classes = w2.shape[1]
+  # ∂f_c/∂w1[i, j] = w2[j, c] (1 - a_j²) x_i; ∂f_c/∂w2[j, c'] = a_j δ_cc'; ∂f_c/∂b_c' = δ_cc'
+  jw1 = np.einsum("jc,bj,bi->bcij", w2, 1 - a ** 2, x)
+  jw2 = np.einsum("bj,cd->bcjd", a, np.eye(num_classes))
+  jb = np.broadcast_to(np.eye(num_classes), (x.shape[0], num_classes, num_classes))
+  return logits, {"w1": jw1, "w2": jw2, "b": jb}
+
+
+def np_softmax_rows(z):
+  z = z - z.max(-1, keepdims=True)
+  return np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+
+
+def np_gauss_newton_diagonal(params, x):
+  """diag((1/B) Σ_b J_bᵀ (diag p_b - p_b p_bᵀ) J_b), per leaf."""
+  logits, jac = np_logits_and_jacobian(params, x)
+  p = np_softmax_rows(logits)
+  m = np.stack([np.diag(pb) - np.outer(pb, pb) for pb in p])  # (B, C, C)
+  return {k: np.einsum("bc...,bcd,bd...->...", j, m, j) / x.shape[0] for k, j in jac.items()}
+
+
+def np_gnb(params, x, labels, weights=None):
+  """B ĝ ⊙ ĝ with ĝ = (1/B) Σ_b w_b J_bᵀ (p_b - e_{y_b}) (numpy)."""
+  logits, jac = np_logits_and_jacobian(params, x)
+  p = np_softmax_rows(logits)
+  weights = np.ones(len(x)) if weights is None else np.asarray(weights, np.float64)
+  residual = weights[:, None] * (p - np.eye(p.shape[1])[labels])
+  count = weights.sum()
+  return {k: count * (np.einsum("bc...,bc->...", j, residual) / count) ** 2
+          for k, j in jac.items()}
+
+
+def test_gnb_expectation_is_the_gauss_newton_diagonal_exactly():
+  """Σ over all 3² label pairs, weighted by the model's probabilities, of the estimator at
+  those labels equals the Gauss–Newton diagonal (numpy, float64)."""
+  from gradtx.curvature import _gnb_from_labels
+  with jax.enable_x64(True):
+    params = jax.tree.map(jnp.asarray, GNB_PARAMS)
+    x = jnp.asarray(GNB_X)
+    p = np_softmax_rows(np_logits_and_jacobian(GNB_PARAMS, GNB_X)[0])
+    expectation = jax.tree.map(np.zeros_like, GNB_PARAMS)
+    for y0 in range(3):
+      for y1 in range(3):
+        h = _gnb_from_labels(gnb_logits, params, x, jnp.array([y0, y1]))
+        np.testing.assert_allclose(h["w1"], np_gnb(GNB_PARAMS, GNB_X, [y0, y1])["w1"],
+                                   rtol=1e-10)
+        expectation = jax.tree.map(lambda e, v, w=p[0, y0] * p[1, y1]: e + w * np.asarray(v),
+                                   expectation, h)
+  chex.assert_trees_all_close(expectation, np_gauss_newton_diagonal(GNB_PARAMS, GNB_X),
+                              rtol=1e-10, atol=1e-12)
+
+
+def test_gnb_diagonal_one_draw_and_its_mean():
+  """One draw is B ĝ² at the labels categorical(key, logits) draws; the mean of 4000
+  draws is within a CLT bound of the Gauss–Newton diagonal."""
+  params32_ = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), GNB_PARAMS)
+  x = jnp.asarray(GNB_X, jnp.float32)
+  key = jax.random.key(3)
+  labels = np.asarray(jax.random.categorical(key, gnb_logits(params32_, x)))
+  chex.assert_trees_all_close(gradtx.gnb_diagonal(gnb_logits, params32_, x, key),
+                              np_gnb(GNB_PARAMS, GNB_X, labels), rtol=1e-4, atol=1e-6)
+  keys = jax.random.split(jax.random.key(4), 4000)
+  draws = jax.jit(jax.vmap(lambda k: gradtx.gnb_diagonal(gnb_logits, params32_, x, k)))(keys)
+  exact = np_gauss_newton_diagonal(GNB_PARAMS, GNB_X)
+  for k, d in draws.items():
+    d = np.asarray(d, np.float64)
+    bound = SIGMAS * d.std(0) / np.sqrt(len(keys)) + 1e-6
+    np.testing.assert_array_less(np.abs(d.mean(0) - exact[k]), bound)
+
+
+def test_gnb_language_model_logits_and_mask():
+  """(batch, sequence, classes) logits: every token is an example, B = the unmasked count."""
+  rng = np.random.default_rng(8)
+  tokens = rng.normal(size=(2, 3, 3))  # (batch, sequence, features)
+  mask = np.array([[True, True, False], [True, False, False]])
+  params = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), GNB_PARAMS)
+  key = jax.random.key(9)
+  got = gradtx.gnb_diagonal(gnb_logits, params, jnp.asarray(tokens, jnp.float32), key,
+                            mask=jnp.asarray(mask))
+  labels = np.asarray(jax.random.categorical(
+      key, gnb_logits(params, jnp.asarray(tokens, jnp.float32)))).reshape(-1)
+  expected = np_gnb(GNB_PARAMS, tokens.reshape(6, 3), labels, mask.reshape(-1))
+  chex.assert_trees_all_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("logits_fn,match", [
+    (lambda p, x: gnb_logits(p, x)[0], r"must return logits of shape \(batch, classes\).*"
+                                       r"got shape \(3,\)"),
+    (lambda p, x: jnp.sum(gnb_logits(p, x)), r"got shape \(\)"),
+    (lambda p, x: gnb_logits(p, x)[:, :1], r"at least 2 classes, got shape \(2, 1\)"),
+])
+def test_gnb_logits_must_be_batch_by_classes(logits_fn, match):
+  with pytest.raises(ValueError, match=match):
+    gradtx.gnb_diagonal(logits_fn, GNB_PARAMS, GNB_X, jax.random.key(0))
+
+
+# ----------------------------------------------------------------------------- every, ema
+
+
+def test_every_and_ema_follow_the_documented_recursion():
+  """Curvatures passed each step: h refreshed on t % 3 == 0 as β h + (1-β) ĥ (numpy)."""
+  tx = gradtx.scale_by_diag_newton(damping=0.1, every=3, ema=0.5, key=jax.random.key(0))
+  rng = np.random.default_rng(0)
+  g = {"w": jnp.asarray(rng.normal(size=4), jnp.float32)}
+  state, h = tx.init(g), np.zeros(4)
+  step = jax.jit(lambda g, s, c: tx.update(g, s, g, curvature={"w": c}))
+  for t in range(8):
+    fresh = rng.uniform(0.5, 3.0, size=4)
+    d, state = step(g, state, jnp.asarray(fresh, jnp.float32))
+    if t % 3 == 0:
+      h = 0.5 * h + 0.5 * fresh
+    np.testing.assert_allclose(state.curvature["w"], h, rtol=1e-6, err_msg=str(t))
+    np.testing.assert_allclose(d["w"], np.asarray(g["w"]) / (h + 0.1), rtol=1e-5)
+
+
+def test_estimator_runs_only_on_refresh_steps():
+  """A custom estimator (params, key, **kwargs) -> curvature: its value is taken at the
+  params of steps 0, 2, 4 and kept in between, while the params move."""
+  estimator = lambda params, key, scale, **_: jax.tree.map(lambda p: scale * p ** 2, params)
+  tx = gradtx.scale_by_diag_newton(estimator=estimator, every=2, damping=0.0,
+                                   key=jax.random.key(0))
+  params = {"w": jnp.array([1.0, 2.0])}
+  state = tx.init(params)
+  step = jax.jit(lambda p, s: tx.update(p, s, p, scale=3.0))
+  for t in range(5):
+    _, state = step(params, state)
+    if t % 2 == 0:
+      expected = 3.0 * np.asarray(params["w"]) ** 2
+    np.testing.assert_allclose(state.curvature["w"], expected, rtol=1e-6, err_msg=str(t))
+    params = {"w": params["w"] + 1.0}
+
+
+def test_damping_mode_max():
+  tx = gradtx.scale_by_diag_newton(damping=0.5, damping_mode="max", key=jax.random.key(0))
+  g = {"w": jnp.array([1.0, -2.0, 3.0])}
+  d, _ = tx.update(g, tx.init(g), g, curvature={"w": jnp.array([-1.0, 0.2, 4.0])})
+  np.testing.assert_allclose(d["w"], [1.0 / 0.5, -2.0 / 0.5, 3.0 / 4.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(every=0), ValueError, r"every must be an int >= 1, got 0"),
+    (dict(every=-3), ValueError, r"every must be an int >= 1, got -3"),
+    (dict(every=2.0), TypeError, r"every must be an int >= 1, got 2.0"),
+    (dict(ema=1.0), ValueError, r"ema must be in \[0.0, 1.0\), got 1.0"),
+    (dict(ema=-0.1), ValueError, r"ema must be in \[0.0, 1.0\), got -0.1"),
+    (dict(damping_mode="floor"), ValueError, r"damping_mode must be one of 'add', 'max'"),
+])
+def test_every_ema_damping_mode_errors(kwargs, error, match):
+  with pytest.raises(error, match=match):
+    gradtx.scale_by_diag_newton(key=jax.random.key(0), **kwargs)
+
+
+# ----------------------------------------------------------------------------- Sophia
+
+
+def sophia(estimator, *, lr, b1, b2, gamma, eps, weight_decay, every, key):
+  """The documented recipe (scale_by_diag_newton's docstring)."""
+  return optax.chain(
+      optax.ema(b1, debias=False),
+      gradtx.scale_by_diag_newton(estimator=estimator, every=every, ema=b2,
+                                  damping=eps / gamma, damping_mode="max", key=key),
+      optax.scale(1 / gamma),
+      optax.clip(1.0),
+      optax.add_decayed_weights(weight_decay),
+      optax.scale_by_learning_rate(lr))
+
+
+SOPHIA = dict(lr=0.05, b1=0.9, b2=0.8, gamma=0.05, eps=1e-12, weight_decay=0.1, every=3)
+
+
+def np_sophia(theta, grad, estimate, steps, *, lr, b1, b2, gamma, eps, weight_decay, every):
+  """Liu et al.'s Algorithm 1, verbatim (t from 1; refresh when t mod k = 1)."""
+  m = {k: np.zeros_like(v) for k, v in theta.items()}
+  h = {k: np.zeros_like(v) for k, v in theta.items()}
+  out = []
+  for t in range(1, steps + 1):
+    g = grad(theta)
+    m = {k: b1 * m[k] + (1 - b1) * g[k] for k in theta}
+    if t % every == 1 % every:
+      h_hat = estimate(theta, t)
+      h = {k: b2 * h[k] + (1 - b2) * h_hat[k] for k in theta}
+    theta = {k: theta[k] - lr * weight_decay * theta[k] for k in theta}
+    theta = {k: theta[k] - lr * np.clip(m[k] / np.maximum(gamma * h[k], eps), -1, 1)
+             for k in theta}
+    out.append(theta)
+  return out
+
+
+def np_diagonal_grad(params):
+  x, y = (np.asarray(params[k], np.float64) for k in ("x", "y"))
+  return {"x": np.array([1.0, 2.0, 3.0]) * x ** 3 / 3, "y": -np.sin(y) + y}
+
+
+def trajectory(tx, params, steps, grad_of=None, **update_kwargs):
+  """The params after each of ``steps`` jitted updates on the gradient of ``grad_of``
+  (default: the ``loss_fn`` passed along)."""
+  grad = jax.grad(grad_of or update_kwargs["loss_fn"])
+  step = jax.jit(lambda p, s: tx.update(grad(p), s, p, **update_kwargs))
+  state, out = tx.init(params), []
+  for _ in range(steps):
+    updates, state = step(params, state)
+    params = optax.apply_updates(params, updates)
+    out.append(params)
+  return out
+
+
+def test_sophia_h_matches_algorithm_1():
+  """Sophia-H on a loss with a diagonal Hessian (Hutchinson exact), 12 steps, float64."""
+  with jax.enable_x64(True):
+    tx = sophia("hutchinson", key=jax.random.key(0), **SOPHIA)
+    params = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), DIAG_PARAMS)
+    got = trajectory(tx, params, 12, loss_fn=diagonal_loss)
+  theta0 = jax.tree.map(lambda v: np.asarray(v, np.float64), DIAG_PARAMS)
+  expected = np_sophia(theta0, np_diagonal_grad, lambda th, t: diagonal_hessian(th), 12,
+                       **SOPHIA)
+  clipped = 0
+  for t, (a, b) in enumerate(zip(got, expected, strict=True)):
+    chex.assert_trees_all_close(a, b, rtol=1e-10, atol=1e-12, custom_message=f"step {t}")
+  for a, b in zip(expected[:-1], expected[1:], strict=False):
+    clipped += sum(int(np.sum(np.isclose(np.abs(a[k] * (1 - 0.05 * 0.1) - b[k]), 0.05)))
+                   for k in a)
+  assert clipped > 0  # the clip really acts on some coordinates
+
+
+def test_sophia_g_matches_algorithm_1():
+  """Sophia-G on the small softmax model, 10 steps, float64: the labels are the ones the
+  transformation draws (the state key split once per step, categorical on the logits);
+  everything else (gradients, B ĝ², EMAs, clip, decay) is numpy."""
+  labels = np.array([0, 2])
+  with jax.enable_x64(True):
+    key = jax.random.key(7)
+    tx = sophia("gnb", key=key, **SOPHIA)
+    params = jax.tree.map(jnp.asarray, GNB_PARAMS)
+    x = jnp.asarray(GNB_X)
+    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        gnb_logits(p, x), labels).mean()
+    got = trajectory(tx, params, 10, grad_of=loss, logits_fn=gnb_logits, inputs=x)
+    step_keys, raw = [], jax.random.key_data(key)
+    for _ in range(10):
+      next_key, step_key = jax.random.split(jax.random.wrap_key_data(raw))
+      raw = jax.random.key_data(next_key)
+      step_keys.append(step_key)
+
+    def estimate(theta, t):
+      logits = np_logits_and_jacobian(theta, GNB_X)[0]
+      drawn = np.asarray(jax.random.categorical(step_keys[t - 1],
+                                                jnp.asarray(logits, jnp.float32)))
+      return np_gnb(theta, GNB_X, drawn)
+
+  def grad(theta):
+    logits, jac = np_logits_and_jacobian(theta, GNB_X)
+    residual = (np_softmax_rows(logits) - np.eye(3)[labels]) / len(labels)
+    return {k: np.einsum("bc...,bc->...", j, residual) for k, j in jac.items()}
+
+  expected = np_sophia(GNB_PARAMS, grad, estimate, 10, **SOPHIA)
+  for t, (a, b) in enumerate(zip(got, expected, strict=True)):
+    chex.assert_trees_all_close(a, b, rtol=1e-9, atol=1e-11, custom_message=f"step {t}")

@@ -110,14 +110,14 @@ def np_cos(a, b):
 
 
 def np_eg_step_size(base, *, learning_rate, gain_lr, scale_lr, beta, gains, scale, gain_range,
-                    scale_range, rule, steps=STEPS, theta0=THETA0):
+                    scale_range, rule, steps=STEPS, theta0=THETA0, initial_scale=1.0):
   """The docstring's equations, step by step; returns per step (u, logged fields)."""
   theta = {k: v.astype(np.float64) for k, v in theta0.items()}
   lr = learning_rate if callable(learning_rate) else (lambda t: learning_rate)
   if rule == "su":
     scale = "none"
   p = {k: np.ones(s) if gains == "per_coordinate" else 1.0 for k, s in SHAPES.items()}
-  s = dict.fromkeys(SHAPES, 1.0) if scale == "per_leaf" else 1.0
+  s = dict.fromkeys(SHAPES, initial_scale) if scale == "per_leaf" else initial_scale
   ema = {k: np.zeros(sh) for k, sh in SHAPES.items()}
   prev = {k: np.zeros(sh) for k, sh in SHAPES.items()}
   out = []
@@ -212,6 +212,16 @@ def test_egdd_defaults_with_schedule_match_numpy():
   check_against_numpy(dict(learning_rate=schedule), "adam")
 
 
+@pytest.mark.parametrize("scale", ["global", "per_leaf"])
+def test_warm_start_initial_scale_matches_numpy(scale):
+  """The benchmark's warm-start setting: the scale starts at 0.01 and learns its way up."""
+  kwargs = dict(learning_rate=0.05, gain_lr=0.05, scale_lr=0.05, scale_range=(1e-3, 1e3),
+                initial_scale=0.01, scale=scale)
+  expected = check_against_numpy(kwargs, "momentum")
+  first = expected[0][1]["lr_scale"]
+  assert (min(first.values()) if scale == "per_leaf" else first) < 0.02  # it started low
+
+
 @pytest.mark.parametrize("gains", ["per_coordinate", "per_leaf"])
 def test_su_rule_matches_numpy(gains):
   kwargs = dict(learning_rate=0.1, gain_lr=0.2, gains=gains, gain_range=(0.5, 1.5), rule="su",
@@ -237,7 +247,7 @@ def test_su_rule_by_hand():
 
 
 def np_hypergradient(base, *, learning_rate, hyper_lr, multiplicative, steps=STEPS,
-                     theta0=THETA0):
+                     theta0=THETA0, log_space=False, min_lr=None, max_lr=None):
   theta = {k: v.astype(np.float64) for k, v in theta0.items()}
   alpha, prev = learning_rate, {k: np.zeros(s) for k, s in SHAPES.items()}
   out = []
@@ -245,9 +255,17 @@ def np_hypergradient(base, *, learning_rate, hyper_lr, multiplicative, steps=STE
     g = np_grad(theta)
     d = base(g)
     if multiplicative:
-      alpha = alpha * (1 + hyper_lr * np_cos(list(g.values()), list(prev.values())))
+      signal = np_cos(list(g.values()), list(prev.values()))
     else:
-      alpha = alpha + hyper_lr * sum(np.sum(g[k] * prev[k]) for k in g)
+      signal = sum(np.sum(g[k] * prev[k]) for k in g)
+    if log_space:
+      alpha = np.exp(np.log(alpha) + hyper_lr * signal)
+    elif multiplicative:
+      alpha = alpha * (1 + hyper_lr * signal)
+    else:
+      alpha = alpha + hyper_lr * signal
+    if min_lr is not None or max_lr is not None:
+      alpha = np.clip(alpha, min_lr, max_lr)
     u = {k: -alpha * d[k] for k in g}
     theta = {k: theta[k] + u[k] for k in theta}
     prev = d
@@ -257,14 +275,17 @@ def np_hypergradient(base, *, learning_rate, hyper_lr, multiplicative, steps=STE
 
 @pytest.mark.parametrize("base_name", ["sgd", "adam"])
 @pytest.mark.parametrize("multiplicative", [False, True])
-def test_hypergradient_descent_matches_numpy(base_name, multiplicative):
+@pytest.mark.parametrize("log_space", [False, True])
+def test_hypergradient_descent_matches_numpy(base_name, multiplicative, log_space):
   make_base, make_np_base = BASES[base_name]
   hyper_lr = 0.02 if multiplicative else (1e-4 if base_name == "sgd" else 1e-3)
+  if log_space and not multiplicative:  # a relative change of α: β_log ≈ β / α_0 (or less)
+    hyper_lr = 2e-3 if base_name == "sgd" else 5e-3
   tx = gradtx.hypergradient_descent(make_base(), learning_rate=0.05, hyper_lr=hyper_lr,
-                                    multiplicative=multiplicative)
+                                    multiplicative=multiplicative, log_space=log_space)
   got, states = run(tx)
   expected = np_hypergradient(make_np_base(), learning_rate=0.05, hyper_lr=hyper_lr,
-                              multiplicative=multiplicative)
+                              multiplicative=multiplicative, log_space=log_space)
   for t, (u, state, (u_np, alpha)) in enumerate(zip(got, states, expected, strict=True)):
     np.testing.assert_allclose(optax.tree_utils.tree_get(state, "current_learning_rate"), alpha,
                                rtol=1e-5, err_msg=f"alpha, step {t}")
@@ -274,10 +295,64 @@ def test_hypergradient_descent_matches_numpy(base_name, multiplicative):
   assert abs(expected[-1][1] - 0.05) > 1e-3  # α really adapted
 
 
+@pytest.mark.parametrize("log_space", [False, True])
+def test_hypergradient_bounds_clip_alpha_like_numpy(log_space):
+  kwargs = dict(learning_rate=0.05, hyper_lr=0.02 if log_space else 1e-3, min_lr=0.045,
+                max_lr=0.06)
+  tx = gradtx.hypergradient_descent(optax.scale_by_adam(), log_space=log_space, **kwargs)
+  _, states = run(tx)
+  expected = np_hypergradient(NpAdam(), multiplicative=False, log_space=log_space, **kwargs)
+  alphas = np.array([a for _, a in expected])
+  assert np.any(alphas == 0.06) or np.any(alphas == 0.045)  # a bound really bites
+  np.testing.assert_allclose([float(s.current_learning_rate) for s in states], alphas,
+                             rtol=1e-5)
+
+
+def long_run_alphas(tx, steps=400):
+  """``α_t`` over a long SGD run on the quadratic, under ``lax.scan``."""
+  params = params32()
+
+  def step(carry, _):
+    params, state = carry
+    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    return (optax.apply_updates(params, updates), state), state.current_learning_rate
+
+  _, alphas = jax.jit(lambda p: jax.lax.scan(step, (p, tx.init(p)), length=steps))(params)
+  return np.asarray(alphas)
+
+
+def test_log_space_rate_stays_positive_with_a_far_too_large_hyper_lr():
+  """β = 10 (hundreds of times too large): the additive rule goes negative; in log space α
+  is never negative, and with a ceiling (max_lr = 0.3, below SGD's stability limit
+  2/6 here) it stays a positive finite number for 400 steps, swinging both ways."""
+  additive = long_run_alphas(gradtx.hypergradient_descent(
+      optax.identity(), learning_rate=0.05, hyper_lr=10.0, log_space=False))
+  assert np.nanmin(additive) < 0  # the paper's failure
+  for multiplicative in (False, True):
+    unbounded = long_run_alphas(gradtx.hypergradient_descent(
+        optax.identity(), learning_rate=0.05, hyper_lr=10.0, multiplicative=multiplicative))
+    assert not np.any(unbounded < 0), multiplicative  # (it may run up and diverge: NaN)
+    alphas = long_run_alphas(gradtx.hypergradient_descent(
+        optax.identity(), learning_rate=0.05, hyper_lr=10.0, multiplicative=multiplicative,
+        max_lr=0.3))
+    assert np.all(np.isfinite(alphas)) and np.all(alphas > 0), multiplicative
+    assert alphas.max() <= 0.3 * (1 + 1e-6)
+    assert alphas.min() < 1e-2 and alphas.max() > 0.2, (alphas.min(), alphas.max())
+  bounded = long_run_alphas(gradtx.hypergradient_descent(
+      optax.identity(), learning_rate=0.05, hyper_lr=10.0, min_lr=1e-3, max_lr=0.2))
+  assert bounded.min() >= 1e-3 * (1 - 1e-6) and bounded.max() <= 0.2 * (1 + 1e-6)
+  additive_bounded = long_run_alphas(gradtx.hypergradient_descent(
+      optax.identity(), learning_rate=0.05, hyper_lr=10.0, log_space=False, min_lr=1e-3,
+      max_lr=0.3))
+  assert np.all(additive_bounded >= 1e-3 * (1 - 1e-6))
+  assert np.all(additive_bounded <= 0.3 * (1 + 1e-6))
+
+
 def test_additive_hypergradient_is_the_derivative_of_the_loss():
   """α_t - α_{t-1} = -β ∂/∂α L(θ_{t-1} - α d_{t-1}) at α = α_{t-1} (SGD: d = g)."""
   beta = 0.003
-  tx = gradtx.hypergradient_descent(optax.identity(), learning_rate=0.05, hyper_lr=beta)
+  tx = gradtx.hypergradient_descent(optax.identity(), learning_rate=0.05, hyper_lr=beta,
+                                    log_space=False)
   params = params32()
   state = tx.init(params)
   previous = None  # (θ_{t-1}, d_{t-1})
@@ -296,7 +371,8 @@ def test_additive_hypergradient_is_the_derivative_of_the_loss():
 
 
 def test_docstring_example_by_hand():
-  tx = gradtx.hypergradient_descent(optax.identity(), learning_rate=0.1, hyper_lr=0.01)
+  tx = gradtx.hypergradient_descent(optax.identity(), learning_rate=0.1, hyper_lr=0.01,
+                                    log_space=False)
   params = {"w": jnp.array([4.0])}
   state = tx.init(params)
   for _ in range(2):
@@ -325,7 +401,7 @@ META = {
                                                 hyper_lr=0.1, multiplicative=True),
         lambda lr, theta0: np_hypergradient(NpAdam(), learning_rate=lr, hyper_lr=0.1,
                                             multiplicative=True, steps=META_STEPS,
-                                            theta0=theta0),
+                                            theta0=theta0, log_space=True),
         0.05),
 }
 
@@ -483,8 +559,10 @@ def test_eg_step_size_nan_gradient_is_visible_in_lr_scale():
   assert np.isnan(state.lr_scale)
 
 
-def test_hypergradient_additive_nan_and_inf_are_visible():
-  tx = gradtx.hypergradient_descent(optax.identity(), learning_rate=0.1, hyper_lr=0.01)
+@pytest.mark.parametrize("log_space", [False, True])
+def test_hypergradient_additive_nan_and_inf_are_visible(log_space):
+  tx = gradtx.hypergradient_descent(optax.identity(), learning_rate=0.1, hyper_lr=0.01,
+                                    log_space=log_space)
   u, state = nan_second_step(tx)
   assert np.isnan(state.current_learning_rate) and np.all(np.isnan(u["w"]))
   params = {"w": jnp.array([1.0, -2.0, 0.5])}
