@@ -21,7 +21,7 @@ _HD_BETA = 1e-7  # Baydin et al.'s hypergradient rate for Adam-HD
 _METHODS: dict[str, Callable[[Any], optax.GradientTransformation]] = {
     "adam": lambda lr: optax.adam(lr),
     "hypergradient_descent(scale_by_adam)": lambda lr: gradtx.hypergradient_descent(
-        optax.scale_by_adam(), learning_rate=lr, hyper_lr=_HD_BETA),
+        optax.scale_by_adam(), learning_rate=lr, hyper_lr=_HD_BETA, log_space=False),
     "eg_step_size(scale_by_adam)": lambda lr: gradtx.eg_step_size(
         optax.scale_by_adam(), learning_rate=lr),
 }
@@ -49,7 +49,7 @@ one `vmap`-ed program per method: `optax.adam(lr)` alone; `gradtx.eg_step_size(
 optax.scale_by_adam(), learning_rate=lr)` (EGDD with lingvo's defaults: per-coordinate
 gains in [0.01, 100] driven by sign agreement with an EMA of past gradients, a global
 scale in [0.1, 10] driven by the cosine with the last step); in full mode also
-`gradtx.hypergradient_descent(optax.scale_by_adam(), learning_rate=lr, hyper_lr={_HD_BETA:g})`
+`gradtx.hypergradient_descent(optax.scale_by_adam(), learning_rate=lr, hyper_lr={_HD_BETA:g}, log_space=False)`
 (Baydin et al.'s additive rule and their β for Adam). The rows at lr
 {_REFERENCE_LR:g} (Adam's usual value) are the clean runs; the others are runs with a
 wrongly set learning rate. "final lr" is the step size at the end (mean over seeds): the
