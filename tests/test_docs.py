@@ -31,7 +31,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 _BLOCK = re.compile(r"^```python\n(.*?)^```", flags=re.S | re.M)
 TECHNIQUE_PAGES = ("layerwise", "clipping", "contrastive", "attribution", "child_tuning",
-                   "exponentiated_and_step_sizes", "gradient_descent_and_em", "zeroth_order")
+                   "exponentiated_and_step_sizes", "gradient_descent_and_em", "zeroth_order",
+                   "siglip_and_ring", "attribution_family", "step_sizes_and_curvature",
+                   "multihost", "zeroth_order_lm", "scanned_layers")
 GUIDES = ("captum", "gradcache", "evosax", "optax_clipping", "child_tuning_adamw")
 # (page, block index) whose examples a test below checks against a reference; the rest run
 # in test_page_example_runs.

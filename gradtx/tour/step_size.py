@@ -49,12 +49,13 @@ one `vmap`-ed program per method: `optax.adam(lr)` alone; `gradtx.eg_step_size(
 optax.scale_by_adam(), learning_rate=lr)` (EGDD with lingvo's defaults: per-coordinate
 gains in [0.01, 100] driven by sign agreement with an EMA of past gradients, a global
 scale in [0.1, 10] driven by the cosine with the last step); in full mode also
-`gradtx.hypergradient_descent(optax.scale_by_adam(), learning_rate=lr, hyper_lr={_HD_BETA:g}, log_space=False)`
-(Baydin et al.'s additive rule and their β for Adam). The rows at lr
-{_REFERENCE_LR:g} (Adam's usual value) are the clean runs; the others are runs with a
-wrongly set learning rate. "final lr" is the step size at the end (mean over seeds): the
-hypergradient's learned rate, EGDD's `lr · lr_scale · gain_mean` (read from the state);
-"÷ adam" is the row's final train loss divided by Adam's at the same initial lr.
+`gradtx.hypergradient_descent(optax.scale_by_adam(), learning_rate=lr,
+hyper_lr={_HD_BETA:g}, log_space=False)` (Baydin et al.'s additive rule and their β for
+Adam). The rows at lr {_REFERENCE_LR:g} (Adam's usual value) are the clean runs; the
+others are runs with a wrongly set learning rate. "final lr" is the step size at the end
+(mean over seeds): the hypergradient's learned rate, EGDD's `lr · lr_scale · gain_mean`
+(read from the state); "÷ adam" is the row's final train loss divided by Adam's at the
+same initial lr.
 """
 
 
