@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike, DTypeLike
 
 from gradtx import _checks, _numerics
 from gradtx.attribution import _integrated
@@ -33,7 +34,7 @@ from gradtx.attribution import _integrated
 TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default: radius = int(4 σ + 0.5)
 
 
-def _blur_matrix(size: int, sigma: jax.Array, max_radius: int, dtype: Any) -> jax.Array:
+def _blur_matrix(size: int, sigma: jax.Array, max_radius: int, dtype: DTypeLike) -> jax.Array:
   """(size, size) matrix ``B`` with ``(B v)_i = Σ_j φ(i − j) v_j``: scipy's 1-D blur.
 
   ``φ(d) = exp(−d² / 2σ²) / Σ_{|e| ≤ r} exp(−e² / 2σ²)`` for ``|d| ≤ r = ⌊4σ + ½⌋``, else
@@ -47,7 +48,8 @@ def _blur_matrix(size: int, sigma: jax.Array, max_radius: int, dtype: Any) -> ja
   return kernel(idx[:, None] - idx[None, :]) / norm
 
 
-def gaussian_blur(images: jax.Array, sigma: Any, *, max_sigma: float | None = None) -> jax.Array:
+def gaussian_blur(images: jax.Array, sigma: float | jax.Array, *,
+                  max_sigma: float | None = None) -> jax.Array:
   """``images`` (N, H, W, C) blurred over H and W with standard deviation ``sigma``.
 
   Equal to ``scipy.ndimage.gaussian_filter(image, (sigma, sigma, 0), mode="constant")``
@@ -96,7 +98,7 @@ def blur_integrated_gradients(
     steps: int = 100,
     grad_step: float | None = 0.01,
     sqrt: bool = False,
-    target: Any = None,
+    target: ArrayLike | None = None,
     batch_size: int | None = None,
     return_delta: bool = False,
 ) -> Any:

@@ -32,6 +32,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from gradtx import _checks, _chunking, _random
 from gradtx.attribution import _integrated
@@ -46,7 +47,7 @@ def _gradient(fn: Callable, inputs: Any, target: Any) -> tuple[Any, list[jax.Arr
   return checked.treedef, checked.leaves, _integrated._nan_rows(checked.bad_target, grads)
 
 
-def saliency(fn: Callable[[Any], jax.Array], inputs: Any, *, target: Any = None,
+def saliency(fn: Callable[[Any], jax.Array], inputs: Any, *, target: ArrayLike | None = None,
              absolute: bool = False) -> Any:
   r"""The gradient of ``fn``'s (target) output for every example: ``∂F/∂x``.
 
@@ -84,7 +85,7 @@ def saliency(fn: Callable[[Any], jax.Array], inputs: Any, *, target: Any = None,
 
 
 def gradient_x_input(fn: Callable[[Any], jax.Array], inputs: Any, *,
-                     target: Any = None) -> Any:
+                     target: ArrayLike | None = None) -> Any:
   r"""Gradient × input for every example: ``x ⊙ ∂F/∂x``.
 
   .. math::

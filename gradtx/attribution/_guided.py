@@ -26,12 +26,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike, DTypeLike
 
 from gradtx import _checks, _numerics
 from gradtx.attribution import _integrated
 
 
-def flatten_features(leaves: list[jax.Array], dtype: Any) -> jax.Array:
+def flatten_features(leaves: list[jax.Array], dtype: DTypeLike) -> jax.Array:
   """The leaves of a batch as one (N, D) matrix of ``dtype`` (leaf order, row-major)."""
   return jnp.concatenate([x.reshape(x.shape[0], -1).astype(dtype) for x in leaves], axis=1)
 
@@ -43,7 +44,7 @@ def unflatten_features(flat: jax.Array, like: list[jax.Array]) -> list[jax.Array
   return [p.reshape(x.shape).astype(x.dtype) for p, x in zip(parts, like, strict=True)]
 
 
-def _tolerance(dtype: Any) -> float:
+def _tolerance(dtype: DTypeLike) -> float:
   """``math.isclose``'s tolerance of the L1 target: PAIR's 1e-9 in float64, 1e-5 below."""
   return 1e-9 if jnp.dtype(dtype) == jnp.float64 else 1e-5
 
@@ -104,7 +105,7 @@ def guided_integrated_gradients(
     steps: int = 128,
     fraction: float = 0.25,
     max_dist: float = 0.02,
-    target: Any = None,
+    target: ArrayLike | None = None,
     return_delta: bool = False,
 ) -> Any:
   r"""Guided Integrated Gradients (Kapishnikov et al. 2021) for every example of a batch.

@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from gradtx import _checks, _chunking, _numerics
 from gradtx.attribution import _integrated
@@ -61,7 +62,7 @@ def integrated_hessians(
     method: str = "gausslegendre",
     batch_size: int | None = None,
     row_batch_size: int | None = None,
-    target: Any = None,
+    target: ArrayLike | None = None,
     return_delta: bool = False,
 ) -> Any:
   r"""Integrated Hessians (Janizek et al. 2021): the interaction matrix of every example.

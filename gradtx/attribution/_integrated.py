@@ -33,12 +33,14 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import PyTreeDef
+from jax.typing import ArrayLike
 
 from gradtx import _checks, _chunking, _paths, _random
 
@@ -127,7 +129,8 @@ def _broadcasts(shape: tuple[int, ...], to: tuple[int, ...]) -> bool:
     return False
 
 
-def resolve_baseline(baseline: Any, paths, leaves, treedef, *, argname: str = "baseline",
+def resolve_baseline(baseline: Any, paths: Sequence[str], leaves: Sequence[jax.Array],
+                     treedef: PyTreeDef, *, argname: str = "baseline",
                      of: str = "inputs") -> list[jax.Array]:
   """Per-leaf baselines broadcast to each leaf's full (N, ...) shape (``of`` names them)."""
   if baseline is None:
@@ -152,7 +155,7 @@ def resolve_baseline(baseline: Any, paths, leaves, treedef, *, argname: str = "b
 
 
 def _check_target(target: Any, out_shape: tuple[int, ...],
-                  batch: int) -> tuple[Any, jax.Array | None]:
+                  batch: int) -> tuple[int | jax.Array | None, jax.Array | None]:
   """``target`` checked against ``fn``'s output shape, as an int or array, and its bad rows.
 
   A traced target cannot be checked in Python: the second value is then the (N,) mask of
@@ -200,10 +203,11 @@ def _nan_rows(bad: jax.Array | None, arrays: list[jax.Array]) -> list[jax.Array]
   return [jnp.where(bad.reshape(bad.shape + (1,) * (a.ndim - 1)), jnp.nan, a) for a in arrays]
 
 
-def _scalar_fn(fn: Callable, treedef, target: Any) -> Callable:
+def _scalar_fn(fn: Callable[[Any], jax.Array], treedef: PyTreeDef,
+               target: int | jax.Array | None) -> Callable[[list[jax.Array]], jax.Array]:
   """Maps a list of leaves to the per-example scalar outputs, shape (N,)."""
 
-  def scalar(leaves):
+  def scalar(leaves: list[jax.Array]) -> jax.Array:
     out = fn(jax.tree.unflatten(treedef, leaves))
     if target is None:
       return out
@@ -219,13 +223,13 @@ class Checked(NamedTuple):
 
   paths: list[str]
   leaves: list[jax.Array]
-  treedef: Any
+  treedef: PyTreeDef
   batch: int
-  scalar: Callable  # list of leaves -> (N,) target outputs
+  scalar: Callable[[list[jax.Array]], jax.Array]  # list of leaves -> (N,) target outputs
   bad_target: jax.Array | None  # (N,) examples whose traced target is out of range
 
 
-def prepare(fn: Callable, inputs: Any, target: Any) -> Checked:
+def prepare(fn: Callable[[Any], jax.Array], inputs: Any, target: ArrayLike | None) -> Checked:
   """Checks ``inputs`` (floating, sharing N), ``fn``'s output and ``target``."""
   paths, leaves, treedef, batch = _check_inputs(inputs)
   target, bad_target = _check_target(target, _output_shape(fn, inputs), batch)
@@ -240,7 +244,8 @@ def _sum_over_steps(step_fn: Callable, step_args: Any, num_steps: int,
   return _chunking.sum_chunks(chunk_sum, step_args, min(batch_size or num_steps, num_steps))
 
 
-def _check_baselines(baselines: Any, paths, leaves, treedef) -> list[jax.Array]:
+def _check_baselines(baselines: Any, paths: Sequence[str], leaves: Sequence[jax.Array],
+                     treedef: PyTreeDef) -> list[jax.Array]:
   """Expected Gradients' reference data: per leaf a batch (M, ...) with a common M >= 1."""
   if baselines is None:
     raise TypeError("baselines must be the reference data (with the structure of inputs, "
@@ -272,7 +277,7 @@ def integrated_gradients(
     steps: int = 50,
     method: str = "gausslegendre",
     batch_size: int | None = None,
-    target: Any = None,
+    target: ArrayLike | None = None,
     return_delta: bool = False,
 ) -> Any:
   r"""Integrated Gradients of ``fn`` for every example of a batch.
@@ -370,7 +375,7 @@ def expected_gradients(
     key: jax.Array,
     samples: int,
     batch_size: int | None = None,
-    target: Any = None,
+    target: ArrayLike | None = None,
 ) -> Any:
   r"""Expected Gradients: Integrated Gradients averaged over baselines drawn from data.
 

@@ -33,15 +33,17 @@ References:
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.typing import ArrayLike
 
 from gradtx import _checks, _paths
 from gradtx.attribution import _integrated, _scanned
@@ -66,6 +68,11 @@ class _Cut:
     self.outputs: list[Any] = []
     self.outer: dict[str, Any] | None = None
     self.inner: dict[str, Any] | None = None
+
+  @property
+  def calls(self) -> int:
+    """How many times the layer was called."""
+    return len(self.outputs)
 
   def set_outer(self, outer: dict[str, Any]) -> None:
     self.outer = outer
@@ -95,7 +102,7 @@ def _linen_outer(module: nn.Module, rest: tuple[str, ...]) -> dict[str, Any] | N
 
 
 @contextlib.contextmanager
-def _linen_cut(layer: str, cut: Any, called: list[str]) -> Iterator[None]:
+def _linen_cut(layer: str, cut: _LayerCut, called: list[str]) -> Iterator[None]:
   parts = tuple(layer.split("/"))
 
   def interceptor(next_fun, args, kwargs, context):
@@ -146,7 +153,7 @@ def _nnx_layer(model: nnx.Module, layer: str) -> nnx.Module:
 
 
 @contextlib.contextmanager
-def _nnx_cut(module: nnx.Module, cut: Any) -> Iterator[None]:
+def _nnx_cut(module: nnx.Module, cut: _LayerCut) -> Iterator[None]:
   original = type(module)
   cut.set_outer(_scanned.flat_variables(nnx.state(module)))
   previous = getattr(_NNX_ACTIVE, "cut", None)
@@ -184,73 +191,117 @@ _NNX_TRACE_HINT = (
     "nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, graph=False). nnx said: ")
 
 
-def _cut_fn(fn: Callable, layer: str, model: nnx.Module | None,
-            layer_index: Any = None) -> Callable:
+_LayerCut = _Cut | _scanned.ScanCut
+_Run = Callable[..., tuple[Any, Any]]  # run(inputs, replacement=None) -> (fn(inputs), h)
+
+
+def _call_with_cut(fn: Callable[[Any], Any], layer: str, target: nnx.Module | None,
+                   layer_index: int | None, inputs: Any,
+                   cut: _LayerCut) -> tuple[Any, _scanned.Stacking | None]:
+  """``fn(inputs)`` with ``cut`` at the layer, and the stacking of the layer's variables.
+
+  Checks that ``fn`` called the layer (exactly once unless it is scanned) and, without
+  ``layer_index``, that the layer is not scanned.
+  """
+  called = list[str]()
+  context = _linen_cut(layer, cut, called) if target is None else _nnx_cut(target, cut)
+  try:
+    with context:
+      out = fn(inputs)
+  except ValueError as error:
+    if target is None or "different trace level" not in str(error):
+      raise
+    raise ValueError(_NNX_TRACE_HINT + str(error).split("\n")[0]) from error
+  found = (_scanned.stacking(layer, cut.outer or {}, cut.inner)
+           if cut.inner is not None else None)
+  if layer_index is None:
+    _scanned.check_layer_index(layer, None, found)
+  count = cut.calls
+  if count == 0 or (layer_index is None and count != 1):
+    raise ValueError(_call_count_error(layer, count, called, target is not None))
+  return out, found
+
+
+def _plain_run(call: Callable[[Any, _LayerCut], tuple[Any, Any]]) -> _Run:
+  """``run`` for a layer that is not scanned: its one call is recorded or replaced."""
+
+  def run(inputs: Any, replacement: Any = None) -> tuple[Any, Any]:
+    cut = _Cut(replacement)
+    out, _ = call(inputs, cut)
+    return out, cut.outputs[0]
+
+  return run
+
+
+class _Discovered(NamedTuple):
+  """What a first, shape-only call finds out about a scanned layer."""
+
+  found: _scanned.Stacking  # the stacking of its variables
+  iteration: int  # the iteration attributed, non-negative
+  output: Any  # the shapes and dtypes of one iteration's output
+
+
+class _ScannedRun:
+  """``run`` for one iteration of a scanned layer (``_scanned``).
+
+  The first call discovers the stacking (under ``jax.eval_shape``); a replacement is
+  returned at the iteration, and without one the iteration's output is recorded through
+  the gradient of a probe (one vector-Jacobian product).
+  """
+
+  def __init__(self, call: Callable[[Any, _LayerCut], tuple[Any, Any]], layer: str,
+               layer_index: int):
+    self.call, self.layer, self.layer_index = call, layer, layer_index
+    self.discovered: _Discovered | None = None
+
+  def _discover(self, inputs: Any) -> _Discovered:
+    cut = _scanned.ScanCut(self.layer, "discover")
+    jax.eval_shape(lambda x: self.call(x, cut)[0], inputs)
+    assert cut.inner is not None, "call checked that the layer was called"
+    found = _scanned.stacking(self.layer, cut.outer or {}, cut.inner)
+    index = _scanned.check_layer_index(self.layer, self.layer_index, found)
+    assert found is not None and index is not None, "check_layer_index raised otherwise"
+    return _Discovered(found, index, cut.output)
+
+  def _record(self, inputs: Any, discovered: _Discovered) -> tuple[Any, Any]:
+    found, index = discovered.found, discovered.iteration
+
+    def tapped(probe: Any) -> tuple[Any, jax.Array]:
+      cut = _scanned.ScanCut(self.layer, "record", index, found, probe)
+      return self.call(inputs, cut)[0], jnp.asarray(cut.unique)
+
+    probe = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), discovered.output)
+    out, vjp, unique = jax.vjp(tapped, probe, has_aux=True)
+    (h,) = vjp(jax.tree.map(_zero_cotangent, out))
+    return out, jax.tree.map(lambda a: jnp.where(unique, a, jnp.nan), h)
+
+  def __call__(self, inputs: Any, replacement: Any = None) -> tuple[Any, Any]:
+    if self.discovered is None:
+      self.discovered = self._discover(inputs)
+    discovered = self.discovered
+    if replacement is not None:
+      cut = _scanned.ScanCut(self.layer, "replace", discovered.iteration, discovered.found,
+                             replacement)
+      return self.call(inputs, cut)[0], replacement
+    return self._record(inputs, discovered)
+
+
+def _cut_fn(fn: Callable[[Any], Any], layer: str, model: nnx.Module | None,
+            layer_index: int | None = None) -> _Run:
   """``run(inputs, replacement)`` -> ``(fn(inputs), the layer's output)``.
 
   With ``layer_index`` the layer is a scanned one and the output is that of one iteration
   (``_scanned``); without, a scanned layer is an error that says to pass it.
   """
   target = None if model is None else _nnx_layer(model, layer)
-
-  def call(inputs, cut):
-    called = list[str]()
-    context = _linen_cut(layer, cut, called) if target is None else _nnx_cut(target, cut)
-    try:
-      with context:
-        out = fn(inputs)
-    except ValueError as error:
-      if target is None or "different trace level" not in str(error):
-        raise
-      raise ValueError(_NNX_TRACE_HINT + str(error).split("\n")[0]) from error
-    found = (_scanned.stacking(layer, cut.outer or {}, cut.inner)
-             if cut.inner is not None else None)
-    if layer_index is None:
-      _scanned.check_layer_index(layer, None, found)
-    count = cut.calls if layer_index is not None else len(cut.outputs)
-    if count == 0 or (layer_index is None and count != 1):
-      raise ValueError(_call_count_error(layer, count, called, target is not None))
-    return out, found
-
+  call = functools.partial(_call_with_cut, fn, layer, target, layer_index)
   if layer_index is None:
-
-    def run(inputs, replacement=None):
-      cut = _Cut(replacement)
-      out, _ = call(inputs, cut)
-      return out, cut.outputs[0]
-
-    return run
-
-  discovered = {}
-
-  def discover(inputs):
-    cut = _scanned.ScanCut(layer, "discover")
-    jax.eval_shape(lambda x: call(x, cut)[0], inputs)
-    found = _scanned.stacking(layer, cut.outer or {}, cut.inner)
-    index = _scanned.check_layer_index(layer, layer_index, found)
-    discovered.update(found=found, index=index, output=cut.output)
-
-  def run(inputs, replacement=None):
-    if not discovered:
-      discover(inputs)
-    found, index = discovered["found"], discovered["index"]
-    if replacement is not None:
-      cut = _scanned.ScanCut(layer, "replace", index, found, replacement)
-      return call(inputs, cut)[0], replacement
-
-    def tapped(probe):
-      cut = _scanned.ScanCut(layer, "record", index, found, probe)
-      return call(inputs, cut)[0], jnp.asarray(cut.unique)
-
-    probe = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), discovered["output"])
-    out, vjp, unique = jax.vjp(tapped, probe, has_aux=True)
-    (h,) = vjp(jax.tree.map(_zero_cotangent, out))
-    return out, jax.tree.map(lambda a: jnp.where(unique, a, jnp.nan), h)
-
-  return run
+    return _plain_run(call)
+  return _ScannedRun(call, layer, layer_index)
 
 
-def _zero_cotangent(x: jax.Array) -> jax.Array:
+def _zero_cotangent(x: jax.Array) -> jax.Array | np.ndarray:
+  """A zero cotangent for ``x``: float0 for an integer or boolean leaf."""
   if jnp.issubdtype(x.dtype, jnp.inexact):
     return jnp.zeros_like(x)
   return np.zeros(x.shape, jax.dtypes.float0)
@@ -286,7 +337,7 @@ def layer_integrated_gradients(
     steps: int = 50,
     method: str = "gausslegendre",
     batch_size: int | None = None,
-    target: Any = None,
+    target: ArrayLike | None = None,
     reduce: str | None = None,
     return_delta: bool = False,
 ) -> Any:

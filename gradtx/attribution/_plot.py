@@ -7,9 +7,14 @@ inside the functions, so ``import gradtx`` never needs it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from jax.typing import ArrayLike
+
+if TYPE_CHECKING:
+  from matplotlib.axes import Axes
+  from matplotlib.figure import FigureBase
 
 
 def _pyplot() -> Any:
@@ -21,7 +26,8 @@ def _pyplot() -> Any:
   return plt
 
 
-def _as_maps(attributions: Any, images: Any) -> tuple[np.ndarray, np.ndarray | None]:
+def _as_maps(attributions: ArrayLike,
+             images: ArrayLike | None) -> tuple[np.ndarray, np.ndarray | None]:
   """(N, H, W) maps (channels summed) and (N, H, W[, C]) images in [0, 1], or None."""
   maps = np.asarray(attributions, np.float64)
   if maps.ndim == 2:
@@ -45,9 +51,11 @@ def _as_maps(attributions: Any, images: Any) -> tuple[np.ndarray, np.ndarray | N
   return maps, (pics - low) / (high - low) if high > low else np.zeros_like(pics)
 
 
-def plot_image(attributions: Any, images: Any = None, *, titles: Sequence[str] | None = None,
-               scale: str = "shared", signed: bool = True, alpha: float = 0.6,
-               cmap: str | None = None, ax: Any = None, colorbar: bool = True) -> Any:
+def plot_image(attributions: ArrayLike, images: ArrayLike | None = None, *,
+               titles: Sequence[str] | None = None, scale: str = "shared",
+               signed: bool = True, alpha: float = 0.6, cmap: str | None = None,
+               ax: Axes | Sequence[Axes] | np.ndarray | None = None,
+               colorbar: bool = True) -> FigureBase:
   """Heatmaps of image attributions, over the images, with a colour bar.
 
   Channels are summed. With ``signed=True`` the colour map is diverging and centred at
@@ -115,8 +123,8 @@ def plot_image(attributions: Any, images: Any = None, *, titles: Sequence[str] |
   return fig
 
 
-def plot_tokens(tokens: Sequence[str], scores: Any, *, ax: Any = None, cmap: str = "bwr",
-                title: str | None = None, wrap: int = 16) -> Any:
+def plot_tokens(tokens: Sequence[str], scores: ArrayLike, *, ax: Axes | None = None,
+                cmap: str = "bwr", title: str | None = None, wrap: int = 16) -> FigureBase:
   """Tokens shaded by their scores (red positive, blue negative, centred at 0).
 
   Args:

@@ -77,7 +77,7 @@ def stacking(layer: str, outer: dict[str, Any], inner: dict[str, Any]) -> Stacki
                                        f"stacked on axis {axes[path]}")
 
 
-def check_layer_index(layer: str, layer_index: Any, found: Stacking | None) -> int | None:
+def check_layer_index(layer: str, layer_index: object, found: Stacking | None) -> int | None:
   """``layer_index`` against the layer's stacking, made non-negative."""
   if layer_index is None:
     if found is not None:
@@ -145,9 +145,11 @@ class ScanCut:
     self.outer = outer
     if self.mode == "discover":
       return
-    take = lambda p, i: jnp.take(jnp.asarray(outer[p]), i, axis=self.found.axes[p])
-    self.reference = {p: take(p, self.index) for p in self.found.axes}
-    others = [j for j in range(self.found.length) if j != self.index]
+    found, index = self.found, self.index
+    assert found is not None and index is not None, "record and replace are given both"
+    take = lambda p, i: jnp.take(jnp.asarray(outer[p]), i, axis=found.axes[p])
+    self.reference = {p: take(p, index) for p in found.axes}
+    others = [j for j in range(found.length) if j != index]
     if self.mode != "record" or not others:
       return
     equal = lambda j: jnp.all(jnp.array([jnp.array_equal(take(p, j), r)
@@ -155,7 +157,7 @@ class ScanCut:
     same = jnp.array([equal(j) for j in others])
     if not isinstance(same, jax.core.Tracer) and np.any(same):
       raise ValueError(
-          f"layer {self.layer!r}: iteration {self.index} of the scan cannot be told apart "
+          f"layer {self.layer!r}: iteration {index} of the scan cannot be told apart "
           f"from iterations {[j for j, s in zip(others, same, strict=True) if s]}, whose "
           f"variables are equal to its own; layer_index identifies an iteration by its "
           f"slice of the stacked variables")

@@ -26,14 +26,18 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from gradtx import _checks
 from gradtx.attribution import _layer
+
+if TYPE_CHECKING:
+  from flax import nnx
 
 
 class TokenAttributions(NamedTuple):
@@ -45,8 +49,8 @@ class TokenAttributions(NamedTuple):
   baseline_log_prob: jax.Array  # (N,): the same for the baseline
 
 
-def _index(name: str, value: Any, size: int, what: str, batch: int,
-           allow_negative: bool) -> Any:
+def _index(name: str, value: ArrayLike, size: int, what: str, batch: int,
+           allow_negative: bool) -> int | jax.Array:
   """An int or (N,) integer array in range, checked when concrete; negatives wrapped."""
   low = -size if allow_negative else 0
   if isinstance(value, jax.core.Tracer):
@@ -66,7 +70,7 @@ def _index(name: str, value: Any, size: int, what: str, batch: int,
   return int(arr) if arr.ndim == 0 else jnp.asarray(arr)
 
 
-def _check_logits(fn: Callable, ids: Any) -> tuple[int, int, int]:
+def _check_logits(fn: Callable[[jax.Array], jax.Array], ids: jax.Array) -> tuple[int, int, int]:
   """``(N, T, V)`` of ``fn(ids)``, which must be (N, T, V) floating logits."""
   _checks.check_callable("fn", fn, call="fn(ids) -> (N, T, V) logits")
   shape = np.shape(ids)
@@ -83,7 +87,8 @@ def _check_logits(fn: Callable, ids: Any) -> tuple[int, int, int]:
   return shape[0], shape[1], out.shape[2]
 
 
-def _target_fn(fn: Callable, ids: Any, position: Any, target_token: Any) -> Callable:
+def _target_fn(fn: Callable[[jax.Array], jax.Array], ids: jax.Array, position: ArrayLike,
+               target_token: ArrayLike | None) -> Callable[[jax.Array], jax.Array]:
   """``ids -> (N,)`` the target's next-token log-probability at ``position``."""
   batch, length, vocab = _check_logits(fn, ids)
   pos = _index("position", position, length, f"a position in sequences of {length} tokens",
@@ -105,7 +110,7 @@ def _target_fn(fn: Callable, ids: Any, position: Any, target_token: Any) -> Call
   positions = jnp.broadcast_to(jnp.asarray(pos), (batch,))
   tokens = jnp.broadcast_to(jnp.asarray(target_token), (batch,))
 
-  def log_prob(x):
+  def log_prob(x: jax.Array) -> jax.Array:
     out = fn(x)
     logits = out[rows, positions].astype(jnp.promote_types(out.dtype, jnp.float32))
     return jax.nn.log_softmax(logits, axis=-1)[rows, tokens]
@@ -118,11 +123,11 @@ def token_attributions(
     ids: jax.Array,
     layer: str,
     *,
-    position: Any,
-    target_token: Any = None,
-    model: Any = None,
-    baseline: Any = None,
-    layer_baseline: Any = 0.0,
+    position: ArrayLike,
+    target_token: ArrayLike | None = None,
+    model: nnx.Module | None = None,
+    baseline: ArrayLike | None = None,
+    layer_baseline: ArrayLike | None = 0.0,
     steps: int = 50,
     method: str = "gausslegendre",
     batch_size: int | None = 1,
