@@ -248,6 +248,17 @@ _CLIP = ("grad_norm", "clip_scale")
 _SCHEDULE = optax.linear_schedule(2.0, 0.5, transition_steps=20)
 _FIXED_MASK = {k: np.arange(np.prod(s)).reshape(s) % 3 != 1 for k, s in SHAPES.items()}
 _STEP_SIZE = ("lr_scale", "gain_mean", "gain_min", "gain_max")
+
+
+def gnb_logits(params: Any, x: jax.Array) -> jax.Array:
+  """(batch, 3) logits from the params present (for the GNB entry)."""
+  s = _total(jnp.mean(v.astype(jnp.float32)) for _, v in present(params))
+  return x[:, None] * jnp.stack([s, -s, 0.5 * s])
+
+
+GNB_INPUTS = jnp.linspace(-1.0, 1.0, 8)
+
+
 TRANSFORMATIONS = (
     Entry("clip_by_global_norm-hard", gradtx.clip_by_global_norm, dict(max_norm=1.0),
           fields=_CLIP),
@@ -295,8 +306,12 @@ TRANSFORMATIONS = (
           dict(base=optax.identity(), learning_rate=optax.linear_schedule(1.0, 0.5, 20),
                rule="su"), static_args=("base",), fields=_STEP_SIZE, full_update=True),
     Entry("hypergradient_descent-additive", gradtx.hypergradient_descent,
-          dict(base=optax.identity(), learning_rate=0.5, hyper_lr=0.01),
+          dict(base=optax.identity(), learning_rate=0.5, hyper_lr=0.01, log_space=False),
           static_args=("base",), fields=("current_learning_rate",), full_update=True),
+    Entry("hypergradient_descent-log-space-bounds", gradtx.hypergradient_descent,
+          dict(base=optax.scale_by_adam(), learning_rate=0.3, hyper_lr=0.05,
+               multiplicative=True, min_lr=0.01, max_lr=1.0), static_args=("base",),
+          fields=("current_learning_rate",), full_update=True),
     Entry("hypergradient_descent-multiplicative-adam", gradtx.hypergradient_descent,
           dict(base=optax.scale_by_adam(), learning_rate=0.3, hyper_lr=0.1,
                multiplicative=True), static_args=("base",),
@@ -307,6 +322,17 @@ TRANSFORMATIONS = (
           dict(damping=1e-3, samples=2, key=jax.random.key(2, impl="unsafe_rbg")),
           static_args=("key", "samples"), fields=("curvature",),
           update_kwargs=dict(loss_fn=loss)),
+    Entry("scale_by_diag_newton-every-ema-max", gradtx.scale_by_diag_newton,
+          dict(damping=1e-3, every=3, ema=0.5, damping_mode="max",
+               key=jax.random.key(5, impl="unsafe_rbg")),
+          static_args=("key", "samples"), fields=("curvature",),
+          update_kwargs=dict(loss_fn=loss)),
+    # Sophia-G's curvature: Gauss-Newton-Bartlett from the logits of the present params.
+    Entry("scale_by_diag_newton-gnb", gradtx.scale_by_diag_newton,
+          dict(estimator="gnb", every=2, ema=0.9, damping=1.0, damping_mode="max",
+               key=jax.random.key(6, impl="unsafe_rbg")),
+          static_args=("key", "samples"), fields=("curvature",),
+          update_kwargs=dict(logits_fn=gnb_logits, inputs=GNB_INPUTS)),
     Entry("diag_newton", gradtx.diag_newton,
           dict(learning_rate=1.0, damping=1e-3, key=jax.random.key(3, impl="unsafe_rbg")),
           static_args=("key", "samples"), fields=("curvature",), full_update=True,
