@@ -89,6 +89,8 @@ def _check_params(params: Any, name: str, *, strict: bool) -> None:
   for path, leaf in zip(_paths.tree_paths(params), jax.tree.leaves(params), strict=True):
     if isinstance(leaf, jax.core.Tracer) or np.size(leaf) == 0:
       continue
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      leaf = jnp.min(leaf)  # sharded over other processes too: a global reduction
     lowest = float(np.min(np.asarray(leaf, np.float64)))
     if not (lowest > 0 if strict else lowest >= 0) or not np.isfinite(lowest):
       bad.append(f"{path!r} (min {lowest:g})")

@@ -74,9 +74,6 @@ XFAIL = {
     "bad_es_gradient_on_fsdp_params_eagerly":
         "es_gradient's sigma-resolution check reads FSDP params with np.asarray on the "
         "host (fix: gradtx/estimators/_es.py, a global max of |θ| instead)",
-    "exponentiated_gradient_init_on_fsdp_params":
-        "exponentiated_gradient's init reads FSDP params with np.asarray on the host "
-        "(fix: gradtx/exponentiated.py, a global min instead)",
 }
 
 
