@@ -46,6 +46,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import optax
+from jax.typing import ArrayLike
 
 from gradtx import _checks, _numerics, _random
 
@@ -53,7 +54,7 @@ ESTIMATORS = ("hutchinson", "gnb")
 DAMPING_MODES = ("add", "max")
 
 
-def _rademacher(key: jax.Array, tree: Any) -> Any:
+def _rademacher(key: jax.Array, tree: optax.Params) -> optax.Updates:
   """±1 per coordinate; a leaf's draw depends only on the key and its path."""
   return _random.per_leaf(
       key, tree, lambda leaf_key, leaf: jax.random.rademacher(leaf_key, jnp.shape(leaf),
@@ -65,8 +66,8 @@ def _check_samples(samples: Any) -> None:
   _checks.check_int("samples", samples, minimum=1)
 
 
-def hutchinson_diagonal(loss_fn: Callable[[Any], jax.Array], params: Any, key: jax.Array,
-                        samples: int = 1) -> Any:
+def hutchinson_diagonal(loss_fn: Callable[[optax.Params], jax.Array], params: optax.Params,
+                        key: jax.Array, samples: int = 1) -> chex.ArrayTree:
   r"""Hutchinson's estimate of the Hessian diagonal, ``(1/S) Σ_s z_s ⊙ H z_s``.
 
   ``z_s`` are Rademacher (±1) vectors, so ``E[z ⊙ Hz] = diag(H)``; when ``H`` is diagonal
@@ -112,7 +113,7 @@ def hutchinson_diagonal(loss_fn: Callable[[Any], jax.Array], params: Any, key: j
   _checks.check_float_leaves("params", params)
   grad = jax.grad(loss_fn)
 
-  def one(sample_key):
+  def one(sample_key: jax.Array) -> chex.ArrayTree:
     z = _rademacher(sample_key, params)
     hz = jax.jvp(grad, (params,), (z,))[1]
     return jax.tree.map(jnp.multiply, z, hz)
@@ -121,8 +122,8 @@ def hutchinson_diagonal(loss_fn: Callable[[Any], jax.Array], params: Any, key: j
   return jax.tree.map(lambda d: jnp.mean(d, axis=0), draws)
 
 
-def _checked_logits(logits_fn: Callable, params: Any, inputs: Any,
-                    mask: Any) -> jax.ShapeDtypeStruct:
+def _checked_logits(logits_fn: Callable[[optax.Params, Any], jax.Array], params: optax.Params,
+                    inputs: Any, mask: ArrayLike | None) -> jax.ShapeDtypeStruct:
   """The logits' shape, checked: ``(batch, classes)`` or ``(batch, ..., classes)``, float."""
   _checks.check_callable("logits_fn", logits_fn, call="logits_fn(params, inputs)")
   out = jax.eval_shape(logits_fn, params, inputs)
@@ -141,8 +142,9 @@ def _checked_logits(logits_fn: Callable, params: Any, inputs: Any,
   return out
 
 
-def _gnb_from_labels(logits_fn: Callable, params: Any, inputs: Any, labels: jax.Array,
-                     mask: Any = None) -> Any:
+def _gnb_from_labels(logits_fn: Callable[[optax.Params, Any], jax.Array], params: optax.Params,
+                     inputs: Any, labels: jax.Array,
+                     mask: ArrayLike | None = None) -> chex.ArrayTree:
   """``B ĝ ⊙ ĝ``, ``ĝ`` the gradient of the mean cross-entropy at the given labels."""
   if mask is None:
     weights = jnp.ones(labels.shape)
@@ -150,7 +152,7 @@ def _gnb_from_labels(logits_fn: Callable, params: Any, inputs: Any, labels: jax.
     weights = jnp.asarray(mask).astype(jnp.result_type(float))
   count = jnp.sum(weights)
 
-  def sampled_loss(p):
+  def sampled_loss(p: optax.Params) -> jax.Array:
     logits = logits_fn(p, inputs)
     logits = logits.astype(_numerics.compute_dtype(logits))
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -162,8 +164,9 @@ def _gnb_from_labels(logits_fn: Callable, params: Any, inputs: Any, labels: jax.
           _numerics.compute_dtype(g)), grads)
 
 
-def gnb_diagonal(logits_fn: Callable[[Any, Any], jax.Array], params: Any, inputs: Any,
-                 key: jax.Array, *, mask: Any = None) -> Any:
+def gnb_diagonal(logits_fn: Callable[[optax.Params, Any], jax.Array], params: optax.Params,
+                 inputs: Any, key: jax.Array, *,
+                 mask: ArrayLike | None = None) -> chex.ArrayTree:
   r"""Sophia's Gauss–Newton–Bartlett estimate of the Gauss–Newton (Fisher) diagonal.
 
   For a softmax cross-entropy loss ``L = (1/B) Σ_b ℓ(f(θ, x_b), y_b)``, draw labels from
@@ -236,11 +239,12 @@ class ScaleByDiagNewtonState(NamedTuple):
 
   count: chex.Array
   rng_key: chex.Array
-  curvature: Any
+  curvature: optax.Updates
 
 
-def _estimate(estimator: Any, samples: int, params: Any, key: jax.Array,
-              extra_args: dict) -> Any:
+def _estimate(estimator: str | Callable[..., chex.ArrayTree], samples: int,
+              params: optax.Params | None, key: jax.Array,
+              extra_args: dict[str, Any]) -> chex.ArrayTree:
   """A fresh curvature estimate ``ĥ`` at ``params`` from the update's keyword arguments."""
   if params is None:
     what = {"hutchinson": "loss_fn", "gnb": "estimator='gnb'"}.get(
@@ -265,7 +269,7 @@ def _estimate(estimator: Any, samples: int, params: Any, key: jax.Array,
   return hutchinson_diagonal(loss_fn, params, key, samples)
 
 
-def _direction(g: jax.Array, h: jax.Array, damping: Any, damping_mode: str) -> jax.Array:
+def _direction(g: jax.Array, h: jax.Array, damping: chex.Numeric, damping_mode: str) -> jax.Array:
   """``g / (max(h, 0) + λ)`` or ``g / max(h, λ)``; an infinite ``h`` gives NaN."""
   # An infinite curvature is a failed estimate: NaN, not g/inf = 0 (or g/λ for -inf).
   h = jnp.where(jnp.isinf(h), jnp.nan, h)
@@ -281,12 +285,12 @@ def _check_estimator(estimator: Any) -> None:
 
 def scale_by_diag_newton(
     *,
-    damping: float = 1e-4,
-    estimator: str | Callable[..., Any] = "hutchinson",
+    damping: chex.Numeric = 1e-4,
+    estimator: str | Callable[..., chex.ArrayTree] = "hutchinson",
     samples: int = 1,
     key: jax.Array,
-    every: int = 1,
-    ema: float = 0.0,
+    every: chex.Numeric = 1,
+    ema: chex.Numeric = 0.0,
     damping_mode: str = "add",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions by the (smoothed, periodically refreshed) Hessian diagonal.
@@ -375,18 +379,21 @@ def scale_by_diag_newton(
   typed = _random.as_key(key)
   impl = jax.random.key_impl(typed)
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> ScaleByDiagNewtonState:
     return ScaleByDiagNewtonState(
         count=jnp.zeros((), jnp.int32), rng_key=jax.random.key_data(typed),
         curvature=jax.tree.map(lambda p: _numerics.sharded_like(
             jnp.zeros(jnp.shape(p), _numerics.compute_dtype(p)), p), params))
 
-  def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
+  def update_fn(updates: optax.Updates, state: ScaleByDiagNewtonState,
+                params: optax.Params | None = None, *, curvature: optax.Updates | None = None,
+                **extra_args: Any) -> tuple[optax.Updates, ScaleByDiagNewtonState]:
     _checks.check_float_leaves("updates", updates)  # g / (h + λ) would be truncated
     next_key, step_key = _random.split_state_key(state.rng_key, impl)
     refresh = state.count % every == 0
     if curvature is None:
-      def fresh():  # like the state's curvature: its dtype and (explicit-mesh) layout
+      # Like the state's curvature: its dtype and (explicit-mesh) layout.
+      def fresh() -> optax.Updates:
         estimate = optax.tree.cast_like(
             _estimate(estimator, samples, params, step_key, extra_args), state.curvature)
         return jax.tree.map(_numerics.sharded_like, estimate, state.curvature)
@@ -415,12 +422,12 @@ def scale_by_diag_newton(
 def diag_newton(
     learning_rate: optax.ScalarOrSchedule = 1.0,
     *,
-    damping: float = 1e-4,
-    estimator: str | Callable[..., Any] = "hutchinson",
+    damping: chex.Numeric = 1e-4,
+    estimator: str | Callable[..., chex.ArrayTree] = "hutchinson",
     samples: int = 1,
     key: jax.Array,
-    every: int = 1,
-    ema: float = 0.0,
+    every: chex.Numeric = 1,
+    ema: chex.Numeric = 0.0,
     damping_mode: str = "add",
 ) -> optax.GradientTransformationExtraArgs:
   r"""The diagonal Newton step ``u = -η g / (max(diag(H), 0) + λ)``.

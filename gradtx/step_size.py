@@ -44,12 +44,12 @@ SCALES = ("global", "per_leaf", "none")
 RULES = ("egdd", "su")
 
 
-def _zeros(params: Any) -> Any:
+def _zeros(params: optax.Params) -> optax.Updates:
   """Zeros like ``params`` in their compute dtype (at least float32)."""
   return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), _numerics.compute_dtype(p)), params)
 
 
-def _vdot(a: Any, b: Any) -> jax.Array:
+def _vdot(a: optax.Updates, b: optax.Updates) -> jax.Array:
   """``Σ a ⊙ b`` over every leaf of two real trees, as a sum of products.
 
   Not ``optax.tree.vdot``: optax 0.2.8 compares JAX versions as strings, so with JAX 0.10 it
@@ -59,7 +59,7 @@ def _vdot(a: Any, b: Any) -> jax.Array:
   return optax.tree.sum(optax.tree.mul(a, b))
 
 
-def _cosine(a: Any, b: Any) -> jax.Array:
+def _cosine(a: optax.Updates, b: optax.Updates) -> jax.Array:
   """``<a, b> / (‖a‖ ‖b‖)`` over every leaf, 0 when either is 0 (the first step has no
   previous direction).
 
@@ -86,13 +86,13 @@ def _check_range(name: str, value: Any) -> tuple[float, float]:
   return low, high
 
 
-def _checked_base(base: Any) -> optax.GradientTransformationExtraArgs:
+def _checked_base(base: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
   """``base`` checked to be a transformation (not a factory), with extra-args support."""
   _checks.check_transformation("base", base, example="optax.scale_by_adam()")
   return optax.with_extra_args_support(base)
 
 
-def _gain_statistics(gains: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _gain_statistics(gains: chex.ArrayTree) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Mean, min and max over every gain (float32), reduced leaf by leaf (no concatenated
   copy); 1 when there are no gains."""
   count = optax.tree.size(gains)
@@ -103,8 +103,8 @@ def _gain_statistics(gains: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
   return optax.tree.cast(stats, jnp.float32)
 
 
-def _new_gains(gains: Any, grad_ema: Any, g: Any, *, kind: str, rule: str, gain_lr: float,
-               low: float, high: float) -> Any:
+def _new_gains(gains: chex.ArrayTree, grad_ema: optax.Updates, g: optax.Updates, *, kind: str,
+               rule: str, gain_lr: chex.Numeric, low: float, high: float) -> chex.ArrayTree:
   """EGDD's ``clip(p ⊙ e^{η_p sign(g) ⊙ sign(ḡ)})`` or Su's ``clip(p ⊙ e^{η_p g_{t-1} ⊙ g})``."""
   if kind == "none":
     return ()
@@ -119,8 +119,8 @@ def _new_gains(gains: Any, grad_ema: Any, g: Any, *, kind: str, rule: str, gain_
   return optax.tree.cast_like(new, gains)  # per-leaf float32 gains stay float32 under x64
 
 
-def _new_scale(lr_scale: Any, g: Any, prev: Any, *, kind: str, scale_lr: float, low: float,
-               high: float) -> Any:
+def _new_scale(lr_scale: chex.ArrayTree, g: optax.Updates, prev: optax.Updates, *, kind: str,
+               scale_lr: chex.Numeric, low: float, high: float) -> chex.ArrayTree:
   """``clip(s e^{η_s cos(g, m_{t-1})})``, the cosine over the tree or per leaf."""
   if kind == "none":
     return lr_scale
@@ -149,11 +149,11 @@ class EGStepSizeState(NamedTuple):
   """
 
   count: chex.Array
-  base_state: Any
-  gains: Any
-  grad_ema: Any
-  prev_direction: Any
-  lr_scale: Any
+  base_state: optax.OptState
+  gains: chex.ArrayTree
+  grad_ema: optax.Updates
+  prev_direction: optax.Updates
+  lr_scale: chex.ArrayTree
   gain_mean: chex.Array
   gain_min: chex.Array
   gain_max: chex.Array
@@ -163,15 +163,15 @@ def eg_step_size(
     base: optax.GradientTransformation,
     *,
     learning_rate: optax.ScalarOrSchedule,
-    gain_lr: float = 0.01,
-    scale_lr: float = 0.001,
-    beta: float = 0.9,
+    gain_lr: chex.Numeric = 0.01,
+    scale_lr: chex.Numeric = 0.001,
+    beta: chex.Numeric = 0.9,
     gains: str = "per_coordinate",
     scale: str = "global",
     gain_range: tuple[float, float] = (0.01, 100.0),
     scale_range: tuple[float, float] = (0.1, 10.0),
     rule: str = "egdd",
-    initial_scale: float = 1.0,
+    initial_scale: chex.Numeric = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Learning-rate gains and scale adapted by exponentiated gradient (EGDD, or Su's rule).
 
@@ -264,7 +264,7 @@ def eg_step_size(
     scale = "none"
   base = _checked_base(base)
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> EGStepSizeState:
     _checks.check_float_leaves("params", params)
     zeros = _zeros(params)
     one = jnp.ones((), jnp.float32)
@@ -281,7 +281,9 @@ def eg_step_size(
         grad_ema=zeros, prev_direction=zeros, lr_scale=init_scale, gain_mean=one,
         gain_min=one, gain_max=one)
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(updates: optax.Updates, state: EGStepSizeState,
+                params: optax.Params | None = None,
+                **extra_args: Any) -> tuple[optax.Updates, EGStepSizeState]:
     _checks.check_float_leaves("updates", updates)
     g = optax.tree.cast_like(updates, state.grad_ema)
     directions, base_state = base.update(updates, state.base_state, params, **extra_args)
@@ -319,8 +321,8 @@ class HypergradientDescentState(NamedTuple):
       ``learning_rate``, which under ``optax.inject_hyperparams`` is ``α_0``).
   """
 
-  base_state: Any
-  prev_direction: Any
+  base_state: optax.OptState
+  prev_direction: optax.Updates
   current_learning_rate: chex.Array
 
 
@@ -330,8 +332,8 @@ _LOG_TINY = float(np.log(np.finfo(np.float32).tiny)) + 1e-3
 _LOG_HUGE = float(np.log(np.finfo(np.float32).max)) - 1e-3
 
 
-def _check_lr_bounds(learning_rate: float, min_lr: float | None,
-                     max_lr: float | None) -> None:
+def _check_lr_bounds(learning_rate: chex.Numeric, min_lr: chex.Numeric | None,
+                     max_lr: chex.Numeric | None) -> None:
   """``0 < min_lr <= learning_rate <= max_lr`` where given (all plain numbers)."""
   for name, value in (("min_lr", min_lr), ("max_lr", max_lr)):
     if value is not None:
@@ -349,8 +351,9 @@ def _check_lr_bounds(learning_rate: float, min_lr: float | None,
                      f"(it is α_0), got {learning_rate!r}")
 
 
-def _new_rate(alpha: jax.Array, signal: jax.Array, *, hyper_lr: float, log_space: bool,
-              multiplicative: bool, min_lr: float | None, max_lr: float | None) -> jax.Array:
+def _new_rate(alpha: jax.Array, signal: jax.Array, *, hyper_lr: chex.Numeric, log_space: bool,
+              multiplicative: bool, min_lr: chex.Numeric | None,
+              max_lr: chex.Numeric | None) -> jax.Array:
   """``α_t`` from ``α_{t-1}`` and the hypergradient signal (``g·d`` or the cosine)."""
   if log_space:
     low = _LOG_TINY if min_lr is None else jnp.log(min_lr)
@@ -367,12 +370,12 @@ def _new_rate(alpha: jax.Array, signal: jax.Array, *, hyper_lr: float, log_space
 def hypergradient_descent(
     base: optax.GradientTransformation,
     *,
-    learning_rate: float,
-    hyper_lr: float,
+    learning_rate: chex.Numeric,
+    hyper_lr: chex.Numeric,
     multiplicative: bool = False,
     log_space: bool = True,
-    min_lr: float | None = None,
-    max_lr: float | None = None,
+    min_lr: chex.Numeric | None = None,
+    max_lr: chex.Numeric | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Hypergradient descent (Baydin et al.): the learning rate descends its own gradient.
 
@@ -460,13 +463,15 @@ def hypergradient_descent(
   rate = functools.partial(_new_rate, hyper_lr=hyper_lr, log_space=log_space,
                            multiplicative=multiplicative, min_lr=min_lr, max_lr=max_lr)
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> HypergradientDescentState:
     _checks.check_float_leaves("params", params)
     return HypergradientDescentState(
         base_state=base.init(params), prev_direction=_zeros(params),
         current_learning_rate=jnp.asarray(learning_rate, jnp.float32))
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(updates: optax.Updates, state: HypergradientDescentState,
+                params: optax.Params | None = None,
+                **extra_args: Any) -> tuple[optax.Updates, HypergradientDescentState]:
     _checks.check_float_leaves("updates", updates)
     directions, base_state = base.update(updates, state.base_state, params, **extra_args)
     g = optax.tree.cast_like(updates, state.prev_direction)
