@@ -69,6 +69,24 @@ def tree_paths(tree: Any) -> list[str]:
   Use it to see the names that path rules (``path_labels``, ``scale_by_path``,
   ``by_path``, ``layerwise_lr_decay``) are matched against.
 
+  Stacked (scanned) layers: a model that scans over its blocks stores each block weight
+  once, with a leading layer axis, under one path — it is one leaf, not L:
+
+  * linen ``nn.scan(Block, variable_axes={"params": 0}, length=L)`` named ``"blocks"``:
+    ``params/blocks/mlp_in/kernel`` of shape ``(L, d, 4d)`` (where the unrolled model has
+    ``params/blocks_0/mlp_in/kernel`` … ``params/blocks_{L-1}/...`` of shape ``(d, 4d)``);
+    ``variable_axes={"params": 1}`` puts the layer axis at 1 instead.
+  * nnx blocks made by ``nnx.vmap`` (``nnx.split_rngs(splits=L)``, ``out_axes=0``) and
+    applied with ``nnx.scan``: ``nnx.state(model, nnx.Param)`` has ``blocks/mlp_in/kernel``
+    of shape ``(L, d, 4d)`` (nnx paths have no ``params/`` prefix).
+  * params initialised under ``jax.vmap(model.init)(keys)``: *every* leaf gains the
+    leading axis, ``params/Dense_0/kernel`` of shape ``(L, in, out)``.
+
+  The per-layer techniques (``layerwise_lr_decay``, ``scale_by_path``,
+  ``clip_by_leaf_norm``, ``fisher_mask``) take ``stacked={regex: axis}`` to treat each
+  slice along ``axis`` of the matched leaves as one layer, e.g.
+  ``stacked={r"params/blocks/.*": 0}``.
+
   Args:
     tree: any pytree: a dict, Flax linen params, an ``nnx.State``, lists, NamedTuples.
 
@@ -193,3 +211,75 @@ def map_by_rules(tree: Any, rules: Any, *, argname: str, default: Any = None,
                         default_name=default_name)
   values = [default if m is None else m.value for m in matches]
   return jax.tree.unflatten(treedef, values), matches, paths
+
+
+class StackedLeaf(NamedTuple):
+  """A leaf whose ``axis`` indexes layers (a scanned or vmapped stack of ``length`` blocks)."""
+
+  axis: int
+  length: int
+
+  def along(self, per_slice: Any, ndim: int) -> Any:
+    """A ``(length,)`` vector shaped to broadcast along ``axis`` of an ``ndim``-d leaf."""
+    shape = (1,) * self.axis + (self.length,) + (1,) * (ndim - self.axis - 1)
+    return per_slice.reshape(shape)  # a numpy vector stays numpy, a jax one jax
+
+
+def resolve_stacked(tree: Any, stacked: Any, *, argname: str = "stacked"
+                    ) -> list[StackedLeaf | None]:
+  """Which leaves of ``tree`` are stacked layers, from ``stacked={regex: axis}`` rules.
+
+  The one place every technique reads its ``stacked=`` option. A leaf takes the axis of
+  the first rule matching its whole path; leaves no rule matches are ordinary leaves
+  (``None``). Called with an empty tree (``{}``) it checks only the form of the rules,
+  which is what the factories do at construction.
+
+  Args:
+    tree: the pytree (params, updates, a Fisher tree).
+    stacked: ``None`` (nothing stacked), or ordered ``{regex: axis}`` (or pairs); an axis
+      is an int, negative counting from the end of each leaf's shape.
+    argname: the argument's name in the messages.
+
+  Returns:
+    Per leaf, in ``jax.tree.leaves`` order, a :class:`StackedLeaf` (the axis made
+    non-negative, the number of layers) or ``None``.
+
+  Raises:
+    TypeError: ``stacked`` is not a rule set, or an axis is not an int.
+    ValueError: a rule matches no leaf; an axis out of range for a matched leaf (its path,
+      shape and the allowed axes are named); leaves of different lengths under one rule
+      (every path and length is named).
+  """
+  if stacked is None:
+    return [None] * len(jax.tree.leaves(tree))
+  compiled = compile_rules(stacked, argname=argname)
+  for pattern, axis in compiled:
+    if isinstance(axis, bool) or not isinstance(axis, int):
+      raise TypeError(f"{argname}: the axis for {pattern.pattern!r} must be an int (the axis "
+                      f"that indexes the layers), got {axis!r}")
+  paths, _ = leaf_paths_and_treedef(tree)
+  matches = match_rules(paths, stacked, argname=argname, has_default=True)
+  found: list[StackedLeaf | None] = []
+  by_rule: dict[int, list[tuple[str, tuple[int, ...], int]]] = {}
+  for path, leaf, match in zip(paths, jax.tree.leaves(tree), matches, strict=True):
+    if match is None:
+      found.append(None)
+      continue
+    shape = tuple(leaf.shape) if hasattr(leaf, "shape") else jax.numpy.shape(leaf)
+    if not -len(shape) <= match.value < len(shape):
+      allowed = f"-{len(shape)}..{len(shape) - 1}" if shape else "none: it is a scalar"
+      raise ValueError(
+          f"{argname}: axis {match.value} of rule {match.match.re.pattern!r} is out of range "
+          f"for {path!r} of shape {shape} ({len(shape)} axes; allowed {allowed})")
+    axis = match.value % len(shape)
+    found.append(StackedLeaf(axis, shape[axis]))
+    by_rule.setdefault(match.index, []).append((path, shape, axis))
+  for index, leaves in by_rule.items():
+    if len({shape[axis] for _, shape, axis in leaves}) > 1:
+      sizes = ", ".join(f"{p!r}: {shape[axis]} (shape {shape}, axis {axis})"
+                        for p, shape, axis in leaves[:_MAX_LISTED])
+      raise ValueError(
+          f"{argname}: rule {compiled[index][0].pattern!r} matches leaves of different "
+          f"lengths along their layer axis ({sizes}); every leaf one rule stacks must hold "
+          "the same layers: split the rule, or fix the axis")
+  return found

@@ -370,6 +370,7 @@ def fisher_mask(
     *,
     include: str | Iterable[str] | None = None,
     scope: str = "global",
+    stacked: Any = None,
 ) -> Any:
   r"""ChildTuning-D's mask: keep the coordinates with the largest Fisher information.
 
@@ -384,6 +385,12 @@ def fisher_mask(
   an error naming the leaf (it has no rank; ``numpy.percentile`` would make the threshold
   NaN and silently freeze every included leaf).
 
+  Scanned layers: with ``scope="per_leaf"``, a leaf named in ``stacked={regex: axis}``
+  (L layers along ``axis``, as ``nn.scan`` and ``nnx.vmap`` store them) gets one
+  percentile per slice, so each layer keeps its own top ``p`` fraction, as the unrolled
+  model's per-layer leaves would. (``scope="global"`` pools every value, so ``stacked``
+  would change nothing there: it is refused.)
+
   Args:
     fisher: a pytree of non-negative arrays (:func:`fisher_information`), finite in the
       included leaves.
@@ -392,6 +399,9 @@ def fisher_mask(
       the leaves to select among; ``None`` = all leaves. The original selects the
       encoder layers, e.g. ``r".*layer.*"``. Every regex must match some leaf.
     scope: ``"global"`` or ``"per_leaf"``.
+    stacked: ``{regex: axis}`` naming the stacked leaves (``scope="per_leaf"`` only), or
+      ``None``. An axis out of range for a matched leaf or leaves of different lengths
+      under one rule are errors naming the path and the sizes.
 
   Returns:
     A boolean pytree like ``fisher``, for :func:`child_tuning_d`.
@@ -403,6 +413,13 @@ def fisher_mask(
     >>> mask["head"].tolist(), mask["layer"].tolist()
     ([True, True], [False, True, False, True])
 
+    Two layers stacked on axis 0, each keeping its own top half:
+
+    >>> fisher = {"blocks": jnp.array([[1.0, 4.0, 2.0, 3.0], [10.0, 0.0, 30.0, 20.0]])}
+    >>> gradtx.fisher_mask(fisher, 0.5, scope="per_leaf",
+    ...                    stacked={"blocks": 0})["blocks"].astype(int).tolist()
+    [[0, 1, 0, 1], [0, 0, 1, 1]]
+
   References:
     Xu et al., "Raise a child in large language model: towards effective and
     generalizable fine-tuning", EMNLP 2021, arXiv:2109.05687.
@@ -411,6 +428,10 @@ def fisher_mask(
   if _checks.concrete_scalar(reserve_p) is None:
     raise TypeError(f"reserve_p must be a number in (0, 1], got {reserve_p!r}")
   _checks.check_choice("scope", scope, SCOPES)
+  if stacked is not None and scope != "per_leaf":
+    raise ValueError(f"stacked={stacked!r} needs scope='per_leaf' (one percentile per "
+                     f"slice); scope={scope!r} pools every value, so it would change nothing")
+  stacks = _paths.resolve_stacked(fisher, stacked)
   paths, treedef = _paths.leaf_paths_and_treedef(fisher)
   values = [np.asarray(x, np.float64) for x in jax.tree.leaves(fisher)]
   if include is None:
@@ -440,10 +461,20 @@ def fisher_mask(
     threshold = np.percentile(pool, q) if pool.size else np.inf
     thresholds = [threshold] * len(values)
   else:
-    thresholds = [np.percentile(v, q) if v.size else np.inf for v in values]
+    thresholds = [_leaf_percentile(v, q, stack) for v, stack in zip(values, stacks, strict=True)]
   masks = [v >= t if s else np.ones(v.shape, bool)
            for v, t, s in zip(values, thresholds, selected, strict=True)]
   return jax.tree.unflatten(treedef, [jnp.asarray(m) for m in masks])
+
+
+def _leaf_percentile(v: np.ndarray, q: float, stack: _paths.StackedLeaf | None) -> Any:
+  """The ``q``-th percentile of ``v``, or of every slice of a stacked ``v`` (broadcastable)."""
+  if not v.size:
+    return np.inf
+  if stack is None:
+    return np.percentile(v, q)
+  per_slice = np.percentile(np.moveaxis(v, stack.axis, 0).reshape(stack.length, -1), q, axis=1)
+  return stack.along(per_slice, v.ndim)
 
 
 def _align_mask(mask_by_path: dict[str, Any], params: Any) -> Any:

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradtx import _checks, _numerics
+from gradtx import _checks, _numerics, _paths
 
 _MODES = ("hard", "soft")
 
@@ -63,21 +63,34 @@ def _norm_dtype(tree: Any) -> Any:
                                         for x in jax.tree.leaves(tree)))
 
 
-def _rescaled_norm(tree: Any, sum_of_squares: jax.Array) -> jax.Array:
-  """``‖tree · c‖ / c`` for ``c = 2^∓(maxexp/2)``: the norm when ``‖tree‖²`` overflowed
-  (``c = 2^-64`` in float32) or underflowed (``c = 2^64``).
+def _safe_root(sum_of_squares: jax.Array, count: int,
+               squares_of_scaled: Any) -> jax.Array:
+  """``sqrt(sum_of_squares)`` (elementwise), recomputed where it overflowed or underflowed.
 
-  A power of two is exact, and it brings the squares of every entry that matters into
-  range: after an overflow the entries it flushes are below ``2`` (float32), negligible
-  next to ``‖tree‖² >= 3e38``; after an underflow every entry is tiny, so none overflows.
-  ``c`` is a constant for differentiation, so the derivative is ``g / ‖g‖``.
+  ``squares_of_scaled(c)`` is the sum of squares of the same entries scaled by ``c`` (of
+  ``sum_of_squares``' shape): the norm is then ``‖x · c‖ / c`` for ``c = 2^∓(maxexp/2)``
+  (``c = 2^-64`` in float32 after an overflow, ``2^64`` after an underflow). A power of
+  two is exact, and it brings the squares of every entry that matters into range: after
+  an overflow the entries it flushes are below ``2`` (float32), negligible next to
+  ``‖x‖² >= 3e38``; after an underflow every entry is tiny, so none overflows. ``c`` is a
+  constant for differentiation, so the derivative is ``x / ‖x‖``. The second pass runs
+  only when some sum needs it (``lax.cond``); ``count`` is the number of entries per sum.
   """
   dtype = sum_of_squares.dtype
-  half = jnp.finfo(dtype).maxexp // 2
-  factor = jnp.where(sum_of_squares == jnp.inf, jnp.asarray(2.0 ** -half, dtype),
-                     jnp.asarray(2.0 ** half, dtype))
-  scaled = optax.tree.norm(jax.tree.map(lambda x: x * factor, tree), squared=True)
-  return (_sqrt_with_zero_gradient_at_zero(scaled) / factor).astype(dtype)
+  finfo = jnp.finfo(dtype)
+  # Squares below ``tiny`` flush to 0; above this bound their total is under one ulp.
+  trusted_from = count * float(finfo.tiny) / float(finfo.eps)
+  rescale = (sum_of_squares < trusted_from) | (sum_of_squares == jnp.inf)
+
+  def rescaled(s):
+    half = finfo.maxexp // 2
+    factor = jnp.where(s == jnp.inf, jnp.asarray(2.0 ** -half, dtype),
+                       jnp.asarray(2.0 ** half, dtype))
+    again = (_sqrt_with_zero_gradient_at_zero(squares_of_scaled(factor)) / factor).astype(dtype)
+    return jnp.where(rescale, again, _sqrt_with_zero_gradient_at_zero(s))
+
+  return jax.lax.cond(jnp.any(rescale), rescaled, _sqrt_with_zero_gradient_at_zero,
+                      sum_of_squares)
 
 
 def _norm(tree: Any) -> jax.Array:
@@ -86,13 +99,22 @@ def _norm(tree: Any) -> jax.Array:
   if not leaves:
     return jnp.zeros((), jnp.float32)
   tree = jax.tree.map(lambda x: jnp.asarray(x, _numerics.compute_dtype(x)), tree)
-  sum_of_squares = optax.tree.norm(tree, squared=True)
-  finfo = jnp.finfo(sum_of_squares.dtype)
-  # Squares below ``tiny`` flush to 0; above this bound their total is under one ulp.
-  trusted_from = sum(jnp.size(x) for x in leaves) * float(finfo.tiny) / float(finfo.eps)
-  rescale = (sum_of_squares < trusted_from) | (sum_of_squares == jnp.inf)
-  return jax.lax.cond(rescale, _rescaled_norm,
-                      lambda _, s: _sqrt_with_zero_gradient_at_zero(s), tree, sum_of_squares)
+  return _safe_root(optax.tree.norm(tree, squared=True), sum(jnp.size(x) for x in leaves),
+                    lambda c: optax.tree.norm(jax.tree.map(lambda x: x * c, tree),
+                                              squared=True))
+
+
+def _slice_norms(x: jax.Array, stack: _paths.StackedLeaf) -> jax.Array:
+  """The L2 norm of every slice of ``x`` along ``stack.axis``: a vector of ``stack.length``."""
+  x = jnp.asarray(x, _numerics.compute_dtype(x))
+  others = tuple(a for a in range(x.ndim) if a != stack.axis)
+
+  def squares(c=None):
+    y = x if c is None else x * stack.along(c, x.ndim)
+    return jnp.sum(jnp.real(y * jnp.conj(y)) if jnp.iscomplexobj(y) else jnp.square(y),
+                   axis=others)
+
+  return _safe_root(squares(), x.size // max(stack.length, 1), squares)
 
 
 def leaf_norm(x: jax.Array) -> jax.Array:
@@ -281,15 +303,24 @@ def clip_by_global_norm(
 
 
 class ClipByLeafNormState(NamedTuple):
-  """State of :func:`clip_by_leaf_norm`: per-leaf ``grad_norm`` and ``clip_scale`` trees."""
+  """State of :func:`clip_by_leaf_norm`: per-leaf ``grad_norm`` and ``clip_scale`` trees.
+
+  A leaf stacked by ``stacked=`` has a vector of one norm and one scale per slice.
+  """
 
   count: chex.Array
   grad_norm: Any
   clip_scale: Any
 
 
+def _leaf_norms(tree: Any, stacks: list[_paths.StackedLeaf | None]) -> list[jax.Array]:
+  """Per leaf, its norm (a scalar) or, for a stacked leaf, its slices' norms (a vector)."""
+  return [_norm(x) if stack is None else _slice_norms(x, stack)
+          for x, stack in zip(jax.tree.leaves(tree), stacks, strict=True)]
+
+
 def clip_by_leaf_norm(
-    max_norm: optax.ScalarOrSchedule, *, mode: str = "hard"
+    max_norm: optax.ScalarOrSchedule, *, mode: str = "hard", stacked: Any = None
 ) -> optax.GradientTransformationExtraArgs:
   r"""Clips every leaf (tensor) by its own L2 norm, hard or soft.
 
@@ -297,14 +328,23 @@ def clip_by_leaf_norm(
     u_\ell = g_\ell \cdot \min\!\left(1, \frac{\gamma}{\|g_\ell\|}\right) \;\text{(hard)}
     \qquad u_\ell = g_\ell \cdot \frac{\gamma}{\|g_\ell\| + \gamma} \;\text{(soft)}
 
+  Scanned layers: a leaf named in ``stacked={regex: axis}`` holds L layers along
+  ``axis`` (``nn.scan``, ``nnx.vmap``; see :func:`gradtx.tree_paths`). Each of its slices
+  ``g_{ℓ,i}`` is clipped by its own norm, exactly as the unrolled model's per-layer leaf
+  would be; without ``stacked`` all L layers would share one norm and one scale.
+
   Args:
     max_norm: the per-tensor threshold γ > 0, or a schedule ``count -> γ`` (a scheduled
       γ <= 0 or NaN gives NaN updates).
     mode: ``"hard"`` or ``"soft"``.
+    stacked: ``{regex: axis}`` naming the stacked leaves, or ``None``. An axis out of
+      range for a matched leaf or leaves of different lengths under one rule are errors
+      at ``init`` naming the path and the sizes.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its :class:`ClipByLeafNormState` holds
-    ``grad_norm`` and ``clip_scale`` as pytrees shaped like the params (one scalar each).
+    ``grad_norm`` and ``clip_scale`` as pytrees shaped like the params (one scalar each,
+    a vector of L for a stacked leaf).
 
   Example:
     >>> import jax.numpy as jnp, gradtx
@@ -314,32 +354,48 @@ def clip_by_leaf_norm(
     >>> u["a"].tolist(), u["b"].tolist(), float(state.grad_norm["a"])
     ([0.6000000238418579, 0.800000011920929], [0.5], 5.0)
 
+    Two layers stacked on axis 0, clipped one by one:
+
+    >>> tx = gradtx.clip_by_leaf_norm(1.0, stacked={"blocks": 0})
+    >>> g = {"blocks": jnp.array([[3.0, 4.0], [0.3, 0.4]])}
+    >>> u, state = tx.update(g, tx.init(g))
+    >>> state.grad_norm["blocks"].tolist(), u["blocks"][1].tolist()
+    ([5.0, 0.5], [0.30000001192092896, 0.4000000059604645])
+
   References:
     Zhang, He, Sra, Jadbabaie, ICLR 2020, arXiv:1905.11881.
   """
   _checks.check_positive("max_norm", max_norm)
   _check_mode(mode)
+  _paths.resolve_stacked({}, stacked)
 
   def init_fn(params):
     _check_float("params", params)
-    return ClipByLeafNormState(
-        count=jnp.zeros((), jnp.int32),
-        grad_norm=jax.tree.map(lambda p: jnp.zeros((), _norm_dtype(p)), params),
-        clip_scale=jax.tree.map(lambda p: jnp.ones((), _norm_dtype(p)), params),
-    )
+    stacks = _paths.resolve_stacked(params, stacked)
+    shapes = [() if s is None else (s.length,) for s in stacks]
+    leaves, treedef = jax.tree.flatten(params)
+    dtypes = [_norm_dtype(p) for p in leaves]
+    fill = lambda value: jax.tree.unflatten(treedef, [
+        jnp.full(shape, value, dtype) for shape, dtype in zip(shapes, dtypes, strict=True)])
+    return ClipByLeafNormState(count=jnp.zeros((), jnp.int32), grad_norm=fill(0),
+                               clip_scale=fill(1))
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     _check_float("updates", updates)
     threshold = _threshold(max_norm, state.count)
-    norms = jax.tree.map(_norm, updates)
-    scales = jax.tree.map(lambda n: clip_scale(n, threshold, mode), norms)
+    stacks = _paths.resolve_stacked(updates, stacked)
+    leaves, treedef = jax.tree.flatten(updates)
+    norms = _leaf_norms(updates, stacks)
+    scales = [clip_scale(n, threshold, mode) for n in norms]
+    clipped = [(u * (s if stack is None else stack.along(s, u.ndim))).astype(u.dtype)
+               for u, s, stack in zip(leaves, scales, stacks, strict=True)]
     new_state = ClipByLeafNormState(
         optax.safe_increment(state.count),
-        optax.tree.cast_like(norms, state.grad_norm),
-        optax.tree.cast_like(scales, state.clip_scale),
+        optax.tree.cast_like(jax.tree.unflatten(treedef, norms), state.grad_norm),
+        optax.tree.cast_like(jax.tree.unflatten(treedef, scales), state.clip_scale),
     )
-    return _scale_tree(updates, scales), new_state
+    return jax.tree.unflatten(treedef, clipped), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

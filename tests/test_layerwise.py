@@ -642,3 +642,13 @@ def test_nonfinite_gradient_propagates_in_its_leaf_only(make_tx, bad):
   assert np.isfinite(a[0]) and not np.isfinite(a[1])
   assert np.isfinite(np.asarray(updates["b"])).all()
   assert int(state.count) == 1
+
+
+def test_layerwise_lr_decay_default_depth_injected_as_a_hyperparameter():
+  """``optax.inject_hyperparams`` turns an int ``default_depth`` into a traced array."""
+  p = {"embed": jnp.ones(1), "layer": jnp.ones(1), "head": jnp.ones(1)}
+  tx = optax.inject_hyperparams(gradtx.layerwise_lr_decay)(
+      decay=0.5, num_layers=1, depth_rules={"layer": 1, "head": 2}, default_depth=0)
+  updates, _ = jax.jit(tx.update)(p, tx.init(p))
+  chex.assert_trees_all_close(updates, {"embed": np.array([0.25]), "layer": np.array([0.5]),
+                                        "head": np.array([1.0])})

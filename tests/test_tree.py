@@ -288,3 +288,35 @@ def test_labels_drive_optax_partition():
   updates, _ = tx.update(grads, tx.init(params), params)
   np.testing.assert_array_equal(updates["body"], [0.0, 0.0])
   np.testing.assert_array_equal(updates["head"], [-1.0])
+
+
+# ---------------------------------------------------------------------- stacked layers
+
+
+def test_tree_paths_of_stacked_layers_as_documented():
+  """The three layouts ``tree_paths`` documents: linen ``nn.scan``, nnx ``nnx.vmap``, and
+  ``jax.vmap``-initialised params — one leaf per weight, the layers on axis 0."""
+  import _scanned_models as models
+
+  scanned = models.scanned_params(models.unrolled_params())
+  shapes = dict(zip(gradtx.tree_paths(scanned), [x.shape for x in jax.tree.leaves(scanned)],
+                    strict=True))
+  assert shapes["params/blocks/mlp_in/kernel"] == (models.LAYERS, models.DIM, 4 * models.DIM)
+  assert shapes["params/head/kernel"] == (models.DIM, models.VOCAB)
+  state = nnx.state(models.nnx_model(scanned), nnx.Param)
+  nnx_shapes = dict(zip(gradtx.tree_paths(state), [x.shape for x in jax.tree.leaves(state)],
+                        strict=True))
+  assert nnx_shapes["blocks/mlp_in/kernel"] == (models.LAYERS, models.DIM, 4 * models.DIM)
+  assert {"params/" + p for p in nnx_shapes} == set(shapes)
+  vmapped = jax.vmap(lambda k: nn.Dense(3).init(k, jnp.ones(2)))(
+      jax.random.split(jax.random.key(0), 5))
+  assert gradtx.tree_paths(vmapped) == ["params/bias", "params/kernel"]
+  assert [x.shape for x in jax.tree.leaves(vmapped)] == [(5, 3), (5, 2, 3)]
+
+
+def test_resolve_stacked_gives_axis_and_length_per_leaf():
+  tree = {"a": jnp.ones((2, 3)), "b": jnp.ones((4, 3)), "c": jnp.ones(1)}
+  got = _paths.resolve_stacked(tree, {"a": -1, "b": 0})
+  assert got == [_paths.StackedLeaf(1, 3), _paths.StackedLeaf(0, 4), None]
+  assert _paths.resolve_stacked(tree, None) == [None, None, None]
+  assert _paths.resolve_stacked({}, {"x": 0}) == []  # construction: the rules' form only
