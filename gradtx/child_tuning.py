@@ -433,6 +433,11 @@ def fisher_mask(
                      f"slice); scope={scope!r} pools every value, so it would change nothing")
   stacks = _paths.resolve_stacked(fisher, stacked)
   paths, treedef = _paths.leaf_paths_and_treedef(fisher)
+  _checks.check_addressable(
+      "fisher", fisher, needs="fisher_mask takes percentiles of its values on the host",
+      hint="Gather it first: fisher = jax.experimental.multihost_utils.process_allgather("
+           "fisher, tiled=True) (the mask it gives can be passed to child_tuning_d as is; "
+           "init lays it out like the params).")
   values = [np.asarray(x, np.float64) for x in jax.tree.leaves(fisher)]
   if include is None:
     selected = [True] * len(paths)
@@ -509,6 +514,12 @@ class ChildTuningDState(NamedTuple):
   mask_density: chex.Array
 
 
+def _on_device_only(x: Any) -> bool:
+  """A tracer, or an array sharded over devices of other processes too."""
+  return isinstance(x, jax.core.Tracer) or (
+      isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated)
+
+
 def child_tuning_d(mask: Any, *, rescale: bool = False) -> optax.GradientTransformationExtraArgs:
   r"""ChildTuning-D: a fixed mask, typically the top-p Fisher coordinates.
 
@@ -550,11 +561,20 @@ def child_tuning_d(mask: Any, *, rescale: bool = False) -> optax.GradientTransfo
     raise TypeError(f"mask must be a pytree of boolean arrays; not boolean: "
                     f"{', '.join(not_bool)}")
   # A concrete mask is copied to the host (a snapshot); a traced one (e.g. vmapped over
-  # per-seed masks) stays traced.
-  mask_by_path = {p: x if isinstance(x, jax.core.Tracer) else np.asarray(x)
+  # per-seed masks) stays traced, and one sharded over other processes' devices (a
+  # multi-process run) stays as it is laid out: this process cannot read it whole.
+  mask_by_path = {p: x if _on_device_only(x) else np.asarray(x)
                   for p, x in zip(paths, leaves, strict=True)}
 
   def init_fn(params):
+    if (any(isinstance(p, jax.core.Tracer) for p in jax.tree.leaves(params))
+        and any(_on_device_only(m) and not isinstance(m, jax.core.Tracer)
+                for m in mask_by_path.values())):
+      raise ValueError(
+          "child_tuning_d: mask is sharded over other processes' devices, which a "
+          "jit-compiled init cannot close over; call tx.init(params) outside jit (it lays "
+          "the mask out like the params), or pass a mask every process holds whole (e.g. "
+          "fisher_mask's output)")
     aligned = jax.tree.map(lambda m, p: _numerics.sharded_like(jnp.asarray(m), p),
                            _align_mask(mask_by_path, params), params)
     return ChildTuningDState(mask=aligned, mask_density=_density(aligned))

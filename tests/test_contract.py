@@ -276,6 +276,18 @@ TRANSFORMATIONS = (
           dict(rules={"w1": 0.5, "w.*": _SCHEDULE}, default=1.0), needs=("w2",)),
     Entry("layerwise_lr_decay", gradtx.layerwise_lr_decay,
           dict(decay=0.5, num_layers=2, depth_rules={r"w(\d)": 0, "b": 3}), needs=("b",)),
+    # Stacked (scanned) leaves: one norm/multiplier per slice of axis 0 (or -1). The logged
+    # per-leaf grad_norm check does not apply to per-slice vectors (tests/test_scanned.py
+    # checks them against numpy).
+    Entry("clip_by_leaf_norm-stacked", gradtx.clip_by_leaf_norm,
+          dict(max_norm=1.0, mode="soft", stacked={"w1": 0, "w2": -1}), needs=("w1", "w2")),
+    Entry("scale_by_path-stacked", gradtx.scale_by_path,
+          dict(rules={"w1": np.linspace(0.5, 2.0, 8, dtype=np.float32),
+                      "w2": gradtx.per_slice(lambda i: _SCHEDULE if i % 2 else 0.25 * (i + 2))},
+               stacked={"w1": 0, "w2": 1}), needs=("w1", "w2")),
+    Entry("layerwise_lr_decay-stacked", gradtx.layerwise_lr_decay,
+          dict(decay=0.9, num_layers=8, depth_rules={"w1": 1, "b": 9}, default_depth=0,
+               stacked={"w1": 0}), needs=("w1", "b")),
     Entry("by_path", gradtx.by_path,
           dict(rules={"w.*": gradtx.clip_by_global_norm(1.0)}, default=optax.identity())),
     Entry("child_tuning_f", gradtx.child_tuning_f, dict(reserve_p=0.5, key=jax.random.key(0)),

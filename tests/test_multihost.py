@@ -62,15 +62,6 @@ SLOW_ONLY = (
     "integrated_gradients_data_parallel",
 )
 XFAIL = {
-    "child_tuning_d_sharded_mask":
-        "child_tuning_d copies a concrete mask to the host (np.asarray), which a mask "
-        "sharded over other processes' devices refuses (fix: gradtx/child_tuning.py)",
-    "child_tuning_d_sharded_mask_jit_init_is_a_clear_error":
-        "child_tuning_d's init under jit closes over the sharded mask: jax's own error, "
-        "not one that says to call init outside jit (fix: gradtx/child_tuning.py)",
-    "bad_fisher_mask_of_a_sharded_fisher":
-        "fisher_mask reads a sharded Fisher with np.asarray: jax's RuntimeError naming no "
-        "leaf (fix: gradtx/child_tuning.py + _checks.check_addressable)",
     "bad_es_gradient_on_fsdp_params_eagerly":
         "es_gradient's sigma-resolution check reads FSDP params with np.asarray on the "
         "host (fix: gradtx/estimators/_es.py, a global max of |θ| instead)",
