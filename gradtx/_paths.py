@@ -16,10 +16,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 from flax import nnx
+
+_V = TypeVar("_V")
+
+#: An ordered rule set: ``{regex: value}`` or a sequence of ``(regex, value)`` pairs; the
+#: first regex that matches a leaf's whole path gives the leaf its value.
+Rules = Mapping[str, _V] | Sequence[tuple[str, _V]]
 
 _MAX_LISTED = 8
 _FULLMATCH_HINT = (
@@ -44,7 +50,7 @@ def _key_to_str(key: Any) -> str:
   return str(key)
 
 
-def leaf_paths_and_treedef(tree: Any) -> tuple[list[str], Any]:
+def leaf_paths_and_treedef(tree: Any) -> tuple[list[str], jax.tree_util.PyTreeDef]:
   """Paths of every array leaf, in ``jax.tree.leaves`` order, and the treedef."""
   outer = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_nnx_variable)[0]
   paths = []
@@ -111,13 +117,16 @@ def path_tree(tree: Any) -> Any:
 class RuleMatch(NamedTuple):
   """Which rule claimed a leaf: its position, its value and the regex match."""
 
-  index: int
+  rule_index: int
   value: Any
-  match: re.Match | None
+  match: re.Match[str]
 
 
-def compile_rules(rules: Any, *, argname: str) -> list[tuple[re.Pattern, Any]]:
-  """Validates and compiles an ordered ``{regex: value}`` rule set."""
+def compile_rules(rules: Any, *, argname: str) -> list[tuple[re.Pattern[str], Any]]:
+  """Validates and compiles an ordered ``{regex: value}`` rule set.
+
+  ``rules`` is typed ``Any``: this is where a value that is not a :data:`Rules` is refused.
+  """
   if isinstance(rules, Mapping):
     items = list(rules.items())
   elif isinstance(rules, Sequence) and not isinstance(rules, str) and all(
@@ -183,7 +192,7 @@ def match_rules(
         f"{argname}: {len(unmatched)} leaf path(s) match no rule and no default was given: "
         f"{_listing(unmatched)}. Add a rule for them or pass `{default_name}=`. {_FULLMATCH_HINT}"
     )
-  used = {m.index for m in claimed if m is not None}
+  used = {m.rule_index for m in claimed if m is not None}
   for index, (pattern, _) in enumerate(compiled):
     if index in used:
       continue
@@ -273,7 +282,7 @@ def resolve_stacked(tree: Any, stacked: Any, *, argname: str = "stacked"
           f"for {path!r} of shape {shape} ({len(shape)} axes; allowed {allowed})")
     axis = match.value % len(shape)
     found.append(StackedLeaf(axis, shape[axis]))
-    by_rule.setdefault(match.index, []).append((path, shape, axis))
+    by_rule.setdefault(match.rule_index, []).append((path, shape, axis))
   for index, leaves in by_rule.items():
     if len({shape[axis] for _, shape, axis in leaves}) > 1:
       sizes = ", ".join(f"{p!r}: {shape[axis]} (shape {shape}, axis {axis})"

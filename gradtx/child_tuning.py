@@ -256,8 +256,8 @@ def _is_sequence_of_batches(batches: Any) -> bool:
 
 
 def fisher_information(
-    loss_fn: Callable[[Any, Any], jax.Array],
-    params: Any,
+    loss_fn: Callable[[optax.Params, Any], jax.Array],
+    params: optax.Params,
     batches: Any,
     *,
     clip_norm: float | None = None,
@@ -370,7 +370,7 @@ def fisher_mask(
     *,
     include: str | Iterable[str] | None = None,
     scope: str = "global",
-    stacked: Any = None,
+    stacked: _paths.Rules[int] | None = None,
 ) -> Any:
   r"""ChildTuning-D's mask: keep the coordinates with the largest Fisher information.
 

@@ -44,6 +44,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import optax
+from jax.typing import ArrayLike
 
 from gradtx import _checks, _numerics, _paths
 
@@ -135,7 +136,7 @@ def leaf_norm(x: jax.Array) -> jax.Array:
   return _norm(x)
 
 
-def global_norm(tree: Any) -> jax.Array:
+def global_norm(tree: optax.Updates) -> jax.Array:
   r"""L2 norm over every leaf of ``tree``, safe to differentiate at 0.
 
   .. math:: \|g\| = \sqrt{\textstyle\sum_\ell \sum_i |g_{\ell,i}|^2}
@@ -169,7 +170,7 @@ def global_norm(tree: Any) -> jax.Array:
   return _norm(tree)
 
 
-def clip_scale(norm: jax.Array, max_norm: jax.Array, mode: str) -> jax.Array:
+def clip_scale(norm: jax.Array, max_norm: ArrayLike, mode: str) -> jax.Array:
   """The factor that clipping multiplies a gradient of norm ``norm`` by.
 
   hard: ``γ / max(‖g‖, γ)`` (= ``min(1, γ/‖g‖)``, written so that ‖g‖ = 0 gives 1 with
@@ -180,7 +181,7 @@ def clip_scale(norm: jax.Array, max_norm: jax.Array, mode: str) -> jax.Array:
 
   Args:
     norm: ‖g‖, a scalar (the result's dtype).
-    max_norm: γ >= 0, a scalar.
+    max_norm: γ >= 0, a scalar (a number or a 0-d array).
     mode: ``"hard"`` or ``"soft"`` (not checked: the callers check it).
 
   Returns:
@@ -320,7 +321,8 @@ def _leaf_norms(tree: Any, stacks: list[_paths.StackedLeaf | None]) -> list[jax.
 
 
 def clip_by_leaf_norm(
-    max_norm: optax.ScalarOrSchedule, *, mode: str = "hard", stacked: Any = None
+    max_norm: optax.ScalarOrSchedule, *, mode: str = "hard",
+    stacked: _paths.Rules[int] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Clips every leaf (tensor) by its own L2 norm, hard or soft.
 

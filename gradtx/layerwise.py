@@ -47,7 +47,7 @@ import optax
 from gradtx import _checks, _numerics, _paths
 
 
-def path_labels(params: Any, rules: Any, *, default: Any = None) -> Any:
+def path_labels(params: optax.Params, rules: _paths.Rules[Any], *, default: Any = None) -> Any:
   """Labels every leaf of ``params`` with the value of the first rule matching its path.
 
   Args:
@@ -108,7 +108,7 @@ class per_slice:  # noqa: N801 -- used like a function: per_slice(lambda i: ...)
     [0.125, 0.25, 0.5]
   """
 
-  fn: Callable[[int], Any]
+  fn: Callable[[int], optax.ScalarOrSchedule]
 
   def __post_init__(self):
     _checks.check_callable("per_slice's argument", self.fn, call="fn(slice_index)")
@@ -125,8 +125,8 @@ def _check_multiplier(name: str, value: Any) -> None:
   _checks.check_finite(name, value)
 
 
-def _slice_multipliers(value: Any, count: jax.Array, path: str,
-                       stack: _paths.StackedLeaf | None, pattern: str) -> jax.Array:
+def _slice_multipliers(value: Any, count: jax.Array | None, path: str,
+                       stack: _paths.StackedLeaf | None, pattern: str) -> jax.Array | None:
   """A rule value at ``count`` for the leaf at ``path``: a scalar, or one per slice.
 
   ``count=None`` (at ``init``) only checks the value against the leaf: it returns ``None``
@@ -154,8 +154,9 @@ def _slice_multipliers(value: Any, count: jax.Array, path: str,
   return None if count is None else jnp.asarray(value, jnp.float32)
 
 
-def scale_by_path(rules: Any, *, default: optax.ScalarOrSchedule | None = 1.0,
-                  stacked: Any = None) -> optax.GradientTransformationExtraArgs:
+def scale_by_path(rules: _paths.Rules[Any], *, default: optax.ScalarOrSchedule | None = 1.0,
+                  stacked: _paths.Rules[int] | None = None
+                  ) -> optax.GradientTransformationExtraArgs:
   r"""Multiplies each leaf's update by a multiplier chosen by its path.
 
   .. math:: u_\ell = m(\text{path}_\ell) \, g_\ell \qquad
@@ -235,12 +236,18 @@ def scale_by_path(rules: Any, *, default: optax.ScalarOrSchedule | None = 1.0,
       if match is None:
         out.append(fallback)
         continue
-      key = (match.index, stack)
+      key = (match.rule_index, stack)
       if key not in cache:
         cache[key] = _slice_multipliers(match.value, count, path, stack,
                                         match.match.re.pattern)
       m = cache[key]
-      out.append(m if m is None or m.ndim == 0 else stack.along(m, jnp.ndim(leaf)))
+      if m is None or m.ndim == 0:
+        out.append(m)
+        continue
+      # A vector is a per-slice value, which _slice_multipliers refuses on a leaf that is
+      # not stacked (only a schedule returning a non-scalar, a misuse, can fail here).
+      assert stack is not None, f"a multiplier of shape {m.shape} for the unstacked {path!r}"
+      out.append(stack.along(m, jnp.ndim(leaf)))
     return out
 
   def init_fn(params):
@@ -260,8 +267,9 @@ def scale_by_path(rules: Any, *, default: optax.ScalarOrSchedule | None = 1.0,
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def layer_depths(params: Any, *, num_layers: int, depth_rules: Any,
-                 default_depth: int | None = None, stacked: Any = None) -> Any:
+def layer_depths(params: optax.Params, *, num_layers: int, depth_rules: _paths.Rules[int],
+                 default_depth: int | None = None,
+                 stacked: _paths.Rules[int] | None = None) -> Any:
   """The depth of every leaf under ``depth_rules``, as a pytree of ints.
 
   A rule's value is the depth itself; if the regex captures a group, the captured
@@ -310,9 +318,11 @@ def layer_depths(params: Any, *, num_layers: int, depth_rules: Any,
       has_default=default_depth is not None, default_name="default_depth",
   )
   stacks = _paths.resolve_stacked(params, stacked)
-  depths = []
+  depths: list[Any] = []  # ints (traced under inject_hyperparams), int arrays when stacked
   for path, match, stack in zip(paths, matches, stacks, strict=True):
     if match is None:
+      # map_by_rules leaves a leaf unmatched only when there is a default.
+      assert default_depth is not None
       depth, rule = default_depth, "default_depth"
     else:
       captured = [g for g in match.match.groups() if g is not None]
@@ -325,12 +335,14 @@ def layer_depths(params: Any, *, num_layers: int, depth_rules: Any,
       depth = match.value + sum(int(g) for g in captured)
       rule = f"rule {match.match.re.pattern!r}"
     if stack is not None:
-      depth = np.arange(stack.length) + depth
+      slice_depths = np.arange(stack.length) + depth
       last = f"slice {stack.length - 1} of {stack.length} (axis {stack.axis})"
       if stack.length:
         _check_depth(f"depth of {path!r}, {last}, ({rule} + slice index)",
-                     int(depth[-1]), num_layers)
-    elif match is not None:
+                     int(slice_depths[-1]), num_layers)
+      depths.append(slice_depths)
+      continue
+    if match is not None:
       _check_depth(f"depth of {path!r} ({rule})", depth, num_layers)
     depths.append(depth)
   return jax.tree.unflatten(jax.tree.structure(params), depths)
@@ -397,9 +409,9 @@ def layerwise_lr_decay(
     decay: optax.ScalarOrSchedule,
     *,
     num_layers: int,
-    depth_rules: Any,
+    depth_rules: _paths.Rules[int],
     default_depth: int | None = None,
-    stacked: Any = None,
+    stacked: _paths.Rules[int] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Layer-wise learning-rate decay: deeper-from-the-top layers train slower.
 
@@ -511,7 +523,8 @@ def layerwise_lr_decay(
 _DEFAULT_LABEL = "__default__"
 
 
-def by_path(rules: Any, *, default: optax.GradientTransformation | None = None
+def by_path(rules: _paths.Rules[optax.GradientTransformation], *,
+            default: optax.GradientTransformation | None = None
             ) -> optax.GradientTransformationExtraArgs:
   """Applies a different transformation to each group of leaves, chosen by path.
 

@@ -276,7 +276,7 @@ def test_match_rules_exposes_the_regex_match():
       argname="rules", has_default=True,
   )
   assert matches[1] is None
-  assert matches[0].index == 0 and matches[0].value == "L"
+  assert matches[0].rule_index == 0 and matches[0].value == "L"
   assert matches[0].match.group(1) == "3"
 
 
