@@ -5,11 +5,11 @@ Run as ``python tests/_sharded_contrastive_ring8.py`` (``test_contrastive_ring8.
 
 import os
 
-os.environ["GRADTX_RING_DEVICES"] = "8"
-os.environ.setdefault("GRADTX_RING_CASES", "ring_losses_equal_dense_tiled,"
-                      "sharded_cached_ring_and_labels_equal_autodiff")
-
-import _sharded_contrastive_ring  # noqa: E402 - after the device count is set
-
 if __name__ == "__main__":
+  # Set before the ring helper is imported: it reads the device count at import time.
+  os.environ["GRADTX_RING_DEVICES"] = "8"
+  os.environ.setdefault("GRADTX_RING_CASES", "ring_losses_equal_dense_tiled,"
+                        "sharded_cached_ring_and_labels_equal_autodiff")
+  import _sharded_contrastive_ring
+
   _sharded_contrastive_ring.main()

@@ -191,9 +191,11 @@ CASES = [
          ValueError, r"default must be a finite number, got inf"),
     Case("layerwise-scale_by_path-string-rule", lambda: gradtx.scale_by_path({"a": "0.1"}),
          TypeError, r"rules: the multiplier for 'a' must be a number or a schedule, got '0\.1'"),
+    # A 1-D multiplier is per slice: only for a leaf named in stacked= (checked at init).
     Case("layerwise-scale_by_path-array-rule",
-         lambda: gradtx.scale_by_path({"a": np.array([1.0, 2.0])}),
-         ValueError, r"rules: the multiplier for 'a' must be a scalar .*shape \(2,\)"),
+         lambda: gradtx.scale_by_path({"a": np.array([1.0, 2.0])}).init({"a": np.ones(3)}),
+         ValueError, r"rules: the multiplier for 'a' is per slice, but the leaf 'a' .* is not "
+                     r"stacked"),
     Case("layerwise-scale_by_path-int-grads",
          lambda: _step(gradtx.scale_by_path({".*": 2.0}), _INTS),
          TypeError, r"params must hold .*layer/w \(int32\)"),

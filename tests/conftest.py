@@ -26,6 +26,11 @@ from hypothesis import settings  # noqa: E402
 # own directory is on sys.path when they run as scripts); so does pytest's doctest pass.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+# The underscore modules are helpers: multi-device and multi-process scripts (some set
+# environment variables or need them at import) and shared test code. They hold no tests,
+# and importing them into a pytest worker (the doctest pass) would run their set-up there.
+collect_ignore_glob = ["_*.py"]
+
 settings.register_profile("ci", max_examples=30, deadline=None)
 settings.register_profile("full", max_examples=300, deadline=None)
 settings.load_profile("full" if os.environ.get("GRADTX_SLOW") else "ci")
