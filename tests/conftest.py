@@ -59,8 +59,26 @@ def multidevice_records(request):
 
 
 
+# Modules whose tests share an expensive module-scoped fixture (a subprocess on several
+# devices or processes, the quick tour, the docs build, a wheel): pytest-xdist keeps each
+# on one worker (--dist loadgroup) so the fixture runs once. Every other test is handed
+# out one by one, so two workers stay busy to the end (notebooks, contract checks).
+_ONE_WORKER_MODULES = (
+    "test_attribution_sharded", "test_contrastive_sharded", "test_contrastive_ring",
+    "test_estimators_sharded", "test_tour", "test_benchmarks", "test_docs", "test_release",
+    "test_multihost", "test_scanned", "test_attribution_family_benchmark",
+    "test_contrastive_ring8", "test_curvature", "test_layerwise",
+)
+
+
 def pytest_collection_modifyitems(config, items):
-  """Tests marked ``slow`` run only with GRADTX_SLOW=1; CI runs their fast variants."""
+  """Groups for pytest-xdist; tests marked ``slow`` run only with GRADTX_SLOW=1."""
+  for item in items:
+    module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+    if module in _ONE_WORKER_MODULES:
+      item.add_marker(pytest.mark.xdist_group(module))
+    elif module == "test_contract" and "sharded" in item.name:
+      item.add_marker(pytest.mark.xdist_group("test_contract_sharded"))
   if os.environ.get("GRADTX_SLOW"):
     return
   skip = pytest.mark.skip(reason="slow variant: set GRADTX_SLOW=1 to run it")

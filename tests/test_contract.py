@@ -735,9 +735,9 @@ def test_logged_fields_are_readable(entry, wrapper, request):
 SHARDED_HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sharded_contract.py")
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def _sharded_process(tmp_path_factory):
-  """Starts the sharded run as the module starts, so that it overlaps the other checks."""
+  """The sharded run on 4 forced CPU devices, in a subprocess (one for the module)."""
   folder = tmp_path_factory.mktemp("sharded_contract")
   with open(folder / "stdout", "w+") as out, open(folder / "stderr", "w+") as err:
     proc = subprocess.Popen([sys.executable, SHARDED_HELPER], stdout=out, stderr=err,
