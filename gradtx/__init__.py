@@ -3,11 +3,21 @@
 Every public name is re-exported here; import ``gradtx`` and use ``gradtx.<name>``.
 """
 
+import importlib.metadata
+
 from gradtx._paths import tree_paths
 from gradtx.attribution import (
+    TokenAttributions,
+    blur_integrated_gradients,
     expected_gradients,
+    gradient_x_input,
+    guided_integrated_gradients,
     integrated_gradients,
+    integrated_hessians,
     layer_integrated_gradients,
+    saliency,
+    smooth_grad,
+    token_attributions,
 )
 from gradtx.child_tuning import (
     ChildTuningDState,
@@ -35,12 +45,14 @@ from gradtx.contrastive import (
     nt_xent,
     representation_grad,
     sharded_cached_value_and_grad,
+    sigmoid_contrastive,
     supervised_contrastive,
     surrogate_loss,
 )
 from gradtx.curvature import (
     ScaleByDiagNewtonState,
     diag_newton,
+    gnb_diagonal,
     hutchinson_diagonal,
     scale_by_diag_newton,
 )
@@ -49,8 +61,11 @@ from gradtx.estimators import (
     es_gradient,
     fill_masked,
     forward_gradient,
+    hizoo_gradient,
+    magnitude_mask,
     score_function_gradient,
     zeroth_order,
+    zo_sgd_step,
 )
 from gradtx.exponentiated import (
     EGPlusMinusState,
@@ -67,6 +82,7 @@ from gradtx.layerwise import (
     layer_depths,
     layerwise_lr_decay,
     path_labels,
+    per_slice,
     scale_by_path,
 )
 from gradtx.step_size import (
@@ -76,7 +92,10 @@ from gradtx.step_size import (
     hypergradient_descent,
 )
 
-__version__ = "0.1.0"
+try:  # the one version: pyproject.toml's, read from the installed package's metadata
+  __version__ = importlib.metadata.version("gradtx")
+except importlib.metadata.PackageNotFoundError:  # a checkout on sys.path, never installed
+  __version__ = "0+unknown"
 
 __all__ = (
     "AutoClipState",
@@ -92,9 +111,11 @@ __all__ = (
     "NormalizedMultiplicativeState",
     "ScaleByDiagNewtonState",
     "ScaleByPathState",
+    "TokenAttributions",
     "ZScoreClipState",
     "ZerothOrderState",
     "auto_clip",
+    "blur_integrated_gradients",
     "by_path",
     "cached_value_and_grad",
     "child_tuning_d",
@@ -112,25 +133,37 @@ __all__ = (
     "fisher_mask",
     "forward_gradient",
     "global_norm",
+    "gnb_diagonal",
+    "gradient_x_input",
+    "guided_integrated_gradients",
+    "hizoo_gradient",
     "hutchinson_diagonal",
     "hypergradient_descent",
     "info_nce",
     "integrated_gradients",
+    "integrated_hessians",
     "l2_normalize",
     "layer_depths",
     "layer_integrated_gradients",
     "layerwise_lr_decay",
+    "magnitude_mask",
     "normalized_multiplicative",
     "nt_xent",
     "path_labels",
+    "per_slice",
     "representation_grad",
+    "saliency",
     "scale_by_diag_newton",
     "scale_by_path",
     "score_function_gradient",
     "sharded_cached_value_and_grad",
+    "sigmoid_contrastive",
+    "smooth_grad",
     "supervised_contrastive",
     "surrogate_loss",
+    "token_attributions",
     "tree_paths",
     "zeroth_order",
+    "zo_sgd_step",
     "zscore_clip",
 )

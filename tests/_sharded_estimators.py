@@ -72,6 +72,71 @@ def case_per_leaf_population_per_device(mesh):
     _es._flattenable = flattenable
 
 
+def _explicit_mesh():
+  import jax
+
+  return jax.make_mesh((NUM_DEVICES,), ("pop",),
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+
+
+def _under_set_mesh(mesh, **kw):
+  """Key and params created under ``jax.set_mesh`` (Explicit axes): they enter the
+  shard_map as arguments, eagerly and under jit, and give the single-device estimate."""
+  import jax
+  import numpy as np
+
+  import gradtx
+
+  loss, params = _problem()
+  single = gradtx.es_gradient(loss, params, jax.random.key(4), sigma=0.1, **kw)
+  with jax.set_mesh(mesh):
+    key = jax.random.key(4)
+    mesh_params = jax.tree.map(lambda x: jax.numpy.asarray(np.asarray(x)), params)
+    eager = gradtx.es_gradient(loss, mesh_params, key, sigma=0.1, mesh=mesh,
+                               axis_name="pop", **kw)
+    jitted = jax.jit(lambda p, k: gradtx.es_gradient(loss, p, k, sigma=0.1, mesh=mesh,
+                                                     axis_name="pop", **kw))(mesh_params, key)
+  for got in (eager, jitted):
+    for name in params:
+      np.testing.assert_allclose(got[name], single[name], rtol=1e-5, atol=1e-6,
+                                 err_msg=f"{name} {kw}")
+
+
+def case_inputs_created_under_set_mesh(mesh):
+  del mesh
+  _under_set_mesh(_explicit_mesh(), num_samples=16, shaping="centered_rank")
+
+
+def case_inputs_created_under_set_mesh_lean_masked_low_rank(mesh):
+  import jax.numpy as jnp
+
+  del mesh
+  _under_set_mesh(_explicit_mesh(), num_samples=8, lean=True, rank=2,
+                  mask={"a": jnp.arange(12).reshape(3, 4) % 3 == 0, "b": True})
+
+
+def case_inputs_created_outside_with_explicit_mesh(mesh):
+  del mesh
+  _compare(_explicit_mesh(), num_samples=8, baseline="f0", antithetic=False)
+
+
+def case_closure_over_mesh_arrays_is_a_clear_error(mesh):
+  import jax
+  import jax.numpy as jnp
+  import pytest
+
+  import gradtx
+
+  del mesh
+  explicit = _explicit_mesh()
+  with jax.set_mesh(explicit):
+    data = jnp.ones(3)
+    with pytest.raises(ValueError, match=r"fn closes over an array sharded on the mesh's "
+                                         r"Explicit axes"):
+      gradtx.es_gradient(lambda p: jnp.sum(p * data), jnp.ones(3), jax.random.key(0),
+                         sigma=0.1, num_samples=8, mesh=explicit, axis_name="pop")
+
+
 def case_population_not_divisible(mesh):
   import jax.numpy as jnp
   import pytest

@@ -1,5 +1,6 @@
 """Bad inputs of the estimators: es_gradient, forward_gradient, score_function_gradient,
-zeroth_order and fill_masked (rows of ``tests/test_bad_inputs.py``)."""
+zeroth_order, fill_masked, zo_sgd_step, hizoo_gradient and magnitude_mask (rows of
+``tests/test_bad_inputs.py``)."""
 
 from __future__ import annotations
 
@@ -41,13 +42,28 @@ def sfg(key=KEY, reward=lambda y: jnp.float32(y), log_prob=None, params=None, **
       sample_fn=lambda p, k: jax.random.categorical(k, p["logits"]), **kw)
 
 
+P2 = {"a": jnp.ones((3, 2)), "b": jnp.ones(2)}
+
+
+def step(params=P, key=KEY, **kw):
+  kw = {"sigma": 1e-3, "learning_rate": 0.1, **kw}
+  return gradtx.zo_sgd_step(lambda p: sum(jnp.sum(x) for x in jax.tree.leaves(p)), params,
+                            key, **kw)
+
+
+def hizoo(params=P, key=KEY, **kw):
+  kw = {"sigma": 0.1, "hessian_diag": jax.tree.map(jnp.ones_like, params), **kw}
+  return gradtx.hizoo_gradient(linear if params is P else lambda p: 0.0, params, key, **kw)
+
+
 def zo(estimator="es", **kw):
   return gradtx.zeroth_order(estimator, **{"key": KEY, **kw})
 
 
 def zo_update(updates, params, **kw):
   tx = zo(**{"sigma": 0.1, "num_samples": 4, **kw})
-  return tx.update(updates, tx.init(params), params, loss_fn=lambda p: jnp.sum(p["w"]))
+  return tx.update(updates, tx.init(params), params,
+                   loss_fn=lambda p: sum(jnp.sum(x) for x in jax.tree.leaves(p)))
 
 
 def jitted(estimate, **kw):
@@ -208,9 +224,9 @@ CASES = [
     Case("estimators-zeroth_order-es-option-for-forward", lambda: zo("forward", sigma=0.1),
          TypeError, r"zeroth_order\('forward', \.\.\.\): bad estimator options \['sigma'\]"),
     Case("estimators-zeroth_order-estimator-cma", lambda: zo("cma"), ValueError,
-         r"estimator must be one of 'es', 'forward', got 'cma'"),
+         r"estimator must be one of 'es', 'forward', 'hizoo', 'sign', got 'cma'"),
     Case("estimators-zeroth_order-estimator-int", lambda: zo(3), TypeError,
-         r"estimator must be 'es', 'forward' or a callable, got 3"),
+         r"estimator must be one of \('es', 'forward', 'hizoo', 'sign'\) or a callable, got 3"),
     Case("estimators-zeroth_order-key-none", lambda: zo(key=None, sigma=0.1, num_samples=4),
          TypeError, r"key must be a jax\.random key .*got None"),
     Case("estimators-zeroth_order-lean-not-bool",
@@ -241,4 +257,87 @@ CASES = [
          lambda: gradtx.fill_masked({"a": jnp.ones(2), "b": optax.MaskedNode()},
                                     {"a": jnp.zeros(2), "b": {"c": jnp.full(3, 7.0)}}),
          check=check_fill_masked_subtree),
+    # zo_sgd_step, masks, low rank, HiZOO, sign (issue #18)
+    Case("estimators-zo_sgd_step-sigma-zero", lambda: step(sigma=0.0), ValueError,
+         r"sigma must be a finite number > 0, got 0\.0"),
+    Case("estimators-zo_sgd_step-sigma-negative", lambda: step(sigma=-1e-3), ValueError,
+         r"sigma must be a finite number > 0, got -0\.001"),
+    Case("estimators-zo_sgd_step-learning_rate-nan", lambda: step(learning_rate=float("nan")),
+         ValueError, r"learning_rate must be a finite number, got nan"),
+    Case("estimators-zo_sgd_step-learning_rate-schedule",
+         lambda: step(learning_rate=optax.constant_schedule(0.1)), TypeError,
+         r"learning_rate must be a number, not a schedule"),
+    Case("estimators-zo_sgd_step-integer-params",
+         lambda: step(params={"w": jnp.arange(3)}), TypeError,
+         r"params must hold floating arrays; these leaves are not: w \(int32\)"),
+    Case("estimators-zo_sgd_step-mask-missing-path",
+         lambda: step(params=P2, mask={"a": True}), ValueError,
+         r"mask must have the structure of params: missing \['b'\]"),
+    Case("estimators-zo_sgd_step-mask-extra-path",
+         lambda: step(mask={"w": True, "v": False}), ValueError,
+         r"mask must have the structure of params: not in params: \['v'\]"),
+    Case("estimators-zo_sgd_step-mask-wrong-shape",
+         lambda: step(mask={"w": jnp.ones(2, bool)}), ValueError,
+         r"mask must hold booleans of each leaf's shape .*w: bool\[2\] for a leaf of shape "
+         r"\[3\]"),
+    Case("estimators-zo_sgd_step-mask-not-bool",
+         lambda: step(mask={"w": jnp.ones(3)}), ValueError,
+         r"mask must hold booleans .*w: float32\[3\]"),
+    Case("estimators-zo_sgd_step-rank-larger-than-matrix",
+         lambda: step(params=P2, rank=4), ValueError,
+         r"rank=4 is larger than these matrix leaves allow: a \[3, 2\] \(min\(m, n\) = 2\)"),
+    Case("estimators-zo_sgd_step-rank-zero", lambda: step(params=P2, rank=0), ValueError,
+         r"rank must be an int >= 1, got 0"),
+    Case("estimators-zo_sgd_step-noise", lambda: step(noise="uniform"), ValueError,
+         r"noise must be one of 'gaussian', 'rademacher', got 'uniform'"),
+    Case("estimators-es-mask-missing-path", lambda: es(params=P2, mask={"b": True}),
+         ValueError, r"mask must have the structure of params: missing \['a'\]"),
+    Case("estimators-es-mask-rule-wrong-structure",
+         lambda: es(mask=lambda p: {"v": True}), ValueError,
+         r"mask must have the structure of params: missing \['w'\]; not in params: \['v'\]"),
+    Case("estimators-es-rank-larger-than-matrix",
+         lambda: es(params=P2, rank=3), ValueError,
+         r"rank=3 is larger than these matrix leaves allow: a \[3, 2\]"),
+    Case("estimators-es-rank-traced", traced(lambda r: es(rank=r)), TypeError,
+         r"rank must be a static Python value"),
+    Case("estimators-es-subspace_key-not-a-key",
+         lambda: es(params=P2, rank=1, subspace_key=3), TypeError,
+         r"subspace_key must be a jax\.random key"),
+    Case("estimators-hizoo-alpha-zero", lambda: hizoo(alpha=0.0), ValueError,
+         r"alpha must be in \(0\.0, 1\.0\], got 0\.0"),
+    Case("estimators-hizoo-alpha-above-one", lambda: hizoo(alpha=1.5), ValueError,
+         r"alpha must be in \(0\.0, 1\.0\], got 1\.5"),
+    Case("estimators-hizoo-sigma-zero", lambda: hizoo(sigma=0.0), ValueError,
+         r"sigma must be a finite number > 0, got 0\.0"),
+    Case("estimators-hizoo-num_samples-odd", lambda: hizoo(num_samples=3), ValueError,
+         r"num_samples must be even for HiZOO \(mirrored pairs ±z\), got 3"),
+    Case("estimators-hizoo-damping-negative", lambda: hizoo(damping=-1.0), ValueError,
+         r"damping must be a finite number >= 0, got -1\.0"),
+    Case("estimators-hizoo-integer-params",
+         lambda: hizoo(params={"w": jnp.arange(3)}), TypeError,
+         r"params must hold floating arrays; these leaves are not: w \(int32\)"),
+    Case("estimators-hizoo-hessian-mismatch",
+         lambda: hizoo(hessian_diag={"v": jnp.ones(3)}), ValueError,
+         r"hessian_diag must have the structure of params: missing \['w'\]"),
+    Case("estimators-zeroth_order-hizoo-alpha-above-one",
+         lambda: zo("hizoo", sigma=0.1, alpha=2.0), ValueError,
+         r"alpha must be in \(0\.0, 1\.0\], got 2\.0"),
+    Case("estimators-zeroth_order-hizoo-rank", lambda: zo("hizoo", sigma=0.1, rank=2),
+         TypeError, r"zeroth_order\('hizoo', \.\.\.\): bad estimator options \['rank'\]"),
+    Case("estimators-zeroth_order-resample_every-without-rank",
+         lambda: zo(sigma=0.1, num_samples=2, resample_every=5), ValueError,
+         r"resample_every=5 needs rank="),
+    Case("estimators-zeroth_order-resample_every-zero",
+         lambda: zo(sigma=0.1, num_samples=2, rank=1, resample_every=0), ValueError,
+         r"resample_every must be an int >= 1, got 0"),
+    Case("estimators-zeroth_order-sign-sigma-zero",
+         lambda: zo("sign", sigma=0.0, num_samples=2), ValueError,
+         r"sigma must be a finite number > 0, got 0\.0"),
+    Case("estimators-zeroth_order-rank-larger-than-matrix",
+         lambda: zo_update(P2, P2, rank=5), ValueError,
+         r"rank=5 is larger than these matrix leaves allow: a \[3, 2\]"),
+    Case("estimators-magnitude_mask-density-zero", lambda: gradtx.magnitude_mask(0.0),
+         ValueError, r"density must be in \(0\.0, 1\.0\], got 0\.0"),
+    Case("estimators-magnitude_mask-density-above-one", lambda: gradtx.magnitude_mask(1.5),
+         ValueError, r"density must be in \(0\.0, 1\.0\], got 1\.5"),
 ]

@@ -6,7 +6,9 @@ per module (the ``multidevice_records`` fixture of ``conftest.py``); each case i
 test here: antithetic Gaussian, plain sampling with the f(θ) baseline and Rademacher
 noise, centered-rank shaping (global ranks over devices), the
 leave-one-out mean with chunks, lean evaluation per device, the per-leaf (not flat)
-population per device, and the error for a population that does not split evenly.
+population per device, and the error for a population that does not split evenly; keys
+and params created under ``jax.set_mesh`` (Explicit axes: they enter the shard_map as
+arguments) and outside it, and a clear error for an ``fn`` that closes over such arrays.
 """
 
 import os
@@ -22,6 +24,10 @@ CASES = (
     "lean_per_device",
     "per_leaf_population_per_device",
     "population_not_divisible",
+    "inputs_created_under_set_mesh",
+    "inputs_created_under_set_mesh_lean_masked_low_rank",
+    "inputs_created_outside_with_explicit_mesh",
+    "closure_over_mesh_arrays_is_a_clear_error",
 )
 
 test_helper_runs_every_case, test_case = case_tests(CASES)

@@ -24,7 +24,12 @@ a population sharded over a device mesh, give the same estimate for the same key
 Speed against evosax and the memory of each mode: ``benchmarks/zeroth_order.py``, results
 in ``benchmarks/results/zeroth_order.md``.
 
-Layout: ``_common`` (each member's noise, fitness weights, input checks), ``_es``
+Fine-tuning at inference memory (MeZO and successors): :func:`zo_sgd_step` (the in-place
+step), ``mask=`` (Sparse MeZO, :func:`magnitude_mask`), ``rank=`` (LOZO), :func:`hizoo_gradient`
+(HiZOO) and ``zeroth_order("sign", ...)`` (ZO-SGD-Sign).
+
+Layout: ``_common`` (each member's noise, fitness weights, input checks), ``_noise``
+(masks and low-rank noise), ``_step`` (:func:`zo_sgd_step`), ``_hizoo``, ``_es``
 (:func:`es_gradient`, ``ESOptions``, the evaluation strategies), ``_forward``
 (:func:`forward_gradient`), ``_policy`` (:func:`score_function_gradient`), ``_transform``
 (:func:`zeroth_order`, :func:`fill_masked`). No submodule is named after a public
@@ -48,9 +53,13 @@ References:
 from gradtx.estimators._common import NOISES
 from gradtx.estimators._es import BASELINES, SHAPINGS, ESOptions, es_gradient
 from gradtx.estimators._forward import ForwardOptions, forward_gradient
+from gradtx.estimators._hizoo import HiZOOOptions, hizoo_gradient
+from gradtx.estimators._noise import magnitude_mask
 from gradtx.estimators._policy import score_function_gradient
+from gradtx.estimators._step import zo_sgd_step
 from gradtx.estimators._transform import (
     OPTIONS,
+    SignOptions,
     ZerothOrderState,
     fill_masked,
     zeroth_order,
@@ -65,10 +74,15 @@ __all__ = [
     "SHAPINGS",
     "ESOptions",
     "ForwardOptions",
+    "HiZOOOptions",
+    "SignOptions",
     "ZerothOrderState",
     "es_gradient",
     "fill_masked",
     "forward_gradient",
+    "hizoo_gradient",
+    "magnitude_mask",
     "score_function_gradient",
     "zeroth_order",
+    "zo_sgd_step",
 ]

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from gradtx import _checks, _chunking, _numerics, _paths
-from gradtx.estimators import _common
+from gradtx import _checks, _chunking, _numerics, _paths, _random
+from gradtx.estimators import _common, _noise
 
 SHAPINGS = (None, "centered_rank", "standardize")
 BASELINES = ("f0", "mean", None)
@@ -52,6 +52,9 @@ class ESOptions:
   lean: bool = False
   mesh: jax.sharding.Mesh | None = None
   axis_name: str | None = None
+  mask: Any = None
+  rank: int | None = None
+  subspace_key: Any = None
 
   def __post_init__(self):
     _checks.check_positive("sigma", self.sigma, allow_schedule=False)
@@ -71,6 +74,9 @@ class ESOptions:
       raise ValueError("baseline='mean' needs num_samples >= 2 (a leave-one-out mean)")
     if self.batch_size is not None:
       _checks.check_int("batch_size", self.batch_size, minimum=1)
+    if self.rank is not None:
+      _checks.check_static("rank", self.rank)
+      _checks.check_int("rank", self.rank, minimum=1)
     if self.mesh is not None or self.axis_name is not None:
       self._check_mesh()
 
@@ -116,6 +122,9 @@ def es_gradient(
     lean: bool = ESOptions.lean,
     mesh: jax.sharding.Mesh | None = ESOptions.mesh,
     axis_name: str | None = ESOptions.axis_name,
+    mask: Any = ESOptions.mask,
+    rank: int | None = ESOptions.rank,
+    subspace_key: jax.Array | None = ESOptions.subspace_key,
 ) -> Any:
   r"""Zeroth-order (ES / SPSA) estimate of ``∇_θ E_ε f(θ + σε)``.
 
@@ -158,6 +167,15 @@ def es_gradient(
     mesh: a device mesh whose ``axis_name`` axis splits the population (the number of
       noise draws, N or N/2, must divide evenly); ``params`` are replicated.
     axis_name: the mesh axis for the population.
+    mask: perturb only where ``mask`` is True (Sparse MeZO): a boolean pytree like
+      ``params`` (a scalar bool per leaf, or an array of the leaf's shape), or a rule
+      ``mask(params) -> boolean pytree`` such as :func:`gradtx.magnitude_mask`; a
+      ``gradtx.fisher_mask`` works as is. Entries outside the mask get a zero estimate; a
+      leaf whose mask is ``False`` draws no noise at all.
+    rank: draw matrix leaves (two or more axes, the last one ``n``) as ``ε = U Vᵀ/√r``
+      (LOZO); ``None`` = dense. At most every matrix leaf's ``min(m, n)``.
+    subspace_key: the key of the ``V`` factors with ``rank`` (keep it for several steps
+      for LOZO's lazy subspace); ``None`` = a fresh ``V`` from each member's key.
 
   Returns:
     A pytree like ``params`` (dtypes kept).
@@ -179,7 +197,8 @@ def es_gradient(
   """
   options = ESOptions(sigma=sigma, num_samples=num_samples, antithetic=antithetic,
                       noise=noise, shaping=shaping, baseline=baseline,
-                      batch_size=batch_size, lean=lean, mesh=mesh, axis_name=axis_name)
+                      batch_size=batch_size, lean=lean, mesh=mesh, axis_name=axis_name,
+                      mask=mask, rank=rank, subspace_key=subspace_key)
   return options.estimate(fn, params, key)
 
 
@@ -191,20 +210,26 @@ class _Member(NamedTuple):
   key: jax.Array
   noise: str
   steps: jax.Array  # (S,): s·σ for each sign s
+  shape: Any = None  # _noise.Shaping: mask, rank
+  sequential: bool = False  # the signs one after the other (lean)
 
   def noise_of(self, index: jax.Array) -> Any:
-    return _common.member_noise(self.key, index, self.params, self.noise)
+    return _common.member_noise(self.key, index, self.params, self.noise, self.shape)
+
+  def value_at(self, step: jax.Array, eps: Any) -> jax.Array:
+    """``f(θ + step·ε)``, the member rounded to each leaf's dtype, as float32."""
+    perturbed = jax.tree.map(lambda p, e: (p.astype(e.dtype) + step * e).astype(p.dtype),
+                             self.params, eps)
+    return _common.scalar_output("fn", self.fn(perturbed)).astype(jnp.float32)
 
   def fitness_at(self, eps: Any) -> jax.Array:
     """``[f(θ + sσε) for each sign s]``, shape (S,), as one vectorised evaluation."""
-    def at(step):
-      perturbed = jax.tree.map(lambda p, e: (p.astype(e.dtype) + step * e).astype(p.dtype),
-                               self.params, eps)
-      return _common.scalar_output("fn", self.fn(perturbed)).astype(jnp.float32)
-
-    return jax.vmap(at)(self.steps)
+    return jax.vmap(lambda step: self.value_at(step, eps))(self.steps)
 
   def fitness(self, index: jax.Array) -> jax.Array:
+    if self.sequential:
+      # One perturbed copy at a time, its noise regenerated (and fused) for each sign.
+      return jax.lax.map(lambda step: self.value_at(step, self.noise_of(index)), self.steps)
     return self.fitness_at(self.noise_of(index))
 
 
@@ -234,7 +259,8 @@ def _vmapped(member: _Member, indices: jax.Array) -> _Strategy:
   def fitness():
     if _flattenable(member.params):
       return _flat_fitness(member, eps)
-    return jax.vmap(member.fitness_at)(eps)
+    # axis_size: an empty tree has no leaf to vmap over.
+    return jax.vmap(member.fitness_at, axis_size=indices.shape[0])(eps)
 
   return _Strategy(fitness, lambda c: _contract(c, eps))
 
@@ -314,27 +340,35 @@ def _estimate(options: ESOptions, fn: Callable[[Any], jax.Array], params: Any,
   sigma = options.sigma
   sigma = float(sigma) if isinstance(sigma, (int, float)) else jnp.asarray(sigma, jnp.float32)
   resolved = _resolution_masks(params, sigma)
-  signs = jnp.array(options.signs, jnp.float32)
-  member = _Member(fn, params, key, options.noise, signs * sigma)
+  subspace_key = (None if options.subspace_key is None
+                  else _random.as_key(options.subspace_key, argname="subspace_key"))
+  shape = _noise.shaping(params, mask=options.mask, rank=options.rank,
+                         subspace_key=subspace_key)
+  signs = np.array(options.signs, np.float32)  # a constant, not an array of the mesh
   # Mirrored pairs cancel any constant baseline; shaping replaces it.
   baseline = None if options.antithetic or options.shaping is not None else options.baseline
   f0 = (_common.scalar_output("fn", fn(params)).astype(jnp.float32)
         if baseline == "f0" else None)
+  # Every array the population needs, passed (never closed over) into a shard_map.
+  arrays = (params, key, jnp.asarray(signs) * sigma, f0, shape.arrays)
 
-  def coefficients(fitness):
+  def coefficients(fitness, f0):
     """Per noise draw ``c_j = Σ_s s · w_{j,s}`` from the global (draws, signs) fitness."""
     w = _common.weights(fitness.reshape(-1), f0, options.shaping, baseline)
     return jnp.sum(w.reshape(fitness.shape) * signs, axis=1)
 
-  def local_sum(indices, coefficients_of):
+  def local_sum(indices, coefficients_of, arrays):
     """``Σ_j c_j ε_j`` over ``indices``; ``coefficients_of`` maps their fitness to ``c``."""
+    params, key, steps, f0, shape_arrays = arrays
+    member = _Member(fn, params, key, options.noise, steps, shape.with_arrays(shape_arrays),
+                     options.lean)
     strategy = _strategy(options, member, indices)
-    return strategy.noise_sum(coefficients_of(strategy.fitness()))
+    return strategy.noise_sum(coefficients_of(strategy.fitness(), f0))
 
   if options.mesh is None:
-    total = local_sum(jnp.arange(options.draws, dtype=jnp.uint32), coefficients)
+    total = local_sum(jnp.arange(options.draws, dtype=jnp.uint32), coefficients, arrays)
   else:
-    total = _on_mesh(options, coefficients, local_sum)
+    total = _on_mesh(options, coefficients, local_sum, arrays)
   scale = int(options.num_samples) * sigma
 
   def finish(t, p, ok=None):
@@ -348,27 +382,42 @@ def _estimate(options: ESOptions, fn: Callable[[Any], jax.Array], params: Any,
   return jax.tree.map(finish, total, params, resolved)
 
 
-def _on_mesh(options: ESOptions, coefficients: Callable, local_sum: Callable) -> Any:
+def _on_mesh(options: ESOptions, coefficients: Callable, local_sum: Callable,
+             arrays: Any) -> Any:
   """``Σ_j c_j ε_j`` with the draws split over the mesh axis ``options.axis_name``.
 
   Each device evaluates its share with its own strategy; the fitness is all-gathered so
-  that the weights (ranks, baselines) are those of the whole population.
+  that the weights (ranks, baselines) are those of the whole population. ``arrays``
+  (params, key, steps, ...) enter ``shard_map`` as arguments, replicated: a ``shard_map``
+  cannot close over arrays sharded on Explicit axes (created under ``jax.set_mesh``).
   """
   from jax.sharding import PartitionSpec as P
 
   mesh, axis_name = options.mesh, options.axis_name
 
-  def local(indices):
-    def mine(fitness):
+  def local(indices, arrays):
+    def mine(fitness, f0):
       everyone = jax.lax.all_gather(fitness, axis_name, tiled=True)
       start = jax.lax.axis_index(axis_name) * indices.shape[0]
-      return jax.lax.dynamic_slice_in_dim(coefficients(everyone), start, indices.shape[0])
+      return jax.lax.dynamic_slice_in_dim(coefficients(everyone, f0), start,
+                                          indices.shape[0])
 
-    return jax.tree.map(lambda t: jax.lax.psum(t, axis_name), local_sum(indices, mine))
+    return jax.tree.map(lambda t: jax.lax.psum(t, axis_name), local_sum(indices, mine, arrays))
 
   indices = jnp.arange(options.draws, dtype=jnp.uint32)
   if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-    # Sharding in types: the index vector must already be split as in_specs says.
+    # Sharding in types: the inputs must already be laid out as in_specs say.
     indices = jax.sharding.reshard(indices, jax.sharding.NamedSharding(mesh, P(axis_name)))
-  return jax.shard_map(local, mesh=mesh, in_specs=P(axis_name), out_specs=P(),
-                       check_vma=False)(indices)
+    arrays = jax.tree.map(
+        lambda x: jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, P())), arrays)
+  try:
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(axis_name), P()), out_specs=P(),
+                         check_vma=False)(indices, arrays)
+  except NotImplementedError as err:
+    if "Closing over inputs to shard_map" not in str(err):
+      raise
+    raise ValueError(
+        "es_gradient(..., mesh=...): fn closes over an array sharded on the mesh's "
+        "Explicit axes (created under jax.set_mesh), which shard_map cannot close over. "
+        "Create fn's data outside jax.set_mesh, or pass a mesh with Auto axes "
+        "(jax.make_mesh(..., axis_types=(AxisType.Auto,)))") from err
