@@ -16,7 +16,8 @@ from typing import Any
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-  """One bad or edge input: ``call()`` must raise ``error`` matching ``match``, or pass ``check``."""
+  """One bad or edge input: ``call()`` must raise ``error`` matching ``match``, or pass
+  ``check``."""
 
   id: str
   call: Callable[[], Any]

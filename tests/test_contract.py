@@ -355,6 +355,18 @@ TRANSFORMATIONS = (
           dict(estimator="es", key=jax.random.key(4), sigma=0.1, num_samples=128),
           static_args=("estimator", "key", "num_samples"),
           update_kwargs=dict(loss_fn=loss), rtol=1e-4, atol=2e-4, sharded_atol=2e-4),
+    # HiZOO: perturbations scaled by a running diagonal-Hessian estimate (in the state).
+    Entry("zeroth_order-hizoo", gradtx.zeroth_order,
+          dict(estimator="hizoo", key=jax.random.key(6), sigma=0.1, num_samples=64,
+               alpha=0.01),
+          static_args=("estimator", "key", "num_samples"), fields=("hessian_diag",),
+          update_kwargs=dict(loss_fn=loss), rtol=2e-3, atol=1e-3, sharded_atol=1e-3),
+    # LOZO: low-rank perturbations of matrix leaves (V kept for 2 steps), lean evaluation.
+    Entry("zeroth_order-lozo", gradtx.zeroth_order,
+          dict(estimator="es", key=jax.random.key(7), sigma=0.1, num_samples=1024, rank=3,
+               resample_every=2, lean=True),
+          static_args=("estimator", "key", "num_samples"),
+          update_kwargs=dict(loss_fn=loss), rtol=1e-4, atol=2e-4, sharded_atol=2e-4),
     # The forward gradient <∇f, v> v (jax.jvp): no σ, so the default tolerances, but each
     # slope <∇f, v> sums over every coordinate (4 shards sum in another order).
     Entry("zeroth_order-forward", gradtx.zeroth_order,

@@ -61,11 +61,7 @@ SLOW_ONLY = (
     "zeroth_order_population_over_processes",
     "integrated_gradients_data_parallel",
 )
-XFAIL = {
-    "bad_es_gradient_on_fsdp_params_eagerly":
-        "es_gradient's sigma-resolution check reads FSDP params with np.asarray on the "
-        "host (fix: gradtx/estimators/_es.py, a global max of |θ| instead)",
-}
+XFAIL: dict[str, str] = {}
 
 
 def _param(name):

@@ -73,7 +73,7 @@ def streamed(base: jax.Array, leaf_key: jax.Array, noise: str, dtype: Any,
   return flat.reshape(shape)
 
 
-def member_noise(key: jax.Array, index: jax.Array, params: Any, noise: str,
+def member_noise(key: jax.Array, index: jax.Array | int, params: Any, noise: str,
                  shape: _noise.Shaping | None = None) -> Any:
   """The noise ``ε`` of population member ``index``: a pytree like ``params`` (float32+).
 
@@ -99,7 +99,7 @@ def member_noise(key: jax.Array, index: jax.Array, params: Any, noise: str,
     leaf_shape, dtype = jnp.shape(leaf), _numerics.compute_dtype(leaf)
     if shape.frozen[i]:
       return jnp.zeros(leaf_shape, dtype)
-    if v_keys is not None and len(leaf_shape) >= 2:
+    if v_keys is not None and shape.rank is not None and len(leaf_shape) >= 2:
       z = _noise.low_rank(leaf_key, v_keys[i], leaf_shape, shape.rank, sample, dtype)
     else:
       # Drawn flat and reshaped: up to BLOCK entries the same values as drawing the
@@ -154,6 +154,7 @@ def weights(fitness: jax.Array, f0: jax.Array | None, shaping: str | None,
     std = jnp.std(fitness)
     return (fitness - jnp.mean(fitness)) / jnp.where(std > 0, std, 1.0)
   if baseline == "f0":
+    assert f0 is not None, "baseline='f0' evaluates f(θ) first"
     return fitness - f0
   if baseline == "mean":  # leave-one-out mean: unbiased
     return (fitness - jnp.mean(fitness)) * (n / max(n - 1, 1))

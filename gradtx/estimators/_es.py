@@ -84,6 +84,7 @@ class ESOptions:
     if (self.mesh is None) != (self.axis_name is None):
       raise ValueError("pass both mesh and axis_name (the population's mesh axis), or "
                        f"neither; got mesh={self.mesh!r}, axis_name={self.axis_name!r}")
+    assert self.mesh is not None  # both are given (checked just above)
     if self.axis_name not in self.mesh.axis_names:
       raise ValueError(f"axis_name must be an axis of mesh {tuple(self.mesh.axis_names)}, "
                        f"got {self.axis_name!r}")
@@ -318,6 +319,10 @@ def _resolution_masks(params: Any, sigma: Any) -> Any | None:
     return jax.tree.unflatten(treedef, [
         jnp.spacing(jnp.abs(p)).astype(_numerics.compute_dtype(p)) <= sigma for p in leaves])
   for path, leaf in zip(paths, leaves, strict=True):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable and leaf.size:
+      # Sharded over other processes' devices too: the spacing grows with |θ|, so the
+      # largest |θ| decides; a global reduction every process reads whole.
+      leaf = jnp.max(jnp.abs(leaf))
     magnitude = np.abs(np.asarray(leaf)).reshape(-1)
     spacing = np.spacing(magnitude).astype(np.float64)
     if spacing.size and spacing.max() > float(sigma):
@@ -394,6 +399,7 @@ def _on_mesh(options: ESOptions, coefficients: Callable, local_sum: Callable,
   from jax.sharding import PartitionSpec as P
 
   mesh, axis_name = options.mesh, options.axis_name
+  assert mesh is not None  # _on_mesh runs only with a mesh (ESOptions checks both)
 
   def local(indices, arrays):
     def mine(fitness, f0):

@@ -36,6 +36,7 @@ def _perturber(params: Any, key: jax.Array, noise: str,
           low_rank = jax.tree.leaves(_common.member_noise(key, 0, tree, noise, shape))
         out.append(add(p, low_rank[i]))
       else:
+        assert keys is not None  # there are leaves, so there are paths
         out.append(_common.streamed(p, keys[i], noise, dtype, add, shape.masks[i]))
     return jax.tree.unflatten(treedef, out)
 
