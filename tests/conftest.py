@@ -74,7 +74,7 @@ _ONE_WORKER_MODULES = (
 def pytest_collection_modifyitems(config, items):
   """Groups for pytest-xdist; tests marked ``slow`` run only with GRADTX_SLOW=1."""
   for item in items:
-    module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+    module = item.path.stem  # doctest items have no .module
     if module in _ONE_WORKER_MODULES:
       item.add_marker(pytest.mark.xdist_group(module))
     elif module == "test_contract" and "sharded" in item.name:
