@@ -1,4 +1,4 @@
-"""The contract every public gradtx transformation satisfies (DESIGN.md, "Conventions").
+"""The contract every public gradtx transformation satisfies (see CONTRIBUTING.md).
 
 ``TRANSFORMATIONS`` lists every public transformation with a valid configuration, one
 line each; every check below runs over all of them. Adding a transformation to gradtx
