@@ -9,11 +9,14 @@ Claims (issue #16):
    variant's per-device FLOPs. Variants: ``all_gather`` (every device gathers ``a`` and
    ``b`` and computes the whole blockwise loss, ``block_size=1024``, as
    ``sharded_cached_value_and_grad(loss_comm="all_gather")`` does) and ``ring``
-   (``axis_name=``, ``block_size=1024``), for symmetric InfoNCE and SigLIP. Memory is
+   (``axis_name=``, ``block_size=1024``), for symmetric InfoNCE, SigLIP and NT-Xent
+   (``z1``, ``z2`` of B/2 rows each: the same B × B scores). Memory is
    ``memory_analysis().temp_size_in_bytes`` of the compiled per-device program; FLOPs
    are the tile matmuls the code does per device, counted analytically (XLA's
-   ``cost_analysis`` counts a loop body once, not once per iteration): forward 1 and
-   backward 3 ``rows × cols × d`` products per direction, multiply-adds × 2.
+   ``cost_analysis`` counts a loop body once, not once per iteration), multiply-adds × 2:
+   one ``rows × cols × d`` product per tile forward; backward 3 (the scores again,
+   ``q̄``, ``k̄``), 2 for NT-Xent (``k`` is ``q``: no ``k̄``). The symmetric InfoNCE's two
+   directions share the tiles (one pass, one ring).
 2. *Time* (executed, 4 virtual CPU devices of this machine, B = 4096, d = 128): ring vs
    all-gather step time, a paired ratio of interleaved rounds in one process.
 3. *Quality*: SigLIP vs InfoNCE (equal steps, equal encoder, Adam) on a two-view task on
@@ -39,6 +42,7 @@ import _common  # noqa: E402
 
 NAME = "contrastive_scaling"
 GIB = 2**30
+LOSSES = ("info_nce", "siglip", "nt_xent")  # compile-only rows; timed: the first two
 
 
 # ------------------------------------------------------------------ device workers
@@ -55,6 +59,8 @@ def _sharded_step(loss_name, comm, block):
     kw = dict(temperature=0.1, block_size=block, axis_name=axis_name)
     if loss_name == "siglip":
       return gradtx.sigmoid_contrastive(a, b, bias=-10.0, **kw)
+    if loss_name == "nt_xent":
+      return gradtx.nt_xent(a, b, **kw)
     return gradtx.info_nce(a, b, **kw)
 
   def per_device(a, b):
@@ -79,16 +85,18 @@ def _compiled(loss_name, comm, block, batch, dim, mesh):
   per_device, jnp = _sharded_step(loss_name, comm, block)
   fn = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P("data"), P("data")),
                              out_specs=(P(), (P("data"), P("data"))), check_vma=False))
-  shape = jax.ShapeDtypeStruct((batch, dim), jnp.float32,
+  rows = batch // 2 if loss_name == "nt_xent" else batch  # two views of B/2 samples
+  shape = jax.ShapeDtypeStruct((rows, dim), jnp.float32,
                                sharding=NamedSharding(mesh, P("data")))
   return fn, fn.lower(shape, shape).compile()
 
 
 def _flops(loss_name, comm, batch, dim, n):
-  """Tile matmul FLOPs per device: 1 forward + 3 backward products per direction."""
-  directions = 1 if loss_name == "siglip" else 2
+  """Tile matmul FLOPs per device: 1 forward + 3 backward products per tile (2 for
+  NT-Xent); the symmetric InfoNCE's two directions share the tiles."""
+  products = 3 if loss_name == "nt_xent" else 4
   rows = batch // n if comm == "ring" else batch
-  return directions * 4 * 2 * rows * batch * dim
+  return products * 2 * rows * batch * dim
 
 
 def worker_memory(batches, dim, block):
@@ -98,7 +106,7 @@ def worker_memory(batches, dim, block):
   mesh = jax.make_mesh((n,), ("data",))
   records = []
   for batch in batches:
-    for loss_name in ("info_nce", "siglip"):
+    for loss_name in LOSSES:
       for comm in ("all_gather", "ring"):
         _, compiled = _compiled(loss_name, comm, block, batch, dim, mesh)
         memory = compiled.memory_analysis()
@@ -221,14 +229,26 @@ def quality(steps, seed=0):
 # ------------------------------------------------------------------------------- main
 
 
+def _target_line(memory):
+  """The ring's temporaries at the largest B against the 2 GiB target, per loss."""
+  largest = max(r["batch"] for r in memory)
+  ring = [r for r in memory if r["batch"] == largest and r["comm"] == "ring"]
+  verdicts = [f"{r['loss']} {r['temp_bytes'] / GIB:.3f} GiB "
+              f"({'yes' if r['temp_bytes'] <= 2 * GIB else '**no**'})" for r in ring]
+  return (f"Ring temporaries ≤ 2 GiB per device at B = 2^{int(np.log2(largest))}: "
+          + ", ".join(verdicts) + ".")
+
+
 def _plot(memory, quality_results, out_dir):
   plt = _common.pyplot()
   fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-  for loss_name, marker in (("info_nce", "o"), ("siglip", "s")):
+  for i, (loss_name, marker) in enumerate(zip(LOSSES, "os^", strict=True)):
     for comm, style in (("all_gather", "--"), ("ring", "-")):
       pts = [(r["batch"], r["temp_bytes"] / GIB) for r in memory
              if r["loss"] == loss_name and r["comm"] == comm]
-      ax.plot(*zip(*pts, strict=True), style, marker=marker, label=f"{loss_name}, {comm}")
+      # Hollow markers of decreasing size: equal values (InfoNCE, SigLIP) stay visible.
+      ax.plot(*zip(*pts, strict=True), style, marker=marker, color=f"C{i}",
+              markersize=10 - 2 * i, markerfacecolor="none", label=f"{loss_name}, {comm}")
   ax.axhline(2, color="gray", lw=0.8, ls=":", label="2 GiB target")
   ax.set(xscale="log", yscale="log", xlabel="global batch B", title=(
       f"per-device temporaries, loss + gradient ({memory[0]['devices']} devices, d = 512)"),
@@ -277,6 +297,7 @@ def main():
         f"block {block})", "",
         _common.markdown_table(["B", "loss", "comm", "temporaries GiB", "TFLOP/device",
                                 "FLOPs vs all_gather"], rows), "",
+        _target_line(memory), "",
         f"## Step time, executed ({timing['devices']} virtual CPU devices, "
         f"B = {timing['batch']}, d = {timing['dim']}, block {timing['block']})", "",
         _common.markdown_table(

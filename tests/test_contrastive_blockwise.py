@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import gradtx
-from gradtx.contrastive import _losses
+from gradtx.contrastive import _blockwise, _losses
 from gradtx.contrastive._blockwise import blockwise_row_losses
 
 RTOL = 1e-5
@@ -85,6 +85,71 @@ def test_row_vjp_matches_dense_with_arbitrary_cotangent():
   got = jax.jit(jax.grad(lambda *a: total(blockwise_row_losses, *a, block_size=4),
                          argnums=(0, 1, 2)))(*args)
   for g, w in zip(got, want, strict=True):
+    np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize(("num_rows", "num_cols", "block_size"), [(10, 7, 4), (7, 10, 3)])
+def test_two_sided_columns_match_numpy_and_their_vjp_matches_dense(num_rows, num_cols,
+                                                                   block_size):
+  """One pass gives the rows' losses of q→k and k→q (the columns of the same scores)."""
+  q, _ = data(num_rows, seed=8)
+  _, k = data(num_cols, seed=9)
+  q_labels, k_labels = jnp.arange(num_rows) % 3, jnp.arange(num_cols) % 4
+  two_sided = lambda q, k, inv_t: _blockwise.tiled_losses(
+      _blockwise.Softmax, q, k, q_labels, k_labels, inv_t, exclude_self=False,
+      block_size=block_size, mode="both")
+  (rows, rows_ok), (cols, cols_ok) = jax.jit(two_sided)(q, k, 2.0)
+  labels = np.asarray(q_labels), np.asarray(k_labels)
+  for (got, got_ok), (x, y, lx, ly) in [((rows, rows_ok), (q, k) + labels),
+                                        ((cols, cols_ok), (k, q) + labels[::-1])]:
+    want, want_ok = np_row_losses(x, y, lx, ly, 2.0, exclude_self=False)
+    np.testing.assert_array_equal(got_ok, want_ok)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+  c_rows = jax.random.normal(jax.random.key(1), (num_rows,))
+  c_cols = jax.random.normal(jax.random.key(2), (num_cols,))
+
+  def dense(q, k, inv_t):
+    forward = _losses.dense_row_losses(q, k, q_labels, k_labels, inv_t, exclude_self=False)
+    backward = _losses.dense_row_losses(k, q, k_labels, q_labels, inv_t, exclude_self=False)
+    return jnp.sum(forward[0] * c_rows) + jnp.sum(backward[0] * c_cols)
+
+  def tiled(q, k, inv_t):
+    (rows, _), (cols, _) = two_sided(q, k, inv_t)
+    return jnp.sum(rows * c_rows) + jnp.sum(cols * c_cols)
+
+  args = (q, k, jnp.float32(1.3))
+  want = jax.jit(jax.grad(dense, argnums=(0, 1, 2)))(*args)
+  got = jax.jit(jax.grad(tiled, argnums=(0, 1, 2)))(*args)
+  for g, w in zip(got, want, strict=True):
+    np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("block_size", [4, 11])
+def test_self_pairs_vjp_matches_dense_with_arbitrary_cotangent(block_size):
+  """``mode="self"`` (k is q): the travelling rows' share lands on the local rows."""
+  z, _ = data(11, seed=10)
+  labels = (jnp.arange(11) % 4).at[3].set(9)  # row 3 has no positive
+  cot = jax.random.normal(jax.random.key(5), (11,))
+
+  def self_pairs(z, inv_t):
+    (loss, counted), = _blockwise.tiled_losses(
+        _blockwise.Softmax, z, None, labels, None, inv_t, exclude_self=True,
+        block_size=block_size, mode="self")
+    return jnp.sum(loss * cot), counted
+
+  def dense(z, inv_t):
+    loss, counted = _losses.dense_row_losses(z, z, labels, labels, inv_t, exclude_self=True)
+    return jnp.sum(loss * cot), counted
+
+  args = (z, jnp.float32(1.7))
+  (want, want_ok), want_grads = jax.jit(jax.value_and_grad(dense, argnums=(0, 1),
+                                                           has_aux=True))(*args)
+  (got, got_ok), grads = jax.jit(jax.value_and_grad(self_pairs, argnums=(0, 1),
+                                                    has_aux=True))(*args)
+  np.testing.assert_array_equal(got_ok, want_ok)
+  np.testing.assert_allclose(got, want, rtol=RTOL)
+  for g, w in zip(grads, want_grads, strict=True):
     np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL)
 
 

@@ -14,18 +14,30 @@ matrix ``s_ij = τ⁻¹ <q_i, k_j> + β`` with a set of *allowed* columns ``A(i)
 
 **Tiles.** Rows and columns are cut into blocks of ``block_size`` (a batch that does not
 divide is padded with masked rows and columns; nothing is dropped). For each block of
-rows the column blocks are visited in turn (``lax.map`` over row blocks, ``lax.scan``
-over column blocks); one ``block × block`` tile of scores lives at a time.
+rows the column blocks are visited in turn (``lax.scan`` over row blocks and over
+column blocks); one ``block × block`` tile of scores lives at a time.
+
+**Both directions, one pass** (``mode="both"``, CLIP's symmetric InfoNCE): the loss of
+``k``'s rows against ``q`` is the kernel on the *columns* of the same scores, so each
+tile also updates column statistics (the kernel on the transposed tile), which travel
+with the ``k`` block; each tile is multiplied once for both directions, forward and
+backward. **Self pairs** (``mode="self"``, NT-Xent, SupCon: ``k`` is ``q``): forward
+as ``"rows"``; the backward uses ``s_ij = s_ji`` (see below).
 
 **The ring** (``axis_name=``, inside ``jax.shard_map`` over ``n`` devices). Device ``d``
 holds its rows ``q⁽ᵈ⁾`` and its block ``k⁽ᵈ⁾``. It accumulates the row statistics of
 ``q⁽ᵈ⁾`` against ``k⁽ᵈ⁾``, passes the ``k`` block (with its labels and global row ids) to
 device ``d + 1`` with ``lax.ppermute`` while it computes, and repeats: after ``n − 1``
-hops every row has seen every column (Inf-CL, Wang et al. 2024). Per device and hop:
+hops every row has seen every column (Inf-CL, Cheng et al. 2024); with ``"both"`` the
+block's column statistics come home in one more (small) hop. Per device and hop:
 ``B/n`` rows of work, memory ``O((B/n)·d + block²)``; the all-gathered ``B × d`` never
 exists. The backward pass is a ring too: the ``k`` block travels again together with its
-gradient accumulator ``k̄``, which every device adds its rows' share to; one last hop
-brings ``k̄`` home. Row ids are global (``axis_index · rows``), so self-exclusion and the
+gradient accumulator ``k̄`` (and, with ``"both"``, its columns' cotangents and saved
+log-sum-exps), which every device adds its rows' share to; one last hop brings ``k̄``
+home. With ``"self"`` no ``k̄`` travels: the travelling rows carry their own cotangents
+and saved values, and ``g_ji``, their tile's gradient transposed, is the local rows'
+gradient through the columns, so ``q̄_i = τ⁻¹ Σ_j (g_ij + g_ji) q_j`` is complete on its
+own device. Row ids are global (``axis_index · rows``), so self-exclusion and the
 default labels are those of the single-device loss.
 
 **Gradients** (a ``jax.custom_vjp`` recomputing the tiles from ``q``, ``k`` and per-row
@@ -45,10 +57,12 @@ loss (its cotangent, the same on every device, is not summed over the devices), 
 
 Cost. The forward costs ``Bq·Bk·d`` multiply-adds, as the dense loss; the backward
 recomputes the scores and does the two products for ``q̄`` and ``k̄`` (3 tile matmuls
-instead of the dense backward's 2): the price of never storing the matrix. At
-B = 65536, d = 128 in float32 the dense matrix alone is 16 GiB, while the blockwise
-``value_and_grad`` of the symmetric InfoNCE needs about 160 MiB of temporaries with
-``block_size=1024`` (the tests check < 1 GiB); ring numbers are in
+instead of the dense backward's 2: the price of never storing the matrix; 2 with
+``"self"``). With ``"both"`` the two directions share these products (the dense
+symmetric loss computes the matrix twice). At B = 65536, d = 128 in float32 the dense
+matrix alone is 16 GiB, while the blockwise ``value_and_grad`` of the symmetric InfoNCE
+needs about 100 MiB of temporaries with ``block_size=1024`` (the tests check < 1 GiB;
+``benchmarks/results/contrastive_memory.md``); ring numbers are in
 ``benchmarks/results/contrastive_scaling.md``. Forward-mode differentiation
 (``jax.jvp``, Hessians) is not available through the custom VJP.
 
@@ -183,8 +197,9 @@ def _around_ring(step, carry, block, axis_name):
 
 
 def _tile_masks(q_ids, q_lab, k_ids, k_lab, exclude_self):
-  """Allowed and positive masks of one tile; padded columns (id < 0) are not allowed."""
-  allowed = jnp.broadcast_to(k_ids[None, :] >= 0, (q_ids.shape[0], k_ids.shape[0]))
+  """Allowed and positive masks of one tile; padded rows and columns (id < 0) are not
+  allowed (the transposed masks are those of the tile seen from the columns)."""
+  allowed = (q_ids[:, None] >= 0) & (k_ids[None, :] >= 0)
   if exclude_self:
     allowed = allowed & (q_ids[:, None] != k_ids[None, :])
   return allowed, allowed & (q_lab[:, None] == k_lab[None, :])
@@ -196,30 +211,44 @@ def _scores(q_i, k_j, inv_t, bias):
 
 
 def _hop_stats(kernel, exclude_self, stats, rows, block, inv_t, bias):
-  """Row statistics of every local row block updated with one ``k`` block's tiles."""
-  kb, klb, kib = block
+  """Row statistics of every local row block updated with one ``k`` block's tiles.
 
-  def row_block(xs):
+  ``block = (k, labels, ids, column statistics or None)``: two-sided, each tile also
+  updates the travelling block's column statistics (the kernel on the transposed tile).
+  """
+  kb, klb, kib, col_stats = block
+
+  def row_block(col_stats, xs):
     st, q_i, ql_i, qi_i = xs
 
     def col(st, ys):
-      k_j, kl_j, ki_j = ys
+      k_j, kl_j, ki_j, cst_j = ys
       _, s = _scores(q_i, k_j, inv_t, bias)
       allowed, positive = _tile_masks(qi_i, ql_i, ki_j, kl_j, exclude_self)
-      return kernel.accumulate(st, s, allowed, positive), None
+      if cst_j is not None:
+        cst_j = kernel.accumulate(cst_j, s.T, allowed.T, positive.T)
+      return kernel.accumulate(st, s, allowed, positive), cst_j
 
-    return jax.lax.scan(col, st, (kb, klb, kib))[0]
+    st, col_stats = jax.lax.scan(col, st, (kb, klb, kib, col_stats))
+    return col_stats, st
 
-  return jax.lax.map(row_block, (stats,) + rows)
+  col_stats, stats = jax.lax.scan(row_block, col_stats, (stats,) + rows)
+  return stats, (kb, klb, kib, col_stats)
 
 
 def _hop_grads(kernel, exclude_self, carry, rows, row_coefs, block, inv_t, bias):
-  """One ``k`` block's tiles: adds to ``q̄``, ``∂τ⁻¹``, ``β̄`` and the travelling ``k̄``.
+  """One ``k`` block's tiles: adds to ``q̄``, ``∂τ⁻¹``, ``β̄`` (and the travelling ``k̄``).
 
-  ``row_coefs`` are the rows' cotangents ``c_i`` and the kernel's saved row values.
+  ``row_coefs`` are the rows' cotangents ``c_i`` and the kernel's saved row values;
+  ``block = (k, labels, ids, column coefficients or None, k̄ or None)``. The column
+  coefficients are those of the columns' own losses (two-sided: CLIP's ``b → a``) or, with
+  ``k̄ = None`` (self pairs, ``k`` the rows of ``q`` from another device), those of the
+  travelling rows: their share of the tile, transposed, lands on the local rows, so the
+  gradient of ``q`` is complete on its own device and no ``k̄`` travels.
   """
   dqb, dinv, dbias = carry
-  kb, klb, kib, dkb = block
+  kb, klb, kib, col_coefs, dkb = block
+  self_pairs = dkb is None
 
   def row_step(inner, xs):
     dkb, dinv, dbias = inner
@@ -227,69 +256,103 @@ def _hop_grads(kernel, exclude_self, carry, rows, row_coefs, block, inv_t, bias)
 
     def col_step(acc, ys):
       dq_i, dkb, dinv, dbias = acc
-      k_j, kl_j, ki_j, j = ys
+      k_j, kl_j, ki_j, col_j, j = ys
       raw, s = _scores(q_i, k_j, inv_t, bias)
       allowed, positive = _tile_masks(qi_i, ql_i, ki_j, kl_j, exclude_self)
       g = kernel.tile_grad(s, allowed, positive, coef_i, saved_i)
-      return (dq_i + g @ k_j, dkb.at[j].add(g.T @ q_i), dinv + jnp.sum(g * raw),
-              dbias + jnp.sum(g)), None
+      if self_pairs:  # ∂τ⁻¹, β̄ of the travelling rows' losses count on their own device
+        g_col = kernel.tile_grad(s.T, allowed.T, positive.T, *col_j).T
+        dq_i = dq_i + (g + g_col) @ k_j
+      else:  # two-sided, both sides' losses are of these scores; k̄ travels
+        if col_j is not None:
+          g = g + kernel.tile_grad(s.T, allowed.T, positive.T, *col_j).T
+        dq_i, dkb = dq_i + g @ k_j, dkb.at[j].add(g.T @ q_i)
+      return (dq_i, dkb, dinv + jnp.sum(g * raw), dbias + jnp.sum(g)), None
 
-    ys = (kb, klb, kib, jnp.arange(kb.shape[0]))
+    ys = (kb, klb, kib, col_coefs, jnp.arange(kb.shape[0]))
     (dq_i, dkb, dinv, dbias), _ = jax.lax.scan(col_step, (jnp.zeros_like(q_i), dkb, dinv,
                                                           dbias), ys)
     return (dkb, dinv, dbias), dq_i
 
   (dkb, dinv, dbias), dq = jax.lax.scan(row_step, (dkb, dinv, dbias), rows + row_coefs)
-  return (dqb + dq, dinv, dbias), (kb, klb, kib, dkb)
+  return (dqb + dq, dinv, dbias), (kb, klb, kib, col_coefs, dkb)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _tiled_core(kernel, axis_name, exclude_self, rows, block, inv_t, bias):
-  """Row losses and whether each row counts, of the padded, blocked local inputs."""
-  loss, counted, _ = _core_values(kernel, axis_name, exclude_self, rows, block, inv_t, bias)
-  return loss, counted
+def _home(x, axis_name):
+  """What travelled the ring ends one hop short of home (on device ``d − 1``): send it."""
+  if axis_name is None:
+    return x
+  return jax.lax.ppermute(x, axis_name, _ring_perm(axis_name))
 
 
-def _core_values(kernel, axis_name, exclude_self, rows, block, inv_t, bias):
-  qb = rows[0]
-  init = _vary(kernel.init(qb.shape[:2], qb.dtype), axis_name)
+# ``mode`` of the core: "rows" (the losses of the rows of q), "both" (and of the rows of k
+# against q: the columns of the same scores), "self" (k is q: rows only, and the
+# backward uses the symmetry of the pairs).
+_MODES = ("rows", "both", "self")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _tiled_core(kernel, axis_name, exclude_self, mode, rows, block, inv_t, bias):
+  """``((loss, counted),)`` of the rows of ``q`` (and with ``mode="both"`` of ``k``) of
+  the padded, blocked local inputs (``block=None``: ``k`` is ``q``, ``mode="self"``);
+  ``counted`` (int32) says whether a row enters the mean."""
+  sides = _core_values(kernel, axis_name, exclude_self, mode, rows, block, inv_t, bias)
+  return tuple((loss, counted) for loss, counted, _ in sides)
+
+
+def _core_values(kernel, axis_name, exclude_self, mode, rows, block, inv_t, bias):
+  """Per side, ``(loss, counted, saved)``: one pass around the ring for both sides."""
+  block = rows if block is None else block
+  dtype = rows[0].dtype
+  init = _vary(kernel.init(rows[0].shape[:2], dtype), axis_name)
+  both = mode == "both"
+  col_init = _vary(kernel.init(block[0].shape[:2], dtype), axis_name) if both else None
 
   def step(stats, blk):
-    return _hop_stats(kernel, exclude_self, stats, rows, blk, inv_t, bias), blk
+    return _hop_stats(kernel, exclude_self, stats, rows, blk, inv_t, bias)
 
-  stats, _ = _around_ring(step, init, block, axis_name)
-  loss, counted, saved = kernel.finalize(stats)
-  counted = counted & (rows[2] >= 0)  # padded rows never count
-  return loss, counted.astype(jnp.int32), saved
+  stats, last = _around_ring(step, init, block + (col_init,), axis_name)
+  sides = [(stats, rows[2])]
+  if both:  # the column statistics of this device's block come home
+    sides.append((_home(last[3], axis_name), block[2]))
+  out = []
+  for side_stats, ids in sides:
+    loss, counted, saved = kernel.finalize(side_stats)
+    counted = counted & (ids >= 0)  # padded rows never count
+    out.append((loss, counted.astype(jnp.int32), saved))
+  return tuple(out)
 
 
-def _core_fwd(kernel, axis_name, exclude_self, rows, block, inv_t, bias):
-  loss, counted, saved = _core_values(kernel, axis_name, exclude_self, rows, block, inv_t,
-                                      bias)
-  return (loss, counted), (rows, block, inv_t, bias, counted, saved)
+def _core_fwd(kernel, axis_name, exclude_self, mode, rows, block, inv_t, bias):
+  sides = _core_values(kernel, axis_name, exclude_self, mode, rows, block, inv_t, bias)
+  outputs = tuple((loss, counted) for loss, counted, _ in sides)
+  return outputs, (rows, block, inv_t, bias, tuple((c, s) for _, c, s in sides))
 
 
-def _core_bwd(kernel, axis_name, exclude_self, residuals, cotangents):
-  rows, block, inv_t, bias, counted, saved = residuals
-  c_loss, _ = cotangents  # the integer output carries no gradient
+def _core_bwd(kernel, axis_name, exclude_self, mode, residuals, cotangents):
+  rows, block, inv_t, bias, saved = residuals
   qb = rows[0]
-  coef = jnp.where(counted > 0, c_loss, 0.0).astype(qb.dtype)
+  # Each side's cotangents c_i (counted rows only; the integer output has no gradient).
+  coefs = [(jnp.where(counted > 0, ct_loss, 0.0).astype(qb.dtype), side_saved)
+           for (counted, side_saved), (ct_loss, _) in zip(saved, cotangents, strict=True)]
   zero = jnp.zeros((), qb.dtype)
   carry = _vary((jnp.zeros_like(qb), zero, zero), axis_name)
-  travelling = block + (jnp.zeros_like(block[0]),)
+  if mode == "self":  # the rows travel with their coefficients; no k̄
+    travelling = rows + (coefs[0], None)
+  else:
+    travelling = block + (coefs[1] if mode == "both" else None, jnp.zeros_like(block[0]))
 
   def step(carry, blk):
-    return _hop_grads(kernel, exclude_self, carry, rows, (coef, saved), blk, inv_t, bias)
+    return _hop_grads(kernel, exclude_self, carry, rows, coefs[0], blk, inv_t, bias)
 
   (dqb, dinv, dbias), last = _around_ring(step, carry, travelling, axis_name)
-  dkb = last[3]
-  if axis_name is not None:  # k̄ is one hop from home; τ, β are replicated: sum the shares
-    dkb = jax.lax.ppermute(dkb, axis_name, _ring_perm(axis_name))
+  if axis_name is not None:  # τ, β are replicated: sum the shares
     dinv, dbias = jax.lax.psum((dinv, dbias), axis_name)
   dinv = dinv.astype(inv_t.dtype).reshape(inv_t.shape)
   dbias = dbias.astype(bias.dtype).reshape(bias.shape)
   no_grad = (None, None)
-  return (dqb * inv_t,) + no_grad, (dkb * inv_t,) + no_grad, dinv, dbias
+  d_block = None if mode == "self" else (_home(last[4], axis_name) * inv_t,) + no_grad
+  return (dqb * inv_t,) + no_grad, d_block, dinv, dbias
 
 
 _tiled_core.defvjp(_core_fwd, _core_bwd)
@@ -306,14 +369,15 @@ def _pad_blocks(x: jax.Array, num_blocks: int, block: int, value: Any = 0) -> ja
   return x.reshape((num_blocks, block) + x.shape[1:])
 
 
-def _blocked(x, labels, block_size, axis_name, pad_id):
-  """``(x, labels, global ids)`` blocked by ``block_size`` (None: one block)."""
+def _blocked(x, labels, block_size, axis_name):
+  """``(x, labels, global ids)`` blocked by ``block_size`` (None: one block); padded rows
+  get the id -1 (never allowed, never counted)."""
   n = x.shape[0]
   block = max(1, min(block_size or n, n))
   num_blocks = _cdiv(n, block)
   ids = global_ids(n, axis_name)
   return (_pad_blocks(x, num_blocks, block), _pad_blocks(labels, num_blocks, block),
-          _pad_blocks(ids, num_blocks, block, pad_id))
+          _pad_blocks(ids, num_blocks, block, -1))
 
 
 def global_ids(n: int, axis_name: str | None) -> jax.Array:
@@ -324,25 +388,44 @@ def global_ids(n: int, axis_name: str | None) -> jax.Array:
   return ids + jax.lax.axis_index(axis_name).astype(jnp.int32) * n
 
 
-def tiled_row_losses(kernel, q, k, q_labels, k_labels, inv_temperature, bias=0.0, *,
-                     exclude_self: bool, block_size: int | None,
-                     axis_name: str | None = None) -> tuple[jax.Array, jax.Array]:
+def tiled_losses(kernel, q, k, q_labels, k_labels, inv_temperature, bias=0.0, *,
+                 exclude_self: bool, block_size: int | None, axis_name: str | None = None,
+                 mode: str = "rows") -> tuple[tuple[jax.Array, jax.Array], ...]:
   """Per-row losses of ``kernel`` (:class:`Softmax` or :class:`Sigmoid`) by tiles.
 
   ``q``, ``k`` (and their labels) are this device's rows when ``axis_name`` is given (the
   ``k`` blocks then travel the ring), the whole batch otherwise. ``block_size=None``
-  means one tile per ring hop (``axis_name`` given). Returns ``(row_loss, counts)``:
-  (Bq,) losses in the compute dtype and (Bq,) bools (rows that enter the mean).
+  means one tile per ring hop (``axis_name`` given). Returns ``((row_loss, counts),)``:
+  (Bq,) losses in the compute dtype and (Bq,) bools (rows that enter the mean). ``mode``:
+
+  - ``"rows"``: the losses of the rows of ``q``;
+  - ``"both"``: a second pair, the losses of the rows of ``k`` against every row of
+    ``q`` (the kernel on the columns of the same scores: CLIP's ``b → a``), from the
+    same tiles: the two directions cost one pass (and one ring), not two;
+  - ``"self"``: ``k`` is ``q`` with the same labels (``k``, ``k_labels`` ignored; NT-Xent,
+    SupCon): the backward uses ``s_ij = s_ji``: each tile's share of the travelling rows'
+    gradient lands on the local rows, so no ``k̄`` travels (2 tile matmuls, not 3).
   """
+  _checks.check_choice("mode", mode, _MODES)
+  if mode == "self":
+    k, k_labels = q, q_labels
   dtype = jnp.promote_types(jnp.promote_types(q.dtype, k.dtype), jnp.float32)
   q, k = q.astype(dtype), k.astype(dtype)
   inv_t, bias = jnp.asarray(inv_temperature, dtype), jnp.asarray(bias, dtype)
-  rows = _blocked(q, q_labels, block_size, axis_name, -2)
-  block = _blocked(k, k_labels, block_size, axis_name, -1)
-  loss, counted = _tiled_core(kernel, axis_name, bool(exclude_self), rows, block, inv_t,
-                              bias)
-  num_rows = q.shape[0]
-  return loss.reshape(-1)[:num_rows], counted.reshape(-1)[:num_rows] > 0
+  rows = _blocked(q, q_labels, block_size, axis_name)
+  block = None if mode == "self" else _blocked(k, k_labels, block_size, axis_name)
+  sides = _tiled_core(kernel, axis_name, bool(exclude_self), mode, rows, block, inv_t, bias)
+  return tuple((loss.reshape(-1)[:n], counted.reshape(-1)[:n] > 0)
+               for (loss, counted), n in zip(sides, (q.shape[0], k.shape[0]), strict=False))
+
+
+def tiled_row_losses(kernel, q, k, q_labels, k_labels, inv_temperature, bias=0.0, *,
+                     exclude_self: bool, block_size: int | None,
+                     axis_name: str | None = None) -> tuple[jax.Array, jax.Array]:
+  """``(row_loss, counts)`` of the rows of ``q``: :func:`tiled_losses`, one-sided."""
+  return tiled_losses(kernel, q, k, q_labels, k_labels, inv_temperature, bias,
+                      exclude_self=exclude_self, block_size=block_size,
+                      axis_name=axis_name)[0]
 
 
 def blockwise_row_losses(

@@ -1,4 +1,5 @@
-"""Part ``contrastive``: SimCLR on the digits at batch 1024, encoded in chunks of 128."""
+"""Part ``contrastive``: SimCLR on the digits at batch 1024, encoded in chunks of 128;
+SigLIP's sigmoid loss at the same batch next to it."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ _SHOTS = 5  # labels per class of the few-label probes
 _LABEL_DRAWS = 5  # independent few-label subsets per encoder
 _PROBE_STEPS = 200
 _PROBE_L2 = 1e-3
+_SIGLIP_T, _SIGLIP_BIAS = 10.0, -10.0  # the paper's initial logit scale and bias
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +56,11 @@ at τ = {_TEMPERATURE:g}, Adam (lr {_LR:g}), the same number of steps for every 
 the small batch alone (128 images: what fits, say); a batch of 1024 (512 with `--quick`)
 as naive accumulation (the mean of the chunk losses' gradients: negatives only from the
 same chunk of 128); and the exact gradient of the large batch's loss with
-`gradtx.cached_value_and_grad(chunk_size=128)`. The encoders are then frozen and
+`gradtx.cached_value_and_grad(chunk_size=128)`; and SigLIP (Zhai et al. 2023,
+`gradtx.sigmoid_contrastive`: each pair its own binary classification, no softmax over
+the batch) with the same exact cached gradient at the large batch, its logit scale
+`t = exp(t')` and bias `b` learnt with the encoder from the paper's initialisation
+t = {_SIGLIP_T:g}, b = {_SIGLIP_BIAS:g}. The encoders are then frozen and
 *linear probes* (softmax regression, {_PROBE_STEPS} Adam steps on standardised 128-d
 features) are trained on all training labels ("test acc") and on {_SHOTS} labels per
 class ({_LABEL_DRAWS} random draws per encoder); a randomly initialised encoder and the
@@ -113,8 +119,9 @@ def _gradient_fn(model: Encoder, method: str, sizes: _Sizes) -> tuple[int, Calla
 
   if method == "small":
     return sizes.small, plain
-  if method == "cached":
-    return sizes.large, gradtx.cached_value_and_grad(encode, loss_fn, chunk_size=sizes.small)
+  if method in ("cached", "siglip"):
+    loss = _siglip_loss if method == "siglip" else loss_fn
+    return sizes.large, gradtx.cached_value_and_grad(encode, loss, chunk_size=sizes.small)
 
   def naive(params, views):  # the mean of the chunks' own gradients: a different loss
     chunks = jax.tree.map(lambda x: x.reshape(-1, sizes.small, x.shape[-1]), views)
@@ -122,6 +129,25 @@ def _gradient_fn(model: Encoder, method: str, sizes: _Sizes) -> tuple[int, Calla
     return losses.mean(), jax.tree.map(lambda g: g.mean(0), grads)
 
   return sizes.large, naive
+
+
+def _siglip_loss(params: Any, reps: dict[str, jax.Array]) -> jax.Array:
+  """SigLIP with the learnable ``t'`` (``τ = exp(−t')``) and bias in ``params["siglip"]``."""
+  loss_params = params["siglip"]
+  return gradtx.sigmoid_contrastive(reps["a"], reps["b"],
+                                    temperature=jnp.exp(-loss_params["t_prime"]),
+                                    bias=loss_params["bias"])
+
+
+def _start(method: str, params: Any, opt_state: Any) -> tuple[Any, Any]:
+  """The initial encoders (the same for every method); SigLIP's also hold its loss
+  parameters (a variable collection the encoder does not read) at their initial values."""
+  if method != "siglip":
+    return params, opt_state
+  runs = jax.tree.leaves(params)[0].shape[0]
+  params = {**params, "siglip": {"t_prime": jnp.full((runs,), np.log(_SIGLIP_T), jnp.float32),
+                                 "bias": jnp.full((runs,), _SIGLIP_BIAS, jnp.float32)}}
+  return params, jax.vmap(optax.adam(_LR).init)(params)
 
 
 _SEED = 7
@@ -232,6 +258,7 @@ _METHODS = {
     "small": "nt_xent, small batch",
     "naive": "nt_xent, naive accumulation",
     "cached": "cached_value_and_grad",
+    "siglip": "sigmoid_contrastive (SigLIP)",
 }
 
 
@@ -267,19 +294,22 @@ def _contrastive(ctx: Context) -> PartResult:
   evals: dict[str, list[np.ndarray]] = {}
   few_points: dict[str, list[np.ndarray]] = {}  # the probes between checkpoints
   final_params: dict[str, Any] = {}
+  learnt: dict[str, Any] = {}  # SigLIP's final t' and b
   for method in ctx.track(methods):
     run = jax.jit(_pretrain_segment(model, method, sizes, segment), compiler_options=options)
-    params, opt_state = params0, opt_state0
+    params, opt_state = _start(method, params0, opt_state0)
     curve, evals[method], few_points[method] = [], [eval0], []
     for c in range(sizes.checkpoints):
       params, opt_state, loss, eval_loss = run(params, opt_state, seeds, c, x_train)
       curve.append(np.asarray(loss))
       evals[method].append(np.asarray(eval_loss))
+      encoder = {k: v for k, v in params.items() if k != "siglip"}  # without SigLIP's t, b
       if c < sizes.checkpoints - 1:  # the last checkpoint is probed with the others below
-        few = probe(model, params, *probe_args, pixels=False)
+        few = probe(model, encoder, *probe_args, pixels=False)
         few_points[method].append(np.asarray(few).mean(-1))
     losses[method] = np.concatenate(curve, axis=1)
-    final_params[method] = params
+    final_params[method] = encoder
+    learnt = jax.device_get(params["siglip"]) if method == "siglip" else learnt
 
   # Every final probe in one program: random encoders, trained encoders, raw pixels.
   groups = ["random", *methods]
@@ -300,6 +330,7 @@ def _contrastive(ctx: Context) -> PartResult:
       "small": f"batch {sizes.small}",
       "naive": f"batch {sizes.large} = {sizes.large // sizes.small} chunks × {sizes.small}",
       "cached": f"batch {sizes.large}, chunk_size={sizes.small}",
+      "siglip": f"batch {sizes.large}, chunk_size={sizes.small}, learnt t and b",
       "random": "-",
       "pixels": "-",
   }
@@ -311,11 +342,12 @@ def _contrastive(ctx: Context) -> PartResult:
   ]
 
   labels = {m: f"{names[m]} ({settings[m]})" for m in methods}
+  nt_xent_runs = [m for m in methods if m != "siglip"]  # SigLIP's loss is another scale
   window = max(1, sizes.steps // 30)
   figure = Figure("contrastive", f"SimCLR on the digits, batch {sizes.small} vs {sizes.large} "
                   f"(same number of steps); means over {n} seeds", [
-      Panel("pre-training loss of each method's own batch (chance: log(2B - 1))",
-            {labels[m]: smooth(losses[m].mean(0), window) for m in methods}, logy=False,
+      Panel("NT-Xent pre-training loss of each run's own batch (chance: log(2B - 1))",
+            {labels[m]: smooth(losses[m].mean(0), window) for m in nt_xent_runs}, logy=False,
             vlines=checkpoints[1:]),
       Panel(f"NT-Xent of {sizes.large} fixed augmented pairs (the large-batch objective)",
             {labels[m]: np.mean(evals[m], axis=1) for m in methods}, x=checkpoints,
@@ -325,7 +357,8 @@ def _contrastive(ctx: Context) -> PartResult:
              "raw pixels": np.full(len(checkpoints), float(np.mean(final["pixels"][0])))},
             x=checkpoints, ylabel="test accuracy", logy=False),
   ])
-  return PartResult(_columns(sizes.large), rows, [figure], _findings(rows, sizes))
+  siglip = {"t": float(np.mean(np.exp(learnt["t_prime"]))), "b": float(np.mean(learnt["bias"]))}
+  return PartResult(_columns(sizes.large), rows, [figure], _findings(rows, sizes, siglip))
 
 
 def _probe_row(technique: str, setting: str, few: Any, train_ce: Any, acc: Any, *,
@@ -346,13 +379,14 @@ def _columns(large: int) -> list[Column]:
           Column("steps", "pre-training steps", "d")]
 
 
-def _findings(rows: list[Row], sizes: _Sizes) -> list[str]:
+def _findings(rows: list[Row], sizes: _Sizes, siglip: dict[str, float]) -> list[str]:
   by = {r.technique: r.values for r in rows}
   few = lambda v: f"{v['few_acc']:.3f} ± {v['few_acc_std']:.3f}"
   random, pixels = by["random encoder (no pre-training)"], by["raw pixels (no encoder)"]
   trained = [(name, by[label]) for name, label in [
       (f"batch {sizes.small}", _METHODS["small"]), ("naive accumulation", _METHODS["naive"]),
-      (f"exact cached gradient at {sizes.large}", _METHODS["cached"])] if label in by]
+      (f"exact cached gradient at {sizes.large}", _METHODS["cached"]),
+      (f"SigLIP at {sizes.large}", _METHODS["siglip"])] if label in by]
   accs = [number(v, "test_acc") for v in by.values()]
   lower = direction(number(by[_METHODS["cached"]], "nt_xent_large"),
                     number(by[_METHODS["small"]], "nt_xent_large"))
@@ -369,5 +403,27 @@ def _findings(rows: list[Row], sizes: _Sizes) -> list[str]:
       "(negatives only from the same chunk); "
       "`cached_value_and_grad` returns the gradient of the large batch's loss itself, to "
       "float rounding (the check is in `colabs/contrastive_grad_accumulation.ipynb`).",
+      _siglip_finding(by, sizes, siglip),
   ]
   return lines
+
+
+def _siglip_finding(by: dict[str, Any], sizes: _Sizes, siglip: dict[str, float]) -> str:
+  """SigLIP against NT-Xent, both with the exact cached gradient at the large batch."""
+  sig, nce = by[_METHODS["siglip"]], by[_METHODS["cached"]]
+
+  def compare(key: str) -> str:
+    a, b = number(sig, key), number(nce, key)
+    spread = max(number(sig, f"{key}_std"), number(nce, f"{key}_std"))
+    noise = " (within the spread over seeds)" if abs(a - b) <= spread else ""
+    return (f"{direction(a, b)} ({a:.3f} ± {sig[f'{key}_std']:.3f} vs "
+            f"{b:.3f} ± {nce[f'{key}_std']:.3f}){noise}")
+
+  return (
+      f"- SigLIP (`sigmoid_contrastive`, the exact cached gradient at {sizes.large}) "
+      f"against NT-Xent with the same gradient and steps: its probe accuracy with "
+      f"{_SHOTS} labels per class is {compare('few_acc')}, with all labels "
+      f"{compare('test_acc')}; its NT-Xent @{sizes.large}, an objective it does not "
+      f"minimise, is {sig['nt_xent_large']:.3f} (NT-Xent's {nce['nt_xent_large']:.3f}). Its "
+      f"logit scale and bias moved from t = {_SIGLIP_T:g}, b = {_SIGLIP_BIAS:g} to "
+      f"t = {siglip['t']:.3f}, b = {siglip['b']:.3f} (means over seeds).")
