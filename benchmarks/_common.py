@@ -224,6 +224,30 @@ def pyplot() -> Any:
   return plt
 
 
+def label_axes(ax: Any, *, title: str, xlabel: str, ylabel: str, xscale: str | None = None,
+               yscale: str | None = None, legend_fontsize: float | None = 8) -> None:
+  """Titles and labels one panel, sets its log (or other) scales, and draws its legend.
+
+  Args:
+    ax: a matplotlib ``Axes``.
+    title: the panel's title.
+    xlabel: the x axis' label.
+    ylabel: the y axis' label.
+    xscale: e.g. ``"log"`` (default: matplotlib's linear).
+    yscale: e.g. ``"log"``.
+    legend_fontsize: the legend's font size; ``None``: no legend.
+  """
+  if xscale is not None:
+    ax.set_xscale(xscale)
+  if yscale is not None:
+    ax.set_yscale(yscale)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  if legend_fontsize is not None:
+    ax.legend(fontsize=legend_fontsize)
+
+
 def save_figure(fig: Any, out_dir: Path, name: str) -> None:
   """Saves a matplotlib figure as ``<name>.png`` and closes it."""
   plt = pyplot()

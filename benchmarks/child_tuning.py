@@ -431,7 +431,7 @@ def pct(stats, key="mean"):
   return f"{100 * stats[key]:.1f}"
 
 
-def report(cfg, quick, rows, num_params, finetune) -> str:
+def report(cfg, quick, rows, num_params, finetune, load) -> str:
   by = {row["variant"]: row for row in rows}
   default = by["F, hash (default)"]
   threefry, rbg = by["F, jax threefry"], by["F, jax rbg"]
@@ -483,8 +483,9 @@ def report(cfg, quick, rows, num_params, finetune) -> str:
       "plain `optax.adamw`; 95% CI: bootstrap of the median. *Extra time in AdamW updates*: "
       "(step − AdamW step) / AdamW update, per round, where *AdamW update* is AdamW alone "
       f"(gradients given: `update` + `apply_updates`, median {ms['adamw_update']:.1f} ms). "
-      "XLA bytes: compiled memory traffic "
-      "(static cost analysis, deterministic).",
+      "XLA bytes: compiled memory traffic (static cost analysis, deterministic). Load "
+      f"average after the timings (1 / 5 / 15 min): {load[0]:.1f} / {load[1]:.1f} / "
+      f"{load[2]:.1f}.",
       "",
       overhead_table,
       "",
@@ -556,8 +557,9 @@ def main():
     os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *QUICK_XLA_FLAGS])
   cfg = config(args.quick)
   rows, num_params = measure_overhead(cfg)
+  load = os.getloadavg()
   finetune = measure_finetune(cfg)
-  markdown = report(cfg, args.quick, rows, num_params, finetune)
+  markdown = report(cfg, args.quick, rows, num_params, finetune, load)
   _common.write_results(args.out, NAME, markdown=markdown, payload={
       "quick": args.quick,
       "config": {**cfg, "num_params": num_params, "batch": BATCH, "reserve_p": RESERVE_P,
@@ -566,6 +568,7 @@ def main():
                  "fisher_clip": FISHER_CLIP, "weight_decay": WEIGHT_DECAY,
                  "d_include": D_INCLUDE},
       "target": TARGET,
+      "load_average": list(load),
       "rows": rows,
       "finetune": finetune,
   })

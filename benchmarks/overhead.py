@@ -33,6 +33,7 @@ a smoke run whose ratios mean little (the step is too small to hide dispatch noi
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -366,6 +367,7 @@ def main():
         f"{row['xla_bytes_ratio']:.4f}", f"{row['max_abs_param_diff']:.1e}"] for row in rows])
   worst = max(rows, key=lambda row: row["vs_hand"]["median"])
   quick = " (quick)" if args.quick else ""
+  load = os.getloadavg()
   markdown = "\n".join([
       f"# Overhead of gradtx transformations in an Adam train step{quick}",
       "",
@@ -376,7 +378,8 @@ def main():
       "ratios; 95% CI: bootstrap confidence interval of the median gradtx / hand-written "
       "(resampling rounds). XLA bytes: ratio of the compiled steps' memory traffic as "
       "estimated by XLA's cost analysis (deterministic). Target: "
-      "gradtx / hand-written ≤ 1.05.",
+      f"gradtx / hand-written ≤ 1.05. Load average at the end (1 / 5 / 15 min): "
+      f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} cores.",
       "",
       table,
       "",
@@ -389,6 +392,7 @@ def main():
                  "batch": BATCH, "repeats": repeats, "warmup": warmup,
                  "learning_rate": LEARNING_RATE, "gamma": GAMMA, "check_steps": CHECK_STEPS},
       "target": {"vs_hand_max": 1.05},
+      "load_average": list(load),
       "rows": rows,
   })
   plot(rows, num_params, args.out)

@@ -51,10 +51,12 @@ from gradtx.contrastive import (
 )
 from gradtx.curvature import (
     ScaleByDiagNewtonState,
+    SophiaClipState,
     diag_newton,
     gnb_diagonal,
     hutchinson_diagonal,
     scale_by_diag_newton,
+    sophia,
 )
 from gradtx.estimators import (
     ZerothOrderState,
@@ -111,6 +113,7 @@ __all__ = (
     "NormalizedMultiplicativeState",
     "ScaleByDiagNewtonState",
     "ScaleByPathState",
+    "SophiaClipState",
     "TokenAttributions",
     "ZScoreClipState",
     "ZerothOrderState",
@@ -159,6 +162,7 @@ __all__ = (
     "sharded_cached_value_and_grad",
     "sigmoid_contrastive",
     "smooth_grad",
+    "sophia",
     "supervised_contrastive",
     "surrogate_loss",
     "token_attributions",

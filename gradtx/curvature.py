@@ -14,7 +14,7 @@ coordinate of centroid ``j`` and the diagonal Newton step is exactly Lloyd's upd
 ``B ĝ ⊙ ĝ`` with labels drawn from the model's own softmax, for classifiers and language
 models), from a function of the caller's, or directly from a ``curvature`` the caller
 passes; refreshed every ``k`` steps and smoothed by an EMA, it is Sophia's
-preconditioner.
+preconditioner, and :func:`sophia` is Sophia itself (Algorithm 1 of the paper).
 
 Migrating from optax's deprecated ``optax.second_order`` (removed in optax 0.2.9):
 ``hessian_diag(loss, params, inputs, targets)`` built the exact diagonal from one
@@ -51,6 +51,8 @@ from jax.typing import ArrayLike
 from gradtx import _checks, _numerics, _random
 
 ESTIMATORS = ("hutchinson", "gnb")
+# "hutchinson", "gnb", or estimator(params, key, **update_kwargs) -> a pytree like params.
+Estimator = str | Callable[..., chex.ArrayTree]
 DAMPING_MODES = ("add", "max")
 
 
@@ -242,7 +244,7 @@ class ScaleByDiagNewtonState(NamedTuple):
   curvature: optax.Updates
 
 
-def _estimate(estimator: str | Callable[..., chex.ArrayTree], samples: int,
+def _estimate(estimator: Estimator, samples: int,
               params: optax.Params | None, key: jax.Array,
               extra_args: dict[str, Any]) -> chex.ArrayTree:
   """A fresh curvature estimate ``ĥ`` at ``params`` from the update's keyword arguments."""
@@ -286,7 +288,7 @@ def _check_estimator(estimator: Any) -> None:
 def scale_by_diag_newton(
     *,
     damping: chex.Numeric = 1e-4,
-    estimator: str | Callable[..., chex.ArrayTree] = "hutchinson",
+    estimator: Estimator = "hutchinson",
     samples: int = 1,
     key: jax.Array,
     every: chex.Numeric = 1,
@@ -319,18 +321,8 @@ def scale_by_diag_newton(
   ``optax.chain(gradtx.scale_by_diag_newton(key=k), optax.sgd(1.0))`` (or
   :func:`diag_newton`) applies the Newton step ``u = -g / (diag(H) + λ)``.
 
-  Sophia (Liu et al., Algorithm 1), ``θ ← θ - η clip(m / max(γ h, ε), 1) - η λ_wd θ``
-  with ``m`` an EMA of gradients, is this chain (``estimator="gnb"``: Sophia-G;
-  ``"hutchinson"``: Sophia-H), since ``m / max(γh, ε) = (1/γ) m / max(h, ε/γ)``::
-
-    optax.chain(
-        optax.ema(0.965, debias=False),                      # m_t
-        gradtx.scale_by_diag_newton(estimator="gnb", every=10, ema=0.99,
-                                    damping=eps / gamma, damping_mode="max", key=key),
-        optax.scale(1 / gamma),
-        optax.clip(1.0),                                     # per-coordinate clip
-        optax.add_decayed_weights(weight_decay),
-        optax.scale_by_learning_rate(learning_rate))
+  Sophia (Liu et al., Algorithm 1) is this transformation between an EMA of gradients
+  and a per-coordinate clip: :func:`sophia`.
 
   Args:
     damping: ``λ >= 0`` (a number, not a schedule).
@@ -419,17 +411,10 @@ def scale_by_diag_newton(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def diag_newton(
-    learning_rate: optax.ScalarOrSchedule = 1.0,
-    *,
-    damping: chex.Numeric = 1e-4,
-    estimator: str | Callable[..., chex.ArrayTree] = "hutchinson",
-    samples: int = 1,
-    key: jax.Array,
-    every: chex.Numeric = 1,
-    ema: chex.Numeric = 0.0,
-    damping_mode: str = "add",
-) -> optax.GradientTransformationExtraArgs:
+def diag_newton(learning_rate: optax.ScalarOrSchedule = 1.0, *, key: jax.Array,
+                damping: chex.Numeric = 1e-4, estimator: Estimator = "hutchinson",
+                samples: int = 1, every: chex.Numeric = 1, ema: chex.Numeric = 0.0,
+                damping_mode: str = "add") -> optax.GradientTransformationExtraArgs:
   r"""The diagonal Newton step ``u = -η g / (max(diag(H), 0) + λ)``.
 
   ``optax.chain(scale_by_diag_newton(...), optax.scale_by_learning_rate(η))``; see
@@ -465,4 +450,134 @@ def diag_newton(
   return optax.chain(
       scale_by_diag_newton(damping=damping, estimator=estimator, samples=samples, key=key,
                            every=every, ema=ema, damping_mode=damping_mode),
+      optax.scale_by_learning_rate(learning_rate))
+
+
+class SophiaClipState(NamedTuple):
+  """State of the per-coordinate clip in :func:`sophia`'s chain.
+
+  Attributes:
+    clip_fraction: the fraction of coordinates whose preconditioned momentum
+      ``m / max(γ h, ε)`` exceeded the threshold in the last update (float32; 0 before
+      the first). Near 1, Sophia is sign descent on the momentum.
+  """
+
+  clip_fraction: jax.Array
+
+
+def _clip_coordinates(threshold: chex.Numeric) -> optax.GradientTransformation:
+  """``clip(u, -threshold, threshold)`` per coordinate, logging the clipped fraction."""
+
+  def init_fn(params: optax.Params) -> SophiaClipState:
+    del params
+    return SophiaClipState(clip_fraction=jnp.zeros((), jnp.float32))
+
+  def update_fn(updates: optax.Updates, state: SophiaClipState,
+                params: optax.Params | None = None) -> tuple[optax.Updates, SophiaClipState]:
+    del state, params
+    clipped = optax.tree.sum(jax.tree.map(
+        lambda u: jnp.sum(jnp.abs(u) > threshold, dtype=jnp.float32), updates))
+    fraction = clipped / max(optax.tree.size(updates), 1)
+    updates = jax.tree.map(lambda u: jnp.clip(u, -threshold, threshold).astype(u.dtype),
+                           updates)
+    return updates, SophiaClipState(clip_fraction=jnp.asarray(fraction, jnp.float32))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def sophia(learning_rate: optax.ScalarOrSchedule, *, key: jax.Array,
+           estimator: Estimator = "gnb", b1: chex.Numeric = 0.965, b2: chex.Numeric = 0.99,
+           gamma: chex.Numeric = 0.01, eps: chex.Numeric = 1e-12,
+           weight_decay: chex.Numeric = 1e-4, weight_decay_mask: Any = None,
+           every: chex.Numeric = 10, samples: int = 1, clip_threshold: chex.Numeric = 1.0,
+           ) -> optax.GradientTransformationExtraArgs:
+  r"""Sophia: clipped diagonal-Newton steps on the momentum (Liu et al., Algorithm 1).
+
+  With ``m`` an EMA of the gradients and ``h`` an EMA of a diagonal curvature estimate
+  ``ĥ`` refreshed every ``k = every`` steps (the first included; no bias correction):
+
+  .. math::
+    m_t = \beta_1 m_{t-1} + (1 - \beta_1) g_t, \qquad
+    h_t = \beta_2 h_{t-k} + (1 - \beta_2) \hat h_t \;\; (t \bmod k = 0),
+
+    \theta_{t+1} = \theta_t - \eta_t \operatorname{clip}\Big(\frac{m_t}{\max(\gamma h_t,
+      \epsilon)}, \rho\Big) - \eta_t \lambda \theta_t
+
+  (``clip`` per coordinate to ``[-ρ, ρ]``, ``ρ = clip_threshold``, the paper's 1;
+  ``λ = weight_decay``, decoupled). ``estimator="gnb"`` is Sophia-G (Gauss–Newton–
+  Bartlett from the model's logits, :func:`gnb_diagonal`; pass ``logits_fn=`` and
+  ``inputs=`` to ``update``), ``"hutchinson"`` is Sophia-H (Hessian-vector products,
+  :func:`hutchinson_diagonal`; pass ``loss_fn=``). It is the chain::
+
+    optax.chain(optax.ema(b1, debias=False),
+                scale_by_diag_newton(estimator=estimator, every=every, ema=b2,
+                                     damping=eps / gamma, damping_mode="max", key=key),
+                optax.scale(1 / gamma), <clip to ±clip_threshold>,
+                optax.add_decayed_weights(weight_decay, weight_decay_mask),
+                optax.scale_by_learning_rate(learning_rate))
+
+  since ``m / max(γh, ε) = (1/γ) m / max(h, ε/γ)``. The state holds ``curvature`` (``h``)
+  and ``clip_fraction`` (the fraction of coordinates clipped in the last step), both
+  readable with ``optax.tree.get(state, name)``. ``h`` starts at 0: with ``b2 = 0.99``
+  and ``every = 10`` it reaches 90% of the estimate only after 2,300 steps, and until
+  then most coordinates are clipped (watch ``clip_fraction``); for short runs lower
+  ``b2`` and ``every`` or raise ``gamma``.
+
+  Args:
+    learning_rate: ``η`` > 0, or a schedule.
+    key: a ``jax.random`` key for the estimator's labels or probes.
+    estimator: ``"gnb"`` (Sophia-G), ``"hutchinson"`` (Sophia-H) or a function
+      ``estimator(params, key, **update_kwargs) -> pytree like params``.
+    b1: the momentum's ``β1`` in [0, 1).
+    b2: the curvature EMA's ``β2`` in [0, 1).
+    gamma: ``γ`` > 0 (the paper: 0.01–0.05 for GPT-2).
+    eps: ``ε`` > 0, the floor of ``γ h``.
+    weight_decay: ``λ >= 0`` (decoupled: scaled by ``η``, not by the preconditioner).
+    weight_decay_mask: optional pytree of bools (or a function of the params returning
+      one) choosing the leaves to decay, as ``optax.adamw``'s ``mask``; under
+      ``optax.inject_hyperparams`` list a function in ``static_args``.
+    every: refresh the curvature every ``k >= 1`` steps.
+    samples: Hutchinson probes per refresh (static).
+    clip_threshold: ``ρ`` > 0.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` (the full update, learning rate
+    included) whose ``update(updates, state, params, **kwargs)`` takes what the estimator
+    reads (see :func:`scale_by_diag_newton`).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, gradtx
+    >>> logits_fn = lambda p, x: x @ p["w"]
+    >>> x, y = jnp.eye(4)[:, :3], jnp.array([0, 1, 2, 0])
+    >>> loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+    ...     logits_fn(p, x), y).mean()
+    >>> params = {"w": jnp.zeros((3, 3))}
+    >>> tx = gradtx.sophia(0.1, key=jax.random.key(0))                  # Sophia-G
+    >>> state = tx.init(params)
+    >>> for _ in range(20):
+    ...   updates, state = tx.update(jax.grad(loss)(params), state, params,
+    ...                              logits_fn=logits_fn, inputs=x)
+    ...   params = optax.apply_updates(params, updates)
+    >>> bool(loss(params) < 0.6 * loss({"w": jnp.zeros((3, 3))}))
+    True
+    >>> float(optax.tree.get(state, "clip_fraction"))   # h still near 0: all clipped
+    1.0
+
+  References:
+    Liu, Li, Hall, Liang, Ma, "Sophia: a scalable stochastic second-order optimizer for
+    language model pre-training", ICLR 2024, arXiv:2305.14342 (Algorithm 1).
+  """
+  _checks.check_positive("learning_rate", learning_rate)
+  for name, value in (("b1", b1), ("b2", b2)):
+    _checks.check_in_interval(name, value, 0.0, 1.0, high_open=True)
+  for name, value in (("gamma", gamma), ("eps", eps), ("clip_threshold", clip_threshold)):
+    _checks.check_positive(name, value, allow_schedule=False)
+  _checks.check_non_negative("weight_decay", weight_decay, allow_schedule=False)
+  return optax.chain(
+      optax.ema(b1, debias=False),
+      scale_by_diag_newton(estimator=estimator, every=every, ema=b2, damping=eps / gamma,
+                           damping_mode="max", samples=samples, key=key),
+      optax.scale(1 / gamma),
+      _clip_coordinates(clip_threshold),
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate))

@@ -131,6 +131,27 @@ def _new_scale(lr_scale: chex.ArrayTree, g: optax.Updates, prev: optax.Updates, 
       lr_scale, g, prev)
 
 
+def _check_initial_scale(initial_scale: chex.Numeric,
+                         scale_range: Any) -> tuple[float, float]:
+  """``scale_range``'s ends, checked, with ``initial_scale`` > 0 inside them."""
+  low, high = _check_range("scale_range", scale_range)
+  _checks.check_positive("initial_scale", initial_scale, allow_schedule=False)
+  s0 = _checks.concrete_scalar(initial_scale)  # None when injected (traced)
+  if s0 is not None and not low <= s0 <= high:
+    raise ValueError(f"initial_scale must lie in scale_range = {scale_range!r}, got "
+                     f"{initial_scale!r}")
+  return low, high
+
+
+def _initial_gains(kind: str, zeros: optax.Updates) -> chex.ArrayTree:
+  """Gains of 1: per coordinate (like the params), per leaf (float32 scalars) or none."""
+  if kind == "per_coordinate":
+    return jax.tree.map(jnp.ones_like, zeros)
+  if kind == "per_leaf":
+    return jax.tree.map(lambda _: jnp.ones((), jnp.float32), zeros)
+  return ()
+
+
 class EGStepSizeState(NamedTuple):
   """State of :func:`eg_step_size`.
 
@@ -254,12 +275,7 @@ def eg_step_size(
   _checks.check_choice("scale", scale, SCALES)
   _checks.check_choice("rule", rule, RULES)
   gain_low, gain_high = _check_range("gain_range", gain_range)
-  scale_low, scale_high = _check_range("scale_range", scale_range)
-  _checks.check_positive("initial_scale", initial_scale, allow_schedule=False)
-  s0 = _checks.concrete_scalar(initial_scale)  # None when injected (traced)
-  if s0 is not None and not scale_low <= s0 <= scale_high:
-    raise ValueError(f"initial_scale must lie in scale_range = {scale_range!r}, got "
-                     f"{initial_scale!r}")
+  scale_low, scale_high = _check_initial_scale(initial_scale, scale_range)
   if rule == "su":
     scale = "none"
   base = _checked_base(base)
@@ -268,12 +284,7 @@ def eg_step_size(
     _checks.check_float_leaves("params", params)
     zeros = _zeros(params)
     one = jnp.ones((), jnp.float32)
-    if gains == "per_coordinate":
-      init_gains = jax.tree.map(jnp.ones_like, zeros)
-    elif gains == "per_leaf":
-      init_gains = jax.tree.map(lambda _: jnp.ones((), jnp.float32), zeros)
-    else:
-      init_gains = ()
+    init_gains = _initial_gains(gains, zeros)
     s0 = jnp.full((), initial_scale, jnp.float32)
     init_scale = jax.tree.map(lambda _: s0, zeros) if scale == "per_leaf" else s0
     return EGStepSizeState(

@@ -272,12 +272,7 @@ def case_unknown_batch_axis(mesh):
 
 
 def main():
-  _multidevice.force_host_devices()
-  import jax
-
-  assert jax.device_count() == NUM_DEVICES, jax.devices()
-  mesh = jax.make_mesh((NUM_DEVICES,), ("data",))
-  _multidevice.report(_multidevice.cases_of(globals()), mesh)
+  _multidevice.run_on_mesh(globals(), "data")
 
 
 if __name__ == "__main__":

@@ -149,12 +149,7 @@ def case_population_not_divisible(mesh):
 
 
 def main():
-  _multidevice.force_host_devices()
-  import jax
-
-  assert jax.device_count() == NUM_DEVICES, jax.devices()
-  mesh = jax.make_mesh((NUM_DEVICES,), ("pop",))
-  _multidevice.report(_multidevice.cases_of(globals()), mesh)
+  _multidevice.run_on_mesh(globals(), "pop")
 
 
 if __name__ == "__main__":

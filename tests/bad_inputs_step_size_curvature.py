@@ -39,6 +39,16 @@ def gnb(logits_fn=linear, params=P, inputs=X, **kwargs):
   return gradtx.gnb_diagonal(logits_fn, params, inputs, KEY, **kwargs)
 
 
+def sophia(**kwargs):
+  return gradtx.sophia(**{"learning_rate": 0.1, "key": KEY, **kwargs})
+
+
+def option_rows(area, factory, rows):
+  """One ``Case`` per ``(name, options, error, match)``: ``factory(**options)`` raises."""
+  return [Case(f"{A}-{area}-{name}", lambda options=options: factory(**options), error, match)
+          for name, options, error, match in rows]
+
+
 def newton_update(tx, **update_kwargs):
   return tx.update(P, tx.init(P), P, **update_kwargs)
 
@@ -63,18 +73,45 @@ def check_positive_and_finite(alphas):
   assert alphas.min() < 1e-3 and alphas.max() > 1.0, alphas  # it swung both ways
 
 
-CASES = [
-    # ------------------------------------------------------------ hypergradient_descent
-    Case(f"{A}-hd-log_space-int", lambda: hd(log_space=1), TypeError,
-         r"log_space must be a bool, got 1"),
-    Case(f"{A}-hd-min_lr-zero", lambda: hd(min_lr=0.0), ValueError,
-         r"min_lr must be a finite number > 0, got 0.0"),
-    Case(f"{A}-hd-max_lr-negative", lambda: hd(max_lr=-1.0), ValueError,
-         r"max_lr must be a finite number > 0, got -1.0"),
-    Case(f"{A}-hd-max_lr-schedule", lambda: hd(max_lr=optax.constant_schedule(1.0)),
-         TypeError, r"max_lr must be a number, not a schedule"),
-    Case(f"{A}-hd-min_lr-above-max_lr", lambda: hd(min_lr=0.5, max_lr=0.2), ValueError,
-         r"min_lr must be <= max_lr, got min_lr=0.5 and max_lr=0.2"),
+CASES = option_rows("hd", hd, [
+    ("log_space-int", dict(log_space=1), TypeError, r"log_space must be a bool, got 1"),
+    ("min_lr-zero", dict(min_lr=0.0), ValueError, r"min_lr must be a finite number > 0, got 0.0"),
+    ("max_lr-negative", dict(max_lr=-1.0), ValueError,
+     r"max_lr must be a finite number > 0, got -1.0"),
+    ("max_lr-schedule", dict(max_lr=optax.constant_schedule(1.0)), TypeError,
+     r"max_lr must be a number, not a schedule"),
+    ("min_lr-above-max_lr", dict(min_lr=0.5, max_lr=0.2), ValueError,
+     r"min_lr must be <= max_lr, got min_lr=0.5 and max_lr=0.2"),
+]) + option_rows("newton", newton, [
+    ("every-zero", dict(every=0), ValueError, r"every must be an int >= 1, got 0"),
+    ("every-negative", dict(every=-2), ValueError, r"every must be an int >= 1, got -2"),
+    ("every-float", dict(every=10.0), TypeError, r"every must be an int >= 1, got 10.0"),
+    ("ema-one", dict(ema=1.0), ValueError, r"ema must be in \[0.0, 1.0\), got 1.0"),
+    ("ema-negative", dict(ema=-0.5), ValueError, r"ema must be in \[0.0, 1.0\), got -0.5"),
+    ("ema-none", dict(ema=None), TypeError, r"ema must be a number in \[0.0, 1.0\), got None"),
+    ("damping_mode-unknown", dict(damping_mode="floor"), ValueError,
+     r"damping_mode must be one of 'add', 'max', got 'floor'"),
+    ("estimator-unknown", dict(estimator="fisher"), ValueError,
+     r"estimator must be 'hutchinson', 'gnb' or a function .*got 'fisher'"),
+]) + option_rows("sophia", sophia, [
+    ("learning_rate-zero", dict(learning_rate=0.0), ValueError,
+     r"learning_rate must be a finite number > 0, got 0.0"),
+    ("b1-one", dict(b1=1.0), ValueError, r"b1 must be in \[0.0, 1.0\), got 1.0"),
+    ("b2-negative", dict(b2=-0.1), ValueError, r"b2 must be in \[0.0, 1.0\), got -0.1"),
+    ("gamma-zero", dict(gamma=0.0), ValueError, r"gamma must be a finite number > 0, got 0.0"),
+    ("gamma-schedule", dict(gamma=optax.constant_schedule(0.01)), TypeError,
+     r"gamma must be a number, not a schedule"),
+    ("eps-negative", dict(eps=-1e-12), ValueError,
+     r"eps must be a finite number > 0, got -1e-12"),
+    ("weight_decay-negative", dict(weight_decay=-0.1), ValueError,
+     r"weight_decay must be a finite number >= 0, got -0.1"),
+    ("clip_threshold-inf", dict(clip_threshold=float("inf")), ValueError,
+     r"clip_threshold must be a finite number > 0, got inf"),
+    ("every-zero", dict(every=0), ValueError, r"every must be an int >= 1, got 0"),
+    ("estimator-unknown", dict(estimator="adahessian"), ValueError,
+     r"estimator must be 'hutchinson', 'gnb' or a function .*got 'adahessian'"),
+    ("key-int", dict(key=0), TypeError, r"key must be a jax.random key"),
+]) + [
     Case(f"{A}-hd-learning_rate-outside-bounds", lambda: hd(min_lr=0.2, max_lr=1.0),
          ValueError, r"learning_rate must lie in \[min_lr, max_lr\] = \[0.2, 1.0\].*got 0.1"),
     Case(f"{A}-hd-log-space-huge-hyper_lr-stays-positive", huge_hyper_lr_alpha,
@@ -108,22 +145,6 @@ CASES = [
          lambda: gnb(params={"w": jnp.zeros((3, 4), jnp.int32)}), TypeError,
          r"params must hold floating arrays; these leaves are not: w \(int32\)"),
     # ------------------------------------------------------------ scale_by_diag_newton
-    Case(f"{A}-newton-every-zero", lambda: newton(every=0), ValueError,
-         r"every must be an int >= 1, got 0"),
-    Case(f"{A}-newton-every-negative", lambda: newton(every=-2), ValueError,
-         r"every must be an int >= 1, got -2"),
-    Case(f"{A}-newton-every-float", lambda: newton(every=10.0), TypeError,
-         r"every must be an int >= 1, got 10.0"),
-    Case(f"{A}-newton-ema-one", lambda: newton(ema=1.0), ValueError,
-         r"ema must be in \[0.0, 1.0\), got 1.0"),
-    Case(f"{A}-newton-ema-negative", lambda: newton(ema=-0.5), ValueError,
-         r"ema must be in \[0.0, 1.0\), got -0.5"),
-    Case(f"{A}-newton-ema-none", lambda: newton(ema=None), TypeError,
-         r"ema must be a number in \[0.0, 1.0\), got None"),
-    Case(f"{A}-newton-damping_mode-unknown", lambda: newton(damping_mode="floor"), ValueError,
-         r"damping_mode must be one of 'add', 'max', got 'floor'"),
-    Case(f"{A}-newton-estimator-unknown", lambda: newton(estimator="fisher"), ValueError,
-         r"estimator must be 'hutchinson', 'gnb' or a function .*got 'fisher'"),
     Case(f"{A}-newton-gnb-without-logits_fn",
          lambda: newton_update(newton(estimator="gnb"), inputs=X), ValueError,
          r"estimator='gnb'\) needs logits_fn=.* and inputs="),
@@ -135,4 +156,11 @@ CASES = [
          lambda: newton_update(newton(estimator="gnb", every=2),
                                logits_fn=lambda p, x: linear(p, x)[0], inputs=X),
          ValueError, r"must return logits of shape \(batch, classes\).*got shape \(4,\)"),
+    # ------------------------------------------------------------ sophia
+    Case(f"{A}-sophia-g-without-logits_fn",
+         lambda: newton_update(sophia(), loss_fn=lambda p: jnp.sum(p["w"] ** 2)), ValueError,
+         r"estimator='gnb'\) needs logits_fn=.* and inputs="),
+    Case(f"{A}-sophia-h-without-loss_fn",
+         lambda: newton_update(sophia(estimator="hutchinson"), logits_fn=linear, inputs=X),
+         ValueError, r"needs the curvature: pass loss_fn="),
 ]

@@ -15,20 +15,8 @@ cases is asserted here as a test of its own:
 - on a mesh of ``Explicit`` axes (``jax.make_mesh``'s default): a dense model, and a CNN.
 """
 
-import os
+from _multidevice import case_names, case_tests, helper_path
 
-from _multidevice import case_tests
-
-HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sharded_attribution.py")
-CASES = (
-    "integrated_gradients_jit_sharded_inputs",
-    "integrated_gradients_jit_sharded_chunked",
-    "integrated_gradients_shard_map",
-    "integrated_gradients_shard_map_chunked",
-    "layer_integrated_gradients_jit_sharded_ids",
-    "expected_gradients_jit_sharded",
-    "integrated_gradients_explicit_mesh_dense",
-    "integrated_gradients_explicit_mesh_conv",
-)
-
+HELPER = helper_path("_sharded_attribution.py")
+CASES = case_names(HELPER)
 test_helper_runs_every_case, test_case = case_tests(CASES)

@@ -94,6 +94,33 @@ def step_tree(stacked, step):
   return jax.tree.map(lambda x: x[step], stacked)
 
 
+def grads_with_norms(rng, norms, leaf, index):
+  """One random tree per global norm; for a non-finite norm, a tree of norm 1 holding that
+  value at ``leaf[index]``."""
+  grads = []
+  for n in norms:
+    g = tree_with_norm(rng, n if math.isfinite(n) else 1.0)
+    if not math.isfinite(n):
+      g[leaf] = g[leaf].at[index].set(n)
+    grads.append(g)
+  return grads
+
+
+def assert_scaled_or_skipped(us, states, grads, step, scale, kept):
+  """A finite gradient's update is ``scale * g``; a non-finite one's is all NaN, with a
+  non-finite ``grad_norm`` and the state fields ``kept`` as the step before left them."""
+  u, state = step_tree(us, step), step_tree(states, step)
+  if math.isfinite(np_global_norm(grads[step])):
+    expected_u = jax.tree.map(lambda x: x * scale, np_tree(grads[step]))
+    chex.assert_trees_all_close(u, expected_u, rtol=1e-5)
+    return
+  before = step_tree(states, step - 1)
+  assert all_nan(u)
+  assert not math.isfinite(state.grad_norm)
+  for field in kept:
+    np.testing.assert_array_equal(getattr(state, field), getattr(before, field), err_msg=field)
+
+
 # ----------------------------------------------------------------------- clip_by_global_norm
 
 
@@ -420,28 +447,14 @@ def test_auto_clip_non_finite_norm_is_not_recorded_and_update_is_nan():
   bad = {3: math.nan, 9: math.inf, 10: math.nan}
   for step, value in bad.items():
     norms.insert(step, value)
-  grads = []
-  for n in norms:
-    g = tree_with_norm(rng, n if math.isfinite(n) else 1.0)
-    if not math.isfinite(n):
-      g["dense/bias"] = g["dense/bias"].at[1].set(n)
-    grads.append(g)
+  grads = grads_with_norms(rng, norms, "dense/bias", 1)
   us, states = run_steps(gradtx.auto_clip(percentile, history=history), grads)
   expected = autoclip_reference(norms, percentile, history, "hard")
-  for step, (n, (threshold, scale)) in enumerate(zip(norms, expected, strict=True)):
-    u, state = step_tree(us, step), step_tree(states, step)
-    if math.isfinite(n):
-      np.testing.assert_allclose(state.max_norm, threshold, rtol=1e-5)
-      expected_u = jax.tree.map(lambda x, s=scale: x * s, np_tree(grads[step]))
-      chex.assert_trees_all_close(u, expected_u, rtol=1e-5)
-    else:
-      before = step_tree(states, step - 1)
-      assert all_nan(u)
-      assert not math.isfinite(state.grad_norm)
-      assert state.num_recorded == before.num_recorded
-      np.testing.assert_array_equal(state.norm_history, before.norm_history)
-      # The threshold still comes from the finite history.
-      np.testing.assert_allclose(state.max_norm, threshold, rtol=1e-5)
+  for step, (threshold, scale) in enumerate(expected):
+    assert_scaled_or_skipped(us, states, grads, step, scale,
+                             kept=("num_recorded", "norm_history"))
+    # After a non-finite norm too, the threshold comes from the finite history.
+    np.testing.assert_allclose(step_tree(states, step).max_norm, threshold, rtol=1e-5)
 
 
 def test_auto_clip_zero_gradient_gives_no_nan():
@@ -585,28 +598,17 @@ def test_zscore_clip_non_finite_gradient_keeps_statistics_and_gives_nan(bad):
   norms.insert(2, bad)  # during warm-up
   norms.insert(15, bad)  # after warm-up
   reference = ZClipReference(eps=1e-6, max_norm=None, **kwargs)
-  grads = []
-  for n in norms:
-    g = tree_with_norm(rng, n if math.isfinite(n) else 1.0)
-    if not math.isfinite(n):
-      g["head"] = g["head"].at[0, 1, 0].set(bad)
-    grads.append(g)
+  grads = grads_with_norms(rng, norms, "head", (0, 1, 0))
   us, states = run_steps(gradtx.zscore_clip(**kwargs), grads)
   for step, n in enumerate(norms):
-    u, state = step_tree(us, step), step_tree(states, step)
     scale, _, _ = reference.step(n)
+    assert_scaled_or_skipped(us, states, grads, step, scale,
+                             kept=("num_recorded", "norm_mean", "norm_var"))
     if math.isfinite(n):
       mean, var = reference.stats()
+      state = step_tree(states, step)
       np.testing.assert_allclose(state.norm_mean, mean, rtol=1e-5)
       np.testing.assert_allclose(state.norm_var, var, rtol=1e-4, atol=1e-9)
-      expected_u = jax.tree.map(lambda x, s=scale: x * s, np_tree(grads[step]))
-      chex.assert_trees_all_close(u, expected_u, rtol=1e-5)
-    else:
-      before = step_tree(states, step - 1)
-      assert all_nan(u)
-      assert not math.isfinite(state.grad_norm)
-      for field in ("num_recorded", "norm_mean", "norm_var"):
-        np.testing.assert_array_equal(getattr(state, field), getattr(before, field))
 
 
 # --------------------------------------------------------------- every transformation: faults

@@ -349,6 +349,17 @@ TRANSFORMATIONS = (
           dict(learning_rate=1.0, damping=1e-3, key=jax.random.key(3, impl="unsafe_rbg")),
           static_args=("key", "samples"), fields=("curvature",), full_update=True,
           update_kwargs=dict(loss_fn=loss)),
+    # Sophia-G: GNB from the logits of the present params (damping eps/gamma = 1 in max
+    # mode, as for scale_by_diag_newton-gnb), refreshed every 2 steps (the checks see the
+    # reuse), weight decay on the kernels only. Sophia-H shares the chain but its
+    # estimator, checked above as scale_by_diag_newton.
+    Entry("sophia-g", gradtx.sophia,
+          dict(learning_rate=1.0, b1=0.5, b2=0.5, gamma=1.0, eps=1.0, every=2,
+               weight_decay=1e-3, key=jax.random.key(7, impl="unsafe_rbg"),
+               weight_decay_mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)),
+          static_args=("key", "samples", "weight_decay_mask"),
+          fields=("curvature", "clip_fraction"), full_update=True,
+          update_kwargs=dict(logits_fn=gnb_logits, inputs=GNB_INPUTS)),
     # Replaces the gradient by an antithetic ES estimate of ∇loss (exact in the mean; on a
     # quadratic the mirrored pairs cancel the curvature, so the noise shrinks with ‖g‖).
     Entry("zeroth_order-es", gradtx.zeroth_order,
@@ -686,7 +697,7 @@ def test_converges_inside_scan(entry, request):
   assert all_finite(state) and all_finite(losses)
   if entry.trains is not None:  # measure on the coordinates the entry moves
     assert entry.problem is QUADRATIC, "`trains` is measured on the quadratic"
-    trained = lambda p: {k: jnp.where(entry.trains[k], p[k], _TARGET[k]) for k in SHAPES}  # noqa: E731
+    trained = lambda p: {k: jnp.where(entry.trains[k], p[k], _TARGET[k]) for k in SHAPES}
     losses = [loss(trained(params)), loss(trained(final_params))]
     frozen = {k: np.asarray(final_params[k])[~entry.trains[k]] for k in SHAPES}
     assert_trees_equal(frozen, {k: np.asarray(params[k])[~entry.trains[k]] for k in SHAPES})

@@ -14,20 +14,8 @@ cases is asserted here as a test of its own:
   by the devices, an unknown mesh axis.
 """
 
-import os
+from _multidevice import case_names, case_tests, helper_path
 
-from _multidevice import case_tests
-
-HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sharded_contrastive.py")
-CASES = (
-    "info_nce_dropout_temperature",
-    "nt_xent_one_tower_two_views",
-    "supervised_contrastive",
-    "each_device_encodes_only_its_rows",
-    "only_representations_are_gathered",
-    "local_batch_not_divisible_by_chunk_with_rng",
-    "batch_not_divisible_by_devices",
-    "unknown_batch_axis",
-)
-
+HELPER = helper_path("_sharded_contrastive.py")
+CASES = case_names(HELPER)
 test_helper_runs_every_case, test_case = case_tests(CASES)

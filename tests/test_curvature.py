@@ -546,37 +546,35 @@ def test_every_ema_damping_mode_errors(kwargs, error, match):
 # ----------------------------------------------------------------------------- Sophia
 
 
-def sophia(estimator, *, lr, b1, b2, gamma, eps, weight_decay, every, key):
-  """The documented recipe (scale_by_diag_newton's docstring)."""
-  return optax.chain(
-      optax.ema(b1, debias=False),
-      gradtx.scale_by_diag_newton(estimator=estimator, every=every, ema=b2,
-                                  damping=eps / gamma, damping_mode="max", key=key),
-      optax.scale(1 / gamma),
-      optax.clip(1.0),
-      optax.add_decayed_weights(weight_decay),
-      optax.scale_by_learning_rate(lr))
+SOPHIA = dict(learning_rate=0.05, b1=0.9, b2=0.8, gamma=0.05, eps=1e-12, weight_decay=0.1,
+              every=3)
 
 
-SOPHIA = dict(lr=0.05, b1=0.9, b2=0.8, gamma=0.05, eps=1e-12, weight_decay=0.1, every=3)
+def np_sophia(theta, grad, estimate, steps, *, learning_rate, b1, b2, gamma, eps, weight_decay,
+              every, clip_threshold=1.0, decayed=None):
+  """Liu et al.'s Algorithm 1, verbatim (t from 1; refresh when t mod k = 1), the clip at
+  ``clip_threshold`` and weight decay on the ``decayed`` leaves (all by default).
 
-
-def np_sophia(theta, grad, estimate, steps, *, lr, b1, b2, gamma, eps, weight_decay, every):
-  """Liu et al.'s Algorithm 1, verbatim (t from 1; refresh when t mod k = 1)."""
+  Returns the params after each step and the fraction of clipped coordinates of each step.
+  """
+  decayed = decayed or {k: True for k in theta}
   m = {k: np.zeros_like(v) for k, v in theta.items()}
   h = {k: np.zeros_like(v) for k, v in theta.items()}
-  out = []
+  out, fractions = [], []
   for t in range(1, steps + 1):
     g = grad(theta)
     m = {k: b1 * m[k] + (1 - b1) * g[k] for k in theta}
     if t % every == 1 % every:
       h_hat = estimate(theta, t)
       h = {k: b2 * h[k] + (1 - b2) * h_hat[k] for k in theta}
-    theta = {k: theta[k] - lr * weight_decay * theta[k] for k in theta}
-    theta = {k: theta[k] - lr * np.clip(m[k] / np.maximum(gamma * h[k], eps), -1, 1)
+    ratio = {k: m[k] / np.maximum(gamma * h[k], eps) for k in theta}
+    fractions.append(sum(int(np.sum(np.abs(r) > clip_threshold)) for r in ratio.values())
+                     / sum(r.size for r in ratio.values()))
+    theta = {k: theta[k] - learning_rate * weight_decay * decayed[k] * theta[k] for k in theta}
+    theta = {k: theta[k] - learning_rate * np.clip(ratio[k], -clip_threshold, clip_threshold)
              for k in theta}
     out.append(theta)
-  return out
+  return out, fractions
 
 
 def np_diagonal_grad(params):
@@ -585,34 +583,45 @@ def np_diagonal_grad(params):
 
 
 def trajectory(tx, params, steps, grad_of=None, **update_kwargs):
-  """The params after each of ``steps`` jitted updates on the gradient of ``grad_of``
-  (default: the ``loss_fn`` passed along)."""
+  """The params and the logged ``clip_fraction`` after each of ``steps`` jitted updates on
+  the gradient of ``grad_of`` (default: the ``loss_fn`` passed along)."""
   grad = jax.grad(grad_of or update_kwargs["loss_fn"])
   step = jax.jit(lambda p, s: tx.update(grad(p), s, p, **update_kwargs))
-  state, out = tx.init(params), []
+  state, out, fractions = tx.init(params), [], []
   for _ in range(steps):
     updates, state = step(params, state)
     params = optax.apply_updates(params, updates)
     out.append(params)
-  return out
+    fractions.append(float(optax.tree.get(state, "clip_fraction")))
+  return out, fractions
 
 
-def test_sophia_h_matches_algorithm_1():
-  """Sophia-H on a loss with a diagonal Hessian (Hutchinson exact), 12 steps, float64."""
-  with jax.enable_x64(True):
-    tx = sophia("hutchinson", key=jax.random.key(0), **SOPHIA)
-    params = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), DIAG_PARAMS)
-    got = trajectory(tx, params, 12, loss_fn=diagonal_loss)
-  theta0 = jax.tree.map(lambda v: np.asarray(v, np.float64), DIAG_PARAMS)
-  expected = np_sophia(theta0, np_diagonal_grad, lambda th, t: diagonal_hessian(th), 12,
-                       **SOPHIA)
-  clipped = 0
+def assert_trajectories_close(got, expected, **tolerances):
   for t, (a, b) in enumerate(zip(got, expected, strict=True)):
-    chex.assert_trees_all_close(a, b, rtol=1e-10, atol=1e-12, custom_message=f"step {t}")
-  for a, b in zip(expected[:-1], expected[1:], strict=False):
-    clipped += sum(int(np.sum(np.isclose(np.abs(a[k] * (1 - 0.05 * 0.1) - b[k]), 0.05)))
-                   for k in a)
-  assert clipped > 0  # the clip really acts on some coordinates
+    chex.assert_trees_all_close(a, b, custom_message=f"step {t}", **tolerances)
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    dict(clip_threshold=0.3, decayed={"x": False, "y": True}),
+], ids=["paper", "clip_threshold-and-decay-mask"])
+def test_sophia_h_matches_algorithm_1(options):
+  """Sophia-H on a loss with a diagonal Hessian (Hutchinson exact), 12 steps, float64;
+  the logged clip fraction is numpy's, and the clip really acts on some steps only."""
+  decayed = options.pop("decayed", None)
+  mask = None if decayed is None else dict(decayed)
+  with jax.enable_x64(True):
+    tx = gradtx.sophia(estimator="hutchinson", key=jax.random.key(0),
+                       weight_decay_mask=mask, **options, **SOPHIA)
+    params = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), DIAG_PARAMS)
+    got, got_fractions = trajectory(tx, params, 12, loss_fn=diagonal_loss)
+  theta0 = jax.tree.map(lambda v: np.asarray(v, np.float64), DIAG_PARAMS)
+  expected, fractions = np_sophia(theta0, np_diagonal_grad,
+                                  lambda th, t: diagonal_hessian(th), 12, decayed=decayed,
+                                  **options, **SOPHIA)
+  assert_trajectories_close(got, expected, rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(got_fractions, fractions, rtol=0, atol=1e-6)  # float32
+  assert 0 < max(fractions) and min(fractions) < 1, fractions
 
 
 def test_sophia_g_matches_algorithm_1():
@@ -622,12 +631,13 @@ def test_sophia_g_matches_algorithm_1():
   labels = np.array([0, 2])
   with jax.enable_x64(True):
     key = jax.random.key(7)
-    tx = sophia("gnb", key=key, **SOPHIA)
+    tx = gradtx.sophia(key=key, **SOPHIA)  # estimator="gnb" is the default
     params = jax.tree.map(jnp.asarray, GNB_PARAMS)
     x = jnp.asarray(GNB_X)
     loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
         gnb_logits(p, x), labels).mean()
-    got = trajectory(tx, params, 10, grad_of=loss, logits_fn=gnb_logits, inputs=x)
+    got, got_fractions = trajectory(tx, params, 10, grad_of=loss, logits_fn=gnb_logits,
+                                    inputs=x)
     step_keys, raw = [], jax.random.key_data(key)
     for _ in range(10):
       next_key, step_key = jax.random.split(jax.random.wrap_key_data(raw))
@@ -645,6 +655,6 @@ def test_sophia_g_matches_algorithm_1():
     residual = (np_softmax_rows(logits) - np.eye(3)[labels]) / len(labels)
     return {k: np.einsum("bc...,bc->...", j, residual) for k, j in jac.items()}
 
-  expected = np_sophia(GNB_PARAMS, grad, estimate, 10, **SOPHIA)
-  for t, (a, b) in enumerate(zip(got, expected, strict=True)):
-    chex.assert_trees_all_close(a, b, rtol=1e-9, atol=1e-11, custom_message=f"step {t}")
+  expected, fractions = np_sophia(GNB_PARAMS, grad, estimate, 10, **SOPHIA)
+  assert_trajectories_close(got, expected, rtol=1e-9, atol=1e-11)
+  np.testing.assert_allclose(got_fractions, fractions, rtol=0, atol=1e-6)  # float32

@@ -11,23 +11,8 @@ and params created under ``jax.set_mesh`` (Explicit axes: they enter the shard_m
 arguments) and outside it, and a clear error for an ``fn`` that closes over such arrays.
 """
 
-import os
+from _multidevice import case_names, case_tests, helper_path
 
-from _multidevice import case_tests
-
-HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sharded_estimators.py")
-CASES = (
-    "antithetic_gaussian",
-    "plain_f0_baseline_rademacher",
-    "centered_rank_shaping_is_global",
-    "leave_one_out_mean_and_chunks",
-    "lean_per_device",
-    "per_leaf_population_per_device",
-    "population_not_divisible",
-    "inputs_created_under_set_mesh",
-    "inputs_created_under_set_mesh_lean_masked_low_rank",
-    "inputs_created_outside_with_explicit_mesh",
-    "closure_over_mesh_arrays_is_a_clear_error",
-)
-
+HELPER = helper_path("_sharded_estimators.py")
+CASES = case_names(HELPER)
 test_helper_runs_every_case, test_case = case_tests(CASES)

@@ -11,17 +11,8 @@ import numpy as np
 import optax
 
 import gradtx
+from gradtx.tour import _registry as registry
 from gradtx.tour._data import MLP
-from gradtx.tour._registry import (
-    TEST_ACC,
-    TRAIN_LOSS,
-    Column,
-    Context,
-    PartResult,
-    Row,
-    number,
-    part,
-)
 from gradtx.tour._report import Figure, Panel, direction, finite, fmt_loss, mean_curve, run_values
 from gradtx.tour._training import Runs, init_params, train
 
@@ -110,8 +101,8 @@ def _clip_values(runs: Runs, sel: Any, spikes: bool) -> dict[str, float | None]:
           "spike_gain": float(gain) if spikes else None}
 
 
-@part("clipping", "Gradient clipping, clean and with injected spikes", _CLIPPING_ABOUT)
-def _clipping(ctx: Context) -> PartResult:
+@registry.part("clipping", "Gradient clipping, clean and with injected spikes", _CLIPPING_ABOUT)
+def _clipping(ctx: registry.Context) -> registry.PartResult:
   cfg, data = ctx.config, ctx.data
   model = MLP()
   seeds, steps = cfg.seeds, cfg.steps
@@ -123,7 +114,7 @@ def _clipping(ctx: Context) -> PartResult:
   optimizers = _optimizers(cfg.quick)
 
   jobs = [(opt, name, clip) for opt in optimizers for name, clip in _clip_rules(steps)]
-  rows: list[Row] = []
+  rows: list[registry.Row] = []
   curves: dict[tuple[str, str], dict[str, np.ndarray]] = {}
   for opt, name, clip in ctx.track(jobs):
     tx = _OPTIMIZERS[opt]() if clip is None else optax.chain(clip, _OPTIMIZERS[opt]())
@@ -135,7 +126,7 @@ def _clipping(ctx: Context) -> PartResult:
     for sel, setting, is_clean in ((clean, "clean", True),
                                    (spiked, f"spikes ×{factor:g}", False)):
       values = {**run_values(runs, sel), **_clip_values(runs, sel, spikes=not is_clean)}
-      rows.append(Row(name, f"{opt}, {setting}", values, clean=is_clean))
+      rows.append(registry.Row(name, f"{opt}, {setting}", values, clean=is_clean))
     curves.setdefault((opt, "clean"), {})[name] = mean_curve(runs.loss, clean)
     curves.setdefault((opt, "spikes"), {})[name] = mean_curve(runs.loss, spiked)
     if clip is not None:
@@ -151,34 +142,40 @@ def _clipping(ctx: Context) -> PartResult:
       Panel(f"{opt}, spikes: cumulative clipped steps", curves[opt, "clipped"],
             ylabel="clipped steps", logy=False, vlines=spike_steps),
   ]) for opt in optimizers]
-  columns = [TRAIN_LOSS, TEST_ACC, Column("clipped_steps", f"clipped steps (of {steps})", ".0f"),
-             Column("spikes_clipped", f"spikes clipped (of {len(spike_steps)})", ".0f"),
-             Column("mean_scale", "mean scale", ".3f"), Column("spike_gain", "spike ×")]
+  columns = [registry.TRAIN_LOSS, registry.TEST_ACC,
+             registry.Column("clipped_steps", f"clipped steps (of {steps})", ".0f"),
+             registry.Column("spikes_clipped", f"spikes clipped (of {len(spike_steps)})", ".0f"),
+             registry.Column("mean_scale", "mean scale", ".3f"),
+             registry.Column("spike_gain", "spike ×")]
   findings = [line for opt in optimizers for line in _findings(rows, opt, steps)]
-  return PartResult(columns, rows, figures, findings)
+  return registry.PartResult(columns, rows, figures, findings)
 
 
-def _findings(rows: list[Row], opt: str, steps: int) -> list[str]:
+def _findings(rows: list[registry.Row], opt: str, steps: int) -> list[str]:
   """The findings for one optimizer, worded from its rows."""
   by = {(r.technique, r.clean): r.values for r in rows if r.setting.startswith(opt + ",")}
   base, base_clean = by["none", False], by["none", True]
   rules = [t for (t, c) in by if not c and t != "none"]
-  worst = max(rules, key=lambda t: finite(number(by[t, False], "train_loss")))
-  every = [t for t in rules if number(by[t, False], "clipped_steps") >= steps - 0.5]
+
+  def spiked(technique: str, key: str) -> float:
+    return registry.number(by[technique, False], key)
+
+  worst = max(rules, key=lambda t: finite(spiked(t, "train_loss")))
+  every = [t for t in rules if spiked(t, "clipped_steps") >= steps - 0.5]
   spikes_only = [t for t in rules if t not in every
-                 and number(by[t, False], "spike_gain") < 0.1 * number(base, "spike_gain")]
+                 and spiked(t, "spike_gain") < 0.1 * spiked("none", "spike_gain")]
   counts = ", ".join(f"{t} {by[t, False]['clipped_steps']:.0f} "
                      f"({by[t, False]['spikes_clipped']:.0f} spikes, mean scale "
                      f"{by[t, False]['mean_scale']:.2f})" for t in rules)
   factor = _SPIKE_FACTORS[opt]
   return [
       f"- {opt}: spikes ×{factor:g} take the unclipped run from train loss "
-      f"{fmt_loss(number(base_clean, 'train_loss'))} (test acc "
-      f"{base_clean['test_acc']:.3f}) to {fmt_loss(number(base, 'train_loss'))} (test acc "
+      f"{fmt_loss(registry.number(base_clean, 'train_loss'))} (test acc "
+      f"{base_clean['test_acc']:.3f}) to {fmt_loss(spiked('none', 'train_loss'))} (test acc "
       f"{base['test_acc']:.3f}); with clipping, the worst spiked run ends at "
-      f"{fmt_loss(number(by[worst, False], 'train_loss'))} ({worst}, "
+      f"{fmt_loss(spiked(worst, 'train_loss'))} ({worst}, "
       f"test acc {by[worst, False]['test_acc']:.3f}), "
-      f"{direction(number(by[worst, False], 'train_loss'), number(base, 'train_loss'))} "
+      f"{direction(spiked(worst, 'train_loss'), spiked('none', 'train_loss'))} "
       "than without.",
       f"- {opt}, clipped steps out of {steps} with spikes: {counts}.",
       f"- {opt}: rules that scale every step: {', '.join(every) or 'none'}; rules that "

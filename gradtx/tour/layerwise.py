@@ -9,17 +9,8 @@ import numpy as np
 import optax
 
 import gradtx
+from gradtx.tour import _registry as registry
 from gradtx.tour._data import MLP, MLP_DEPTH_RULES
-from gradtx.tour._registry import (
-    TEST_ACC,
-    TRAIN_LOSS,
-    Column,
-    Context,
-    PartResult,
-    Row,
-    number,
-    part,
-)
 from gradtx.tour._report import Figure, Panel, direction, mean_curve, mean_std, run_values
 from gradtx.tour._training import init_params, train
 
@@ -60,8 +51,8 @@ def _relative_change(start: Any, end: Any) -> np.ndarray:
   return np.stack(out, axis=-1)
 
 
-@part("layerwise", "Layer-wise learning rates for fine-tuning", _LAYERWISE_ABOUT)
-def _layerwise(ctx: Context) -> PartResult:
+@registry.part("layerwise", "Layer-wise learning rates for fine-tuning", _LAYERWISE_ABOUT)
+def _layerwise(ctx: registry.Context) -> registry.PartResult:
   """Pretraining on one half, then each fine-tuning method on few-shot parity.
 
   Longer than 60 lines: a part reads top to bottom (data, runs, table, figure); its
@@ -98,7 +89,7 @@ def _layerwise(ctx: Context) -> PartResult:
       ("scale_by_path(body ×0): probe", optax.chain(
           optax.adam(lr), gradtx.scale_by_path({body: 0.0}))),
   ]
-  rows: list[Row] = []
+  rows: list[registry.Row] = []
   losses: dict[str, np.ndarray] = {}
   accs: dict[str, np.ndarray] = {}
   moved: dict[str, np.ndarray] = {}
@@ -116,7 +107,7 @@ def _layerwise(ctx: Context) -> PartResult:
     runs = train(model.apply, tx, start, parity, steps=cfg.finetune_steps, keys=keys[3],
                  batch_size=cfg.batch_size, train_idx=np.stack(subsets), track_test=True)
     change = _relative_change(start, runs.params).mean(0)
-    rows.append(Row(name, f"parity, {_SHOTS * 10} shots", {
+    rows.append(registry.Row(name, f"parity, {_SHOTS * 10} shots", {
         **run_values(runs), "moved_embed": float(change[0]), "moved_head": float(change[-1])},
         chance=0.5))
     losses[name] = mean_curve(runs.loss)
@@ -126,18 +117,18 @@ def _layerwise(ctx: Context) -> PartResult:
 
   by = {r.technique: r.values for r in rows}
   scratch, plain = by["adam, from scratch"], by["adam, fine-tune"]
-  best = max(rows, key=lambda r: number(r.values, "test_acc"))
+  best = max(rows, key=lambda r: registry.number(r.values, "test_acc"))
   order = sorted(_EMBED_SCALE, key=lambda n: _EMBED_SCALE[n], reverse=True)  # body lr, high to low
-  moves = [number(by[n], "moved_embed") for n in order]
-  fits = [number(by[n], "train_loss") for n in order]
+  moves = [registry.number(by[n], "moved_embed") for n in order]
+  fits = [registry.number(by[n], "train_loss") for n in order]
   moves_less = bool(np.all(np.diff(moves) <= 0))
   fits_less = bool(np.all(np.diff(fits) >= 0))
   findings = [
       f"- Pretraining (10 digits, {len(upstream[0])} images, {cfg.pretrain_steps} steps) "
       f"reaches test accuracy {pre_acc:.3f} ± {pre_std:.3f}. On few-shot parity, plain "
       f"fine-tuning scores {plain['test_acc']:.3f}, "
-      f"{direction(number(plain, 'test_acc'), number(scratch, 'test_acc'))} than training "
-      f"from scratch ({scratch['test_acc']:.3f}); the "
+      f"{direction(registry.number(plain, 'test_acc'), registry.number(scratch, 'test_acc'))} "
+      f"than training from scratch ({scratch['test_acc']:.3f}); the "
       f"best is {best.technique} ({best.values['test_acc']:.3f}).",
       f"- From the largest body learning rate to the smallest ({', '.join(order)}), the "
       f"embed kernel moves {' → '.join(f'{m:.2f}' for m in moves)} "
@@ -153,6 +144,7 @@ def _layerwise(ctx: Context) -> PartResult:
       Panel("how far each layer moved", moved, ylabel="‖W − W₀‖ / ‖W₀‖", logy=False,
             x=range(len(_LAYERS)), xlabel="layer", xticklabels=_LAYERS),
   ])
-  columns = [TRAIN_LOSS, TEST_ACC, Column("moved_embed", "Δembed", ".2f"),
-             Column("moved_head", "Δhead", ".2f")]
-  return PartResult(columns, rows, [figure], findings)
+  columns = [registry.TRAIN_LOSS, registry.TEST_ACC,
+             registry.Column("moved_embed", "Δembed", ".2f"),
+             registry.Column("moved_head", "Δhead", ".2f")]
+  return registry.PartResult(columns, rows, [figure], findings)

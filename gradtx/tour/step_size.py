@@ -109,11 +109,7 @@ def _sweep(make_tx: Callable[[Any], optax.GradientTransformation], lrs: np.ndarr
 @part("step_size", "Learned step sizes: robustness to the initial learning rate",
       _STEP_SIZE_ABOUT)
 def _step_size(ctx: Context) -> PartResult:
-  """Every method over the grid of initial learning rates.
-
-  Longer than 60 lines: a part reads top to bottom (data, runs, table, figure); its
-  pieces share the runs' arrays, which smaller functions would pass around by the dozen.
-  """
+  """Every method over the grid of initial learning rates: rows, figure, findings."""
   cfg, data = ctx.config, ctx.data
   lrs = _lrs(cfg.quick)
   keys = jax.random.split(jax.random.key(7), (2, cfg.seeds))
@@ -138,11 +134,21 @@ def _step_size(ctx: Context) -> PartResult:
       lr_curves[f"{name}, from {lrs[i]:.0e}"] = np.abs(step_sizes[i].mean(0))
     low_lr_losses[name] = smooth(minibatch[0].mean(0), max(1, cfg.steps // 50))
 
+  figure = _figure(lrs, finals, lr_curves, low_lr_losses, cfg.steps)
+  lines = _findings(lrs, methods, finals, final_lrs)
+  columns = [TRAIN_LOSS, TEST_ACC, Column("initial_lr", "initial lr", ".0e"),
+             Column("final_lr", "final lr", ".2e"), Column("vs_adam", "÷ adam")]
+  return PartResult(columns, rows, [figure], lines)
+
+
+def _figure(lrs: np.ndarray, finals: dict[str, np.ndarray], lr_curves: dict[str, np.ndarray],
+            low_lr_losses: dict[str, np.ndarray], steps: int) -> Figure:
+  """Final loss against the initial learning rate; the step sizes; the smallest lr's run."""
   decades = np.log10(lrs)
   labels = [f"{lr:.0e}" for lr in lrs]
-  figure = Figure("step_size", "Final loss against the initial learning rate, and the "
-                  "learned step sizes (mean over seeds)", [
-      Panel(f"final train loss after {cfg.steps} steps", finals, x=decades,
+  return Figure("step_size", "Final loss against the initial learning rate, and the "
+                "learned step sizes (mean over seeds)", [
+      Panel(f"final train loss after {steps} steps", finals, x=decades,
             xticklabels=labels, xlabel="initial learning rate", legend_below=True),
       Panel("step size over training, from the smallest and largest lr",
             {k: np.maximum(v, 1e-12) for k, v in lr_curves.items()}, ylabel="step size",
@@ -150,6 +156,10 @@ def _step_size(ctx: Context) -> PartResult:
       Panel(f"minibatch loss from initial lr {lrs[0]:.0e}", low_lr_losses, legend_below=True),
   ])
 
+
+def _findings(lrs: np.ndarray, methods: list[str], finals: dict[str, np.ndarray],
+              final_lrs: dict[str, np.ndarray]) -> list[str]:
+  """The findings, worded from the final losses and step sizes of every method."""
   worst = {name: max(map(finite, f)) for name, f in finals.items()}
   best = {name: min(map(finite, f)) for name, f in finals.items()}
   eg, adam = finals["eg_step_size(scale_by_adam)"], finals["adam"]
@@ -178,6 +188,4 @@ def _step_size(ctx: Context) -> PartResult:
       "alternate; the clip ranges bound the correction (gains 100×, scale 10×) and the "
       "default rates (`gain_lr=0.01`, `scale_lr=0.001`) need hundreds of steps to use it. "
       "The additive hypergradient is unbounded and its β must match the scale of `g · d`.")
-  columns = [TRAIN_LOSS, TEST_ACC, Column("initial_lr", "initial lr", ".0e"),
-             Column("final_lr", "final lr", ".2e"), Column("vs_adam", "÷ adam")]
-  return PartResult(columns, rows, [figure], lines)
+  return lines
