@@ -71,8 +71,12 @@ def sum_chunks(fn: Callable[[Any], Any], tree: Any, chunk: int) -> Any:
   if chunks.num_full:
     first = fn(jax.tree.map(lambda x: x[0], chunks.full))
     if chunks.num_full > 1:
-      total = jax.lax.scan(lambda acc, c: (jax.tree.map(jnp.add, acc, fn(c)), None), first,
-                           jax.tree.map(lambda x: x[1:], chunks.full))[0]
+      # Chunks are read by index, not scanned over ``full[1:]``: that slice is a copy.
+      def add_chunk(acc: Any, i: jax.Array) -> tuple[Any, None]:
+        chunk_i = jax.tree.map(
+            lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), chunks.full)
+        return jax.tree.map(jnp.add, acc, fn(chunk_i)), None
+      total = jax.lax.scan(add_chunk, first, jnp.arange(1, chunks.num_full))[0]
     else:
       total = first
   if chunks.has_rest:
