@@ -109,9 +109,9 @@ def _softmax_loss(q, k, labels, temperature, *, block_size, axis_name, pairs):
       sides.append(dense_row_losses(k, q, labels, labels, inv_temperature,
                                     exclude_self=exclude_self))
   else:
-    sides = _blockwise.tiled_losses(
+    sides = list(_blockwise.tiled_losses(
         _blockwise.Softmax, q, k, labels, labels, inv_temperature,
-        exclude_self=exclude_self, block_size=block_size, axis_name=axis_name, mode=pairs)
+        exclude_self=exclude_self, block_size=block_size, axis_name=axis_name, mode=pairs))
   means = [_mean_over_anchors(rows, has_positive, axis_name) for rows, has_positive in sides]
   return means[0] if len(means) == 1 else 0.5 * (means[0] + means[1])
 
