@@ -216,6 +216,9 @@ class Entry:
     known_failures: ``{check: reason}`` for checks (names in ``CHECKS``) the entry fails
       because of a reported gradtx bug; they run as ``xfail(strict=True)``, so a fix makes
       them fail until the line is removed.
+    converged_fraction: the scan check asks the loss after 50 steps at the fixed ``LR`` to
+      be below this fraction of the initial one; a method that by design stalls at a
+      fixed step (sign descent moves every coordinate by ``LR``) says how far.
   """
 
   name: str
@@ -232,6 +235,7 @@ class Entry:
   update_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   sharded_atol: float = 1e-7
   known_failures: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  converged_fraction: float = 0.01
 
   def __post_init__(self):
     unknown = set(self.known_failures) - set(CHECKS)
@@ -366,6 +370,12 @@ TRANSFORMATIONS = (
           dict(estimator="es", key=jax.random.key(4), sigma=0.1, num_samples=128),
           static_args=("estimator", "key", "num_samples"),
           update_kwargs=dict(loss_fn=loss), rtol=1e-4, atol=2e-4, sharded_atol=2e-4),
+    # ZO-SGD-Sign: the sign of an antithetic ES estimate. Every coordinate moves by the
+    # learning rate, so at the fixed LR = 0.5 the quadratic stalls near LR: ~6% of its start.
+    Entry("zeroth_order-sign", gradtx.zeroth_order,
+          dict(estimator="sign", key=jax.random.key(8), sigma=0.1, num_samples=128),
+          static_args=("estimator", "key", "num_samples"),
+          update_kwargs=dict(loss_fn=loss), converged_fraction=0.1),
     # HiZOO: perturbations scaled by a running diagonal-Hessian estimate (in the state).
     Entry("zeroth_order-hizoo", gradtx.zeroth_order,
           dict(estimator="hizoo", key=jax.random.key(6), sigma=0.1, num_samples=64,
@@ -702,7 +712,7 @@ def test_converges_inside_scan(entry, request):
     frozen = {k: np.asarray(final_params[k])[~entry.trains[k]] for k in SHAPES}
     assert_trees_equal(frozen, {k: np.asarray(params[k])[~entry.trains[k]] for k in SHAPES})
   initial = float(loss_fn(params)) if entry.trains is None else float(losses[0])
-  assert float(losses[-1]) < 0.01 * initial, (entry.problem.name, initial,
+  assert float(losses[-1]) < entry.converged_fraction * initial, (entry.problem.name, initial,
                                                np.asarray(losses).tolist())
 
 

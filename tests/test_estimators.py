@@ -16,6 +16,7 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
+from test_estimators_zo import documented_draw
 
 import gradtx
 from gradtx import estimators
@@ -28,8 +29,7 @@ def _reference_noise(key, index, shapes, noise="gaussian"):
   out = {}
   for path, shape in shapes.items():
     leaf_key = jax.random.fold_in(member, zlib.crc32(path.encode()) & 0x7FFFFFFF)
-    draw = (jax.random.normal if noise == "gaussian" else jax.random.rademacher)
-    out[path] = np.asarray(draw(leaf_key, shape, jnp.float32), np.float64)
+    out[path] = documented_draw(leaf_key, shape, noise)
   return out
 
 

@@ -31,6 +31,8 @@ TECHNIQUES = (
     "child_tuning_f",
     "child_tuning_d",
     "zeroth_order('es')",
+    "sigmoid_contrastive",
+    "zo_sgd_step",
 )
 
 
@@ -152,7 +154,7 @@ def test_contrastive_probes_and_objective(quick_tour):
   rows = _values(payload, "contrastive")
   settings = {r["technique"]: r["setting"] for r in payload["parts"]["contrastive"]["rows"]}
   assert {"random encoder (no pre-training)", "nt_xent, small batch", "cached_value_and_grad",
-          "raw pixels (no encoder)"} <= set(rows)
+          "sigmoid_contrastive (SigLIP)", "raw pixels (no encoder)"} <= set(rows)
   cached, random = rows["cached_value_and_grad"], rows["random encoder (no pre-training)"]
   assert "chunk_size=128" in settings["cached_value_and_grad"]
   for values in rows.values():
@@ -170,6 +172,7 @@ def test_contrastive_probes_and_objective(quick_tour):
   assert cached["few_acc"] > 0.6 and random["few_acc"] > 0.6
   assert any("cached gradient ends lower than the small batch" in line
              for line in payload["parts"]["contrastive"]["findings"])
+  assert any(line.startswith("- SigLIP") for line in payload["parts"]["contrastive"]["findings"])
 
 
 def test_attribution_is_complete(quick_tour):
@@ -294,6 +297,10 @@ def test_zeroth_order_optimises_accuracy(quick_tour):
   assert es["evaluations"] >= 10 * bp["evaluations"]
   assert bp["test_acc"] >= es["test_acc"] - 0.01
   assert bp["evals_to_target"] < es["evals_to_target"]
+  # MeZO's in-place step learns too, with less compiled memory than the materialised step.
+  mezo = rows["zo_sgd_step (MeZO, in place)"]
+  assert mezo["test_acc"] > max(0.8, chance + 0.5), mezo
+  assert mezo["step_temp_ratio"] < 1, mezo
 
 
 def test_partial_and_quick_runs_never_clobber_a_full_report(tmp_path, monkeypatch):

@@ -16,8 +16,9 @@ shaping. The policy gradient (score function) ``∇ E_{y~p_θ} r(y) = E[(r(y) - 
 p_θ(y)]`` is the same estimator with the Gaussian search distribution as the policy
 (Su): ``∇_θ log N(θ + σε; θ, σ²I) = ε / σ``.
 
-Every member's noise is regenerated from ``fold_in(key, member)`` (and the leaf's path),
-so the population never has to exist at once: ``lean=True`` evaluates it one member at
+Every member's noise is regenerated from ``fold_in(key, member)`` (and the leaf's path;
+each entry a counter hash of its index, see :func:`es_gradient`), so the population never
+has to exist at once: ``lean=True`` evaluates it one member at
 a time (MeZO-style: memory of one inference plus one parameter-sized accumulator),
 ``batch_size`` vmaps chunks, and the default vmaps the whole population. All three, and
 a population sharded over a device mesh, give the same estimate for the same key.

@@ -13,64 +13,56 @@ from gradtx import _checks, _numerics, _paths, _random
 from gradtx.estimators import _noise
 
 NOISES = ("gaussian", "rademacher")
-# Leaves of more entries draw their noise in blocks of BLOCK entries, block b from
-# fold_in(leaf_key, b): a block can then be drawn (and used) alone, so a step can stream
-# θ + σz through one perturbed buffer without materialising z (XLA:CPU runs threefry as a
-# loop whose state would otherwise be two uint32 buffers of the leaf's size).
-BLOCK = 1 << 16
+# Wellons' triple32 multipliers (the mixer of `_triple32`).
+_TRIPLE32 = ((17, 0xED5AD4BB), (11, 0xAC4C1B51), (15, 0x31848BAB))
+# The uniform in (-1, 1) of jax.random.normal: [0, 1) scaled onto [_LOW, 1).
+_LOW = np.nextafter(np.float32(-1.0), np.float32(1.0))
+
+
+def _triple32(x: jax.Array) -> jax.Array:
+  """Wellons' triple32 integer mixer: a bijection of uint32 with low avalanche bias."""
+  for shift, multiplier in _TRIPLE32:
+    x = (x ^ (x >> shift)) * jnp.uint32(multiplier)
+  return x ^ (x >> 14)
+
+
+def hashed_bits(leaf_key: jax.Array, size: int) -> jax.Array:
+  """``size`` uint32 words: ``h_k = T(T(k (s_1 | 1) + s_0) ^ s_1)`` for entries ``k``.
+
+  ``T`` is :func:`_triple32` and ``(s_0, s_1) = jax.random.bits(leaf_key, (2,))`` (the
+  key's own generator, once per leaf). Entry ``k`` depends on ``k`` alone, not on an
+  RNG state: XLA fuses the draw into whatever consumes it, so ``θ + σz`` is one pass over
+  ``θ`` that never materialises ``z``.
+  """
+  if size >= 2**32:
+    raise ValueError(f"a params leaf of {size:,} entries is too large for the noise's "
+                     f"32-bit counter (at most 2**32 - 1 entries); split the leaf")
+  s0, s1 = jax.random.bits(leaf_key, (2,), jnp.uint32)
+  k = jax.lax.iota(jnp.uint32, size)
+  return _triple32(_triple32(k * (s1 | jnp.uint32(1)) + s0) ^ s1)
+
+
+def draw(leaf_key: jax.Array, shape: tuple[int, ...], noise: str, dtype: Any) -> jax.Array:
+  """A leaf's noise of ``shape`` (entries in row-major order), from :func:`hashed_bits`.
+
+  Gaussian: ``z_k = √2 erfinv(u_k)`` with ``u_k`` the top 23 bits of ``h_k`` as a uniform
+  on ``[nextafter(-1, 1), 1)`` (the transform of ``jax.random.normal``), in float32;
+  Rademacher: ``z_k = 1 - 2 (h_k >> 31)``. Cast to ``dtype``.
+  """
+  bits = hashed_bits(leaf_key, int(np.prod(shape, dtype=np.int64)))
+  if noise == "gaussian":
+    mantissa = (bits >> 9) | jnp.uint32(0x3F800000)  # a float in [1, 2)
+    unit = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - 1.0
+    uniform = jnp.maximum(_LOW, unit * (1.0 - _LOW) + _LOW)
+    z = np.float32(np.sqrt(2.0)) * jax.lax.erf_inv(uniform)
+  else:
+    z = 1.0 - 2.0 * (bits >> 31).astype(jnp.float32)
+  return z.astype(dtype).reshape(shape)
 
 
 def sampler(noise: str) -> Callable[..., jax.Array]:
-  return jax.random.normal if noise == "gaussian" else jax.random.rademacher
-
-
-def flat_noise(leaf_key: jax.Array, size: int, noise: str, dtype: Any) -> jax.Array:
-  """A leaf's dense noise, flat: one draw up to BLOCK entries, else blocks of BLOCK."""
-  sample = sampler(noise)
-  if size <= BLOCK:
-    return sample(leaf_key, (size,), dtype)
-  full, rest = divmod(size, BLOCK)
-  blocks = jax.vmap(lambda b: sample(jax.random.fold_in(leaf_key, b), (BLOCK,), dtype))(
-      jnp.arange(full, dtype=jnp.uint32))
-  parts = [blocks.reshape(-1)]
-  if rest:
-    parts.append(sample(jax.random.fold_in(leaf_key, full), (rest,), dtype))
-  return jnp.concatenate(parts)
-
-
-def streamed(base: jax.Array, leaf_key: jax.Array, noise: str, dtype: Any,
-             fn: Callable[[jax.Array, jax.Array], jax.Array],
-             mask: jax.Array | None = None) -> jax.Array:
-  """``fn(base, z)`` for a leaf's dense noise ``z`` (:func:`flat_noise`), block by block.
-
-  Each block of ``z`` is drawn, used and dropped (a ``fori_loop`` updating ``base``'s
-  buffer in place), so no leaf-sized noise or RNG state is ever live. ``mask`` zeroes
-  ``z`` outside it. ``fn`` is elementwise and keeps ``base``'s dtype.
-  """
-  shape, flat = base.shape, base.reshape(-1)
-  flat_mask = None if mask is None else mask.reshape(-1)
-
-  def apply(values, z, m):
-    return fn(values, z if m is None else jnp.where(m, z, jnp.zeros((), z.dtype)))
-
-  if flat.size <= BLOCK:
-    return apply(flat, flat_noise(leaf_key, flat.size, noise, dtype), flat_mask).reshape(shape)
-  sample = sampler(noise)
-  full, rest = divmod(flat.size, BLOCK)
-
-  def body(b, buf):
-    start = b * BLOCK
-    z = sample(jax.random.fold_in(leaf_key, b.astype(jnp.uint32)), (BLOCK,), dtype)
-    m = None if flat_mask is None else jax.lax.dynamic_slice(flat_mask, (start,), (BLOCK,))
-    block = apply(jax.lax.dynamic_slice(buf, (start,), (BLOCK,)), z, m)
-    return jax.lax.dynamic_update_slice(buf, block, (start,))
-
-  flat = jax.lax.fori_loop(0, full, body, flat)
-  if rest:
-    z = sample(jax.random.fold_in(leaf_key, full), (rest,), dtype)
-    m = None if flat_mask is None else flat_mask[full * BLOCK:]
-    flat = flat.at[full * BLOCK:].set(apply(flat[full * BLOCK:], z, m))
-  return flat.reshape(shape)
+  """``sample(leaf_key, shape, dtype)``: :func:`draw` of this ``noise``."""
+  return lambda leaf_key, shape, dtype: draw(leaf_key, shape, noise, dtype)
 
 
 def member_noise(key: jax.Array, index: jax.Array | int, params: Any, noise: str,
@@ -78,10 +70,9 @@ def member_noise(key: jax.Array, index: jax.Array | int, params: Any, noise: str
   """The noise ``ε`` of population member ``index``: a pytree like ``params`` (float32+).
 
   Leaf ``path`` draws from ``fold_in(fold_in(key, index), crc32(path) & 0x7FFFFFFF)``
-  (:func:`gradtx._random.per_leaf`), flat and reshaped, in blocks of ``BLOCK`` entries
-  beyond that size (:func:`flat_noise`). ``shape`` (:mod:`._noise`) masks it (frozen leaves are
-  zeros drawn from nothing) or makes matrix leaves low rank (``U`` from that key, ``V``
-  from ``fold_in(subspace_key or fold_in(key, index), crc32(path))``).
+  (:func:`gradtx._random.per_leaf`) with :func:`draw`. ``shape`` (:mod:`._noise`) masks it
+  (frozen leaves are zeros drawn from nothing) or makes matrix leaves low rank (``U``
+  from that key, ``V`` from ``fold_in(subspace_key or fold_in(key, index), crc32(path))``).
   """
   sample = sampler(noise)
   leaves = jax.tree.leaves(params)
@@ -94,7 +85,7 @@ def member_noise(key: jax.Array, index: jax.Array | int, params: Any, noise: str
     v_keys = _random.leaf_keys(v_base, _paths.tree_paths(params))
   order = iter(range(len(leaves)))  # per_leaf draws the leaves in order
 
-  def draw(leaf_key, leaf):
+  def leaf_noise(leaf_key, leaf):
     i = next(order)
     leaf_shape, dtype = jnp.shape(leaf), _numerics.compute_dtype(leaf)
     if shape.frozen[i]:
@@ -102,14 +93,11 @@ def member_noise(key: jax.Array, index: jax.Array | int, params: Any, noise: str
     if v_keys is not None and shape.rank is not None and len(leaf_shape) >= 2:
       z = _noise.low_rank(leaf_key, v_keys[i], leaf_shape, shape.rank, sample, dtype)
     else:
-      # Drawn flat and reshaped: up to BLOCK entries the same values as drawing the
-      # shape (threefry counts elements in row-major order), and faster on XLA:CPU.
-      size = int(np.prod(leaf_shape, dtype=np.int64))
-      z = flat_noise(leaf_key, size, noise, dtype).reshape(leaf_shape)
+      z = sample(leaf_key, leaf_shape, dtype)
     mask = shape.masks[i]
     return z if mask is None else jnp.where(mask, z, jnp.zeros((), dtype))
 
-  return _random.per_leaf(member_key, params, draw)
+  return _random.per_leaf(member_key, params, leaf_noise)
 
 
 def scalar_output(argname: str, value: Any) -> jax.Array:

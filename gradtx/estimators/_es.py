@@ -143,6 +143,12 @@ def es_gradient(
   Member ``i`` (pair ``j`` when antithetic) draws its noise from
   ``fold_in(key, i)`` then ``fold_in(·, crc32(leaf path) & 0x7FFFFFFF)``: same key, same
   estimate, whichever of ``lean``, ``batch_size`` or ``mesh`` evaluates the population.
+  Within a leaf, entry ``k`` (row-major) is a counter hash of ``k``,
+  ``h_k = T(T(k (s_1 | 1) + s_0) ⊕ s_1)`` with Wellons' ``triple32`` mixer ``T`` and
+  ``(s_0, s_1) = jax.random.bits(leaf_key, (2,))``, mapped to a Gaussian by
+  ``jax.random.normal``'s transform (``√2 erfinv`` of a uniform on (-1, 1) from 23 bits,
+  in float32) or to ``±1`` by its top bit: no generator state, so XLA fuses the draw into
+  ``θ + σε`` and never materialises the noise where it is used once.
 
   The perturbed members ``θ + sσε`` are rounded to each leaf's dtype before ``fn`` sees
   them. ``σ`` must be at least the spacing of that dtype at every ``|θ_k|``

@@ -44,18 +44,11 @@ class HiZOOOptions:
     return _estimate(self, fn, params, key, hessian_diag)
 
 
-def hizoo_gradient(
-    fn: Callable[[Any], jax.Array],
-    params: Any,
-    key: jax.Array,
-    *,
-    sigma: float,
-    hessian_diag: Any,
-    num_samples: int = HiZOOOptions.num_samples,
-    alpha: float = HiZOOOptions.alpha,
-    damping: float = HiZOOOptions.damping,
-    mask: Any = HiZOOOptions.mask,
-) -> tuple[Any, Any]:
+def hizoo_gradient(fn: Callable[[Any], jax.Array], params: Any, key: jax.Array,
+                   hessian_diag: Any, *, sigma: float,
+                   num_samples: int = HiZOOOptions.num_samples,
+                   alpha: float = HiZOOOptions.alpha, damping: float = HiZOOOptions.damping,
+                   mask: Any = HiZOOOptions.mask) -> tuple[Any, Any]:
   r"""HiZOO: the two-point estimate with ``z = Σ^{1/2} u`` and a running Hessian diagonal.
 
   With ``H`` the running estimate of the Hessian's diagonal (``hessian_diag``),
@@ -80,9 +73,9 @@ def hizoo_gradient(
     fn: ``fn(params) -> scalar``.
     params: ``θ``, a pytree of float arrays.
     key: a ``jax.random`` key (pair ``j`` draws ``u_j`` as ES member ``j``).
-    sigma: ``σ`` > 0.
     hessian_diag: ``H``, a pytree like ``params`` (start from ones:
-      ``HiZOOOptions(sigma).init(params)``).
+      ``HiZOOOptions(sigma).init(params)``); positional or by name.
+    sigma: ``σ`` > 0.
     num_samples: ``N`` evaluations besides ``f(θ)`` (even: ``N/2`` mirrored pairs,
       evaluated one after the other).
     alpha: the smoothing ``α`` in (0, 1] (the paper: 1e-6 to 1e-8 for LLMs).
@@ -98,9 +91,9 @@ def hizoo_gradient(
     >>> f = lambda p: 0.5 * jnp.sum(a * p["w"] ** 2)
     >>> def step(h, key):
     ...   g, h = gradtx.hizoo_gradient(f, {"w": jnp.ones(3)}, key, sigma=0.01,
-    ...                                hessian_diag=h, alpha=0.01)
+    ...                                hessian_diag=h, alpha=0.002)
     ...   return h, None
-    >>> keys = jax.random.split(jax.random.key(0), 3000)
+    >>> keys = jax.random.split(jax.random.key(0), 6000)
     >>> h, _ = jax.jit(lambda h: jax.lax.scan(step, h, keys))({"w": jnp.ones(3)})
     >>> jnp.round(h["w"] / a, 0).tolist()
     [1.0, 1.0, 1.0]

@@ -8,39 +8,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from gradtx import _checks, _numerics, _paths, _random
+from gradtx import _checks, _numerics, _random
 from gradtx.estimators import _common, _noise
-
-
-def _perturber(params: Any, key: jax.Array, noise: str,
-               shape: _noise.Shaping) -> Callable[[Any, Any], Any]:
-  """``perturb(θ, step) = θ + step·z`` for ES member 0's noise ``z``, leaf by leaf.
-
-  Dense leaves stream their noise block by block (:func:`_common.streamed`); low-rank
-  leaves build ``U Vᵀ/√r`` (small factors); frozen leaves are returned as they are.
-  """
-  paths = _paths.tree_paths(params)
-  keys = _random.leaf_keys(jax.random.fold_in(key, 0), paths) if paths else None
-
-  def perturb(tree, step):
-    leaves, treedef = jax.tree.flatten(tree)
-    low_rank = None
-    out = []
-    for i, p in enumerate(leaves):
-      dtype = _numerics.compute_dtype(p)
-      add = lambda v, z: (v.astype(z.dtype) + step * z).astype(v.dtype)  # noqa: E731
-      if shape.frozen[i]:
-        out.append(p)
-      elif shape.rank is not None and p.ndim >= 2:
-        if low_rank is None:  # the dense leaves' draws in this tree are never used
-          low_rank = jax.tree.leaves(_common.member_noise(key, 0, tree, noise, shape))
-        out.append(add(p, low_rank[i]))
-      else:
-        assert keys is not None  # there are leaves, so there are paths
-        out.append(_common.streamed(p, keys[i], noise, dtype, add, shape.masks[i]))
-    return jax.tree.unflatten(treedef, out)
-
-  return perturb
 
 
 def zo_sgd_step(
@@ -63,20 +32,24 @@ def zo_sgd_step(
 
   with ``z`` the noise of ES member 0 for ``key`` (the documented draw of
   :func:`es_gradient`: ``θ'`` equals ``θ - η · es_gradient(f, θ, key, sigma=σ,
-  num_samples=2, mask=..., rank=...)``), regenerated leaf by leaf from the key each time
-  it is used instead of stored. ``mask`` (Sparse MeZO) and ``rank`` (LOZO) shape ``z`` as
-  in :func:`es_gradient`. The returned loss is ``(ℓ₊ + ℓ₋)/2 = f(θ) + O(σ²)``, the
-  loss at ``θ`` without a third forward pass.
+  num_samples=2, mask=..., rank=...)`` up to the rounding of the perturbed members), never
+  stored: each entry of ``z`` is a counter hash of its index (no generator state), drawn
+  inside the pass that uses it. ``mask`` (Sparse MeZO) and ``rank`` (LOZO) shape ``z`` as
+  in :func:`es_gradient`. The returned loss is ``(ℓ₊ + ℓ₋)/2 = f(θ) + O(σ²)``, the loss at
+  ``θ`` without a third forward pass.
 
-  Jit it with the params donated, ``jax.jit(step, donate_argnums=1)``, so that XLA writes
-  ``θ'`` into ``θ``'s buffer. The step then holds one perturbed copy of the params next
-  to the forward pass's temporaries: the two evaluations are ordered
-  (``lax.optimization_barrier``) so that they share one perturbed buffer, and ``θ`` is
-  never modified before the update (no restore, no round-off drift: MeZO's in-place
-  ``θ+σz, θ−2σz, θ+σz`` walk cannot be written over an immutable JAX array without that
-  copy). Its compiled memory against a forward pass, and its speed against the
-  materialised estimate, are measured by ``benchmarks/zeroth_order_lm.py``
-  (``benchmarks/results/zeroth_order_lm.md``).
+  Jit it with the params donated, ``jax.jit(step, donate_argnums=1)`` (or ``0`` once the
+  loss is bound), so that XLA writes ``θ'`` into ``θ``'s buffer. The step makes three
+  passes over the params around its two forward passes: ``θ₊ = θ + σz`` (draws ``z``),
+  ``θ₋ = 2θ - θ₊`` (no draw; written over ``θ₊`` once ``ℓ₊`` is known) and ``θ' = θ - η ĝ
+  z`` (draws ``z`` again, into ``θ``'s buffer). Its temporaries are then exactly one
+  forward pass's plus one parameter-sized buffer (and a few hundred bytes of scalars), and
+  ``θ`` itself is never modified before the update: no restore, no round-off drift
+  (MeZO's in-place ``θ+σz, θ−2σz, θ+σz`` walk cannot be written over an immutable JAX
+  array without that one copy). Low-rank leaves (``rank``) add the largest such leaf's
+  ``U Vᵀ`` (a matrix product is not fused into the pass). Its compiled memory against a
+  forward pass, and its speed against the materialised estimate, are measured by
+  ``benchmarks/zeroth_order_lm.py`` (``benchmarks/results/zeroth_order_lm.md``).
 
   Args:
     loss_fn: ``loss_fn(params) -> scalar``, e.g. the mean loss of a batch.
@@ -120,19 +93,37 @@ def zo_sgd_step(
     subspace_key = _random.as_key(subspace_key, argname="subspace_key")
   shape = _noise.shaping(params, mask=mask, rank=rank, subspace_key=subspace_key)
 
-  perturb = _perturber(params, key, noise, shape)  # z regenerated at every use
+  leaves, treedef = jax.tree.flatten(params)
 
-  def value(p):
-    return _common.scalar_output("loss_fn", loss_fn(p)).astype(jnp.float32)
+  def each(fn, *others):
+    """``fn(θ_leaf, *other_leaves)`` for every perturbed leaf; frozen leaves as they are."""
+    return [p if frozen else fn(p, *xs)
+            for frozen, p, *xs in zip(shape.frozen, leaves, *others, strict=True)]
 
-  up = perturb(params, sigma)
+  def value(perturbed):
+    loss = loss_fn(jax.tree.unflatten(treedef, perturbed))
+    return _common.scalar_output("loss_fn", loss).astype(jnp.float32)
+
+  def moved(by, draw_key):
+    """``θ + by · z``, ``z`` drawn anew (fused into this pass), in each leaf's dtype."""
+    z = jax.tree.leaves(_common.member_noise(draw_key, 0, params, noise, shape))
+    return each(lambda p, e: (p.astype(e.dtype) + by * e).astype(p.dtype), z)
+
+  up = moved(sigma, key)
   plus = value(up)
-  # θ - σz as (θ + σz) - 2σz, over the buffer of θ + σz (MeZO's walk), once the first
-  # loss is known: `0 * plus` (kept by XLA, which does not assume finite floats) orders
-  # every leaf's second perturbation after the whole first forward pass, so the two
-  # passes share one perturbed buffer and never hold their activations at once.
-  minus = value(perturb(up, -2 * sigma + 0.0 * plus))
+  # θ - σz as 2θ - (θ + σz): no second draw. `+ 0·ℓ₊` (kept by XLA, which does not assume
+  # finite floats) orders it after f(θ + σz), so it overwrites the buffer of θ + σz: one
+  # perturbed copy of θ for both passes.
+  after = 0.0 * plus
+
+  def mirrored(p, u):
+    dtype = _numerics.compute_dtype(p)
+    return (2 * p.astype(dtype) + after - u.astype(dtype)).astype(p.dtype)
+
+  minus = value(each(mirrored, up))
   slope = (plus - minus) / (2 * jnp.asarray(sigma, jnp.float32))
-  # The update starts from the untouched θ (no restore, no drift), in its donated buffer.
-  new = perturb(params, -jnp.asarray(learning_rate, jnp.float32) * slope)
-  return new, (plus + minus) / 2
+  # The update draws z again, fused into θ - η ĝ z in θ's donated buffer; the barrier keeps
+  # XLA from merging the two draws into one stored (parameter-sized) z.
+  key, minus = jax.lax.optimization_barrier((key, minus))
+  new = moved(-jnp.asarray(learning_rate, jnp.float32) * slope, key)
+  return jax.tree.unflatten(treedef, new), (plus + minus) / 2
