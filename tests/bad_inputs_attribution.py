@@ -472,3 +472,77 @@ CASES += [
                      steps=4, layer_baseline=0.0, return_delta=True)[1],
          check=lambda delta: np.testing.assert_array_less(np.abs(delta), 1e-2)),
 ]
+
+# ------------------------------------------- SmoothGrad with the noise at a layer (#17)
+_tokens_at = lambda ids, **kw: _tokens(ids=ids, position=0, **kw)
+
+
+def _sg_layer(attribution_fn, **kwargs):
+  return sg(attribution_fn, jnp.asarray(LM_IDS), key=KEY, samples=2, **kwargs)
+
+
+CASES += [
+    Case("attribution-smooth-noise_at-unknown",
+         lambda: _sg_layer(_tokens_at, noise_at="embeddings"),
+         ValueError, r"noise_at must be one of 'inputs', 'layer', got 'embeddings'"),
+    Case("attribution-smooth-noise-on-token-ids",
+         lambda: _sg_layer(_tokens_at),
+         TypeError, r"inputs must hold floating arrays.*int32.*attribute integer inputs such "
+                    r"as token ids at their embedding"),
+    Case("attribution-smooth-layer-fn-without-layer_noise",
+         lambda: sg(_sal, X, key=KEY, samples=2, noise_at="layer"),
+         TypeError, r"attribution_fn must accept the keyword layer_noise= with "
+                    r"noise_at='layer'"),
+    Case("attribution-smooth-layer-noise-ignored",
+         lambda: _sg_layer(lambda ids, layer_noise: _tokens_at(ids).scores, noise_at="layer"),
+         ValueError, r"attribution_fn accepted layer_noise= but never called it"),
+    Case("attribution-smooth-layer-position-beyond",
+         lambda: _sg_layer(lambda ids, **kw: _tokens(ids=ids, position=3, target_token=0, **kw),
+                           noise_at="layer"),
+         ValueError, r"position must be in \[-3, 3\) \(a position in sequences of 3 tokens\)"),
+    Case("attribution-smooth-layer-stdev-zero-is-token-attributions",
+         lambda: (_sg_layer(_tokens_at, stdev=0.0, noise_at="layer").scores,
+                  _tokens_at(jnp.asarray(LM_IDS)).scores),
+         check=lambda pair: np.testing.assert_allclose(*pair, rtol=1e-6)),
+    Case("attribution-lig-layer_noise-not-callable",
+         lambda: _lig_text(layer_noise=np.zeros((2, 2, 3))),
+         TypeError, r"layer_noise must be a function called as layer_noise\(h\) -> h \+ noise, "
+                    r"got an array of shape \(2, 2, 3\)"),
+    Case("attribution-lig-layer_noise-shape",
+         lambda: _lig_text(layer_noise=lambda h: h[:, :1]),
+         ValueError, r"layer_noise\(h\) must have the leaf shapes of the output of layer "
+                     r"'Embed_0'; these differ: <root>: \(2, 1, 3\) vs \(2, 2, 3\)"),
+    Case("attribution-lig-layer_noise-structure",
+         lambda: _lig_text(layer_noise=lambda h: {"h": h}),
+         ValueError, r"layer_noise\(h\) must have the structure of the output of layer "
+                     r"'Embed_0': missing \[''\]"),
+    Case("attribution-lig-layer_noise-dtype",
+         lambda: _lig_text(layer_noise=lambda h: h.astype(jnp.float16)),
+         TypeError, r"layer_noise\(h\) must keep the dtypes of the output of layer 'Embed_0'; "
+                    r"these differ: <root>: float16 vs float32"),
+]
+
+
+def _lig_nnx_copy():
+  """fn calls a copy of the model (nnx.merge), never the model the layer is looked up in."""
+  model = _Nnx()
+  graphdef, state = nnx.split(model)
+  return lig(lambda i: nnx.merge(graphdef, state)(i), _text()[1], "embed", model=model)
+
+
+def _lig_nnx_without_model():
+  model = _Nnx()
+  return lig(lambda i: model(i), _text()[1], "embed")
+
+
+CASES += [
+    Case("attribution-lig-nnx-layer-empty", lambda: lig(_Nnx(), _text()[1], ""),
+         ValueError, r"layer must be the path of a submodule of model, got ''; the submodule "
+                     r"paths of _Nnx are \['embed'\]"),
+    Case("attribution-lig-nnx-fn-calls-a-copy", _lig_nnx_copy,
+         ValueError, r"layer: fn must call the layer 'embed' exactly once per call, but it "
+                     r"was called 0 times; is fn calling model itself"),
+    Case("attribution-lig-nnx-without-model", _lig_nnx_without_model,
+         ValueError, r"called 0 times; fn called no linen module \(for an nnx model, pass "
+                     r"model=\)"),
+]

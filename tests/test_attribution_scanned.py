@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _attribution_models import NnxStack
 from flax import nnx
 
 import gradtx
@@ -220,18 +221,6 @@ class _NnxBlock(nnx.Module):
     return h + self.down(nnx.gelu(self.up(self.norm2(h))))
 
 
-class _NnxUnrolled(nnx.Module):
-
-  def __init__(self, rngs):
-    self.embed = nnx.Embed(VOCAB, DIM, rngs=rngs)
-    self.blocks = nnx.List([_NnxBlock(rngs) for _ in range(LAYERS)])
-    self.head = nnx.Linear(DIM, CLASSES, rngs=rngs)
-
-  def __call__(self, ids):
-    h = self.embed(ids)
-    for block in self.blocks:
-      h = block(h)
-    return self.head(h.mean(axis=1))
 
 
 class _NnxScanned(nnx.Module):
@@ -256,7 +245,8 @@ class _NnxScanned(nnx.Module):
 
 
 def _nnx_pair():
-  unrolled, scanned = _NnxUnrolled(nnx.Rngs(0)), _NnxScanned(nnx.Rngs(1))
+  unrolled = NnxStack(VOCAB, DIM, CLASSES, _NnxBlock, LAYERS, nnx.Rngs(0))
+  scanned = _NnxScanned(nnx.Rngs(1))
   nnx.update(scanned.embed, nnx.state(unrolled.embed))
   nnx.update(scanned.head, nnx.state(unrolled.head))
   nnx.update(scanned.blocks, _stack([nnx.state(b) for b in unrolled.blocks]))

@@ -70,14 +70,11 @@ def _check_blur_args(images: Any, max_sigma: Any, steps: Any, grad_step: Any, sq
                      batch_size: Any, return_delta: Any) -> None:
   _checks.check_positive("max_sigma", max_sigma, allow_schedule=False)
   _checks.check_static("max_sigma", max_sigma)
-  _checks.check_static("steps", steps)
-  _checks.check_int("steps", steps, minimum=1)
   if grad_step is not None:
     _checks.check_positive("grad_step", grad_step, allow_schedule=False)
     _checks.check_static("grad_step", grad_step)
   _checks.check_bool("sqrt", sqrt)
-  _integrated._check_batch_size(batch_size)
-  _checks.check_bool("return_delta", return_delta)
+  _integrated.check_options(steps, return_delta, batch_size=batch_size)
   if not hasattr(images, "ndim") or images.ndim != 4:
     shape = getattr(images, "shape", type(images).__name__)
     raise ValueError(f"images must be one array of images (N, H, W, C), got "

@@ -117,22 +117,59 @@ def gradient_x_input(fn: Callable[[Any], jax.Array], inputs: Any, *,
   return jax.tree.unflatten(treedef, [x * g for x, g in zip(leaves, grads, strict=True)])
 
 
-def _noise_scales(leaves: list[jax.Array], stdev: float, relative: bool) -> list[jax.Array]:
-  """Per leaf, the noise standard deviation of every example, shaped to broadcast."""
-  scales = []
-  for x in leaves:
+def _add_noise(key: jax.Array, tree: Any, stdev: float, relative: bool) -> Any:
+  """``tree`` plus Gaussian noise, per leaf ``σ ε`` with ``ε`` from ``per_leaf(key, ...)``.
+
+  ``σ = stdev · (max − min)`` of each example's values in the leaf (``relative``), or
+  ``stdev``.
+  """
+
+  def noisy(leaf_key: jax.Array, x: jax.Array) -> jax.Array:
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     if relative:
       flat = x.reshape(x.shape[0], -1)
-      spread = jnp.max(flat, axis=1) - jnp.min(flat, axis=1)
-      scales.append((stdev * spread).reshape(shape).astype(x.dtype))
+      scale = (stdev * (jnp.max(flat, axis=1) - jnp.min(flat, axis=1))).reshape(shape)
     else:
-      scales.append(jnp.full(shape, stdev, x.dtype))
-  return scales
+      scale = jnp.full(shape, stdev, x.dtype)
+    return x + scale.astype(x.dtype) * jax.random.normal(leaf_key, x.shape, x.dtype)
+
+  return _random.per_leaf(key, tree, noisy)
+
+
+class _LayerNoise:
+  """``layer_noise`` for an attribution at a layer: ``h -> h + σ ε`` (noise sample ``key``).
+
+  It records that it was called, so that an ``attribution_fn`` that takes the argument
+  but never applies it is an error instead of a silently noise-free average.
+  """
+
+  def __init__(self, key: jax.Array, stdev: float, relative: bool, calls: list[int]):
+    self.key, self.stdev, self.relative, self.calls = key, stdev, relative, calls
+
+  def __call__(self, h: Any) -> Any:
+    _checks.check_float_leaves("layer_noise's argument h (the layer output)", h)
+    self.calls.append(1)
+    return _add_noise(self.key, h, self.stdev, self.relative)
+
+
+def _attribute_at_layer(attribution_fn: Callable[..., Any], inputs: Any,
+                        noise: _LayerNoise) -> Any:
+  try:
+    return attribution_fn(inputs, layer_noise=noise)
+  except TypeError as error:
+    if "layer_noise" not in str(error):
+      raise
+    raise TypeError(
+        f"attribution_fn must accept the keyword layer_noise= with noise_at='layer' (as "
+        f"layer_integrated_gradients and token_attributions do), got {attribution_fn!r}: "
+        f"{error}") from None
+
+
+NOISE_AT = ("inputs", "layer")
 
 
 def _check_smooth_args(attribution_fn: Any, samples: Any, stdev: Any, kind: Any,
-                       batch_size: Any, relative: Any) -> None:
+                       batch_size: Any, relative: Any, noise_at: Any) -> None:
   _checks.check_callable("attribution_fn", attribution_fn,
                          call="attribution_fn(inputs) -> attributions")
   _checks.check_static("samples", samples)
@@ -141,6 +178,7 @@ def _check_smooth_args(attribution_fn: Any, samples: Any, stdev: Any, kind: Any,
   _checks.check_choice("kind", kind, SMOOTHING_KINDS)
   _integrated._check_batch_size(batch_size)
   _checks.check_bool("relative", relative)
+  _checks.check_choice("noise_at", noise_at, NOISE_AT)
 
 
 def smooth_grad(
@@ -152,6 +190,7 @@ def smooth_grad(
     stdev: float = 0.15,
     kind: str = "smoothgrad",
     relative: bool = True,
+    noise_at: str = "inputs",
     batch_size: int | None = None,
 ) -> Any:
   r"""SmoothGrad, SmoothGrad², VarGrad: any attribution averaged over Gaussian noise.
@@ -170,6 +209,16 @@ def smooth_grad(
   ``fold_in(fold_in(key, s), crc32(p))`` (``gradtx._random.per_leaf``), so the result
   does not depend on ``batch_size``. Same key, same result.
 
+  Noise at a layer (``noise_at="layer"``): token ids cannot take Gaussian noise, so for
+  a language model the noise goes on the output ``h`` of the attributed layer (the
+  embeddings). ``inputs`` is then passed unchanged and ``attribution_fn`` is called as
+  ``attribution_fn(inputs, layer_noise=f_s)``, where ``f_s(h) = h + σ ε_s`` draws
+  sample ``s`` as above with ``h``'s leaf paths and ``σ`` from each example's range of
+  ``h``; :func:`layer_integrated_gradients` and :func:`token_attributions` take it and
+  attribute the perturbed layer output, so every sample stays complete
+  (``Σ LIG = g(h + σ ε_s) − g(h(x'))``). Memory: ``batch_size`` noise samples at once,
+  each with the attribution's own ``batch_size`` of path steps.
+
   Args:
     attribution_fn: maps a batch with the structure of ``inputs`` to attributions (any
       pytree of arrays), e.g. ``functools.partial(gradtx.saliency, fn, target=3)``,
@@ -183,6 +232,9 @@ def smooth_grad(
     kind: ``"smoothgrad"`` (mean), ``"smoothgrad_sq"`` (mean of squares; PAIR's
       ``magnitude=True``) or ``"vargrad"`` (variance).
     relative: ``stdev`` relative to each example's value range (True) or absolute.
+    noise_at: ``"inputs"`` (the default): the noise is added to ``inputs``, which must
+      be floating-point; ``"layer"``: to the layer output of an attribution at a layer
+      (``attribution_fn`` must accept ``layer_noise=``; ``inputs`` may be token ids).
     batch_size: noise samples evaluated at once (each a whole batch); ``None`` = all.
       Memory grows with it, not with ``samples``.
 
@@ -198,23 +250,46 @@ def smooth_grad(
     >>> bool(jnp.allclose(sg, 2 * x, atol=0.05))
     True
 
+    SmoothGrad over token attributions, the noise on the embeddings:
+
+    >>> import flax.linen as nn
+    >>> class TinyLM(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, ids):
+    ...     h = jnp.cumsum(jnp.tanh(nn.Embed(16, 8, name="embed")(ids)), axis=1)
+    ...     return nn.Dense(16)(h)                     # causal (N, T, 16) logits
+    >>> ids = jnp.array([[3, 1, 4, 1, 5]])
+    >>> variables = TinyLM().init(jax.random.key(0), ids)
+    >>> attribute = functools.partial(gradtx.token_attributions,
+    ...                               lambda i: TinyLM().apply(variables, i),
+    ...                               layer="embed", position=2, steps=16)
+    >>> out = jax.jit(lambda i: gradtx.smooth_grad(
+    ...     attribute, i, key=jax.random.key(0), samples=8, stdev=0.1,
+    ...     noise_at="layer"))(ids)
+    >>> out.scores.shape, bool(jnp.all(out.scores[:, 3:] == 0))
+    ((1, 5), True)
+
   References:
     Smilkov, Thorat, Kim, Viégas, Wattenberg, "SmoothGrad: removing noise by adding
     noise", 2017, arXiv:1706.03825.
     Adebayo, Gilmer, Goodfellow, Kim, "Local explanation methods for deep neural
     networks lack sensitivity to parameter values", 2018, arXiv:1810.03307.
   """
-  _check_smooth_args(attribution_fn, samples, stdev, kind, batch_size, relative)
+  _check_smooth_args(attribution_fn, samples, stdev, kind, batch_size, relative, noise_at)
   key = _random.as_key(key, argname="key")
-  _, leaves, treedef, _ = _integrated._check_inputs(inputs)
-  scales = _noise_scales(leaves, float(stdev), relative)
+  if noise_at == "inputs":
+    _integrated._check_inputs(inputs)
+  elif not jax.tree.leaves(inputs):
+    raise ValueError("inputs must hold at least one array, got an empty pytree")
+  calls: list[int] = []
 
   def one(index):
-    noise = _random.per_leaf(jax.random.fold_in(key, index), inputs,
-                             lambda k, x: jax.random.normal(k, x.shape, x.dtype))
-    noisy = [x + s * e for x, s, e in zip(leaves, scales, jax.tree.leaves(noise),
-                                         strict=True)]
-    attrs = attribution_fn(jax.tree.unflatten(treedef, noisy))
+    sample_key = jax.random.fold_in(key, index)
+    if noise_at == "layer":
+      attrs = _attribute_at_layer(attribution_fn, inputs,
+                                  _LayerNoise(sample_key, float(stdev), relative, calls))
+    else:
+      attrs = attribution_fn(_add_noise(sample_key, inputs, float(stdev), relative))
     if kind == "smoothgrad":
       return attrs
     squares = jax.tree.map(jnp.square, attrs)
@@ -225,6 +300,12 @@ def smooth_grad(
 
   total = _chunking.sum_chunks(chunk_sum, jnp.arange(samples, dtype=jnp.uint32),
                                min(batch_size or samples, samples))
+  if noise_at == "layer" and not calls:
+    raise ValueError(
+        "attribution_fn accepted layer_noise= but never called it (noise_at='layer'): pass "
+        "it on to layer_integrated_gradients or token_attributions, e.g. "
+        "lambda ids, layer_noise: gradtx.token_attributions(fn, ids, 'embed', "
+        "position=p, layer_noise=layer_noise)")
   if kind != "vargrad":
     return jax.tree.map(lambda t: t / samples, total)
   mean = jax.tree.map(lambda t: t / samples, total[0])

@@ -87,14 +87,21 @@ def _select_and_move(x, grad, x_in, x_base, l1_target, alpha_min, alpha_max, fra
   return jax.lax.while_loop(cond, body, (x, jnp.array(False), jnp.array(0)))[0]
 
 
-def _check_guided_args(steps: Any, fraction: Any, max_dist: Any, return_delta: Any) -> None:
-  _checks.check_static("steps", steps)
-  _checks.check_int("steps", steps, minimum=1)
+def _check_guided_args(fraction: Any, max_dist: Any) -> None:
   _checks.check_in_interval("fraction", fraction, 0.0, 1.0, low_open=True)
   _checks.check_in_interval("max_dist", max_dist, 0.0, 1.0)
   _checks.check_static("fraction", fraction)
   _checks.check_static("max_dist", max_dist)
-  _checks.check_bool("return_delta", return_delta)
+
+
+def flat_path(fn: Callable[[Any], jax.Array], inputs: Any, target: ArrayLike | None,
+              baseline: Any) -> tuple[_integrated.Checked, list[jax.Array], Any, jax.Array,
+                                      jax.Array]:
+  """:func:`_integrated.prepare_path`, the compute dtype, and input and baseline as (N, D)."""
+  checked, base = _integrated.prepare_path(fn, inputs, target, baseline)
+  dtype = _numerics.compute_dtype(jnp.result_type(*checked.leaves))
+  return (checked, base, dtype, flatten_features(checked.leaves, dtype),
+          flatten_features(base, dtype))
 
 
 def guided_integrated_gradients(
@@ -156,12 +163,10 @@ def guided_integrated_gradients(
     Gradients: an adaptive path method for removing noise", CVPR 2021,
     arXiv:2106.09788.
   """
-  _check_guided_args(steps, fraction, max_dist, return_delta)
-  checked = _integrated.prepare(fn, inputs, target)
+  _integrated.check_options(steps, return_delta)
+  _check_guided_args(fraction, max_dist)
+  checked, base, dtype, x_in, x_base = flat_path(fn, inputs, target, baseline)
   leaves = checked.leaves
-  base = _integrated.resolve_baseline(baseline, checked.paths, leaves, checked.treedef)
-  dtype = _numerics.compute_dtype(jnp.result_type(*leaves))
-  x_in, x_base = flatten_features(leaves, dtype), flatten_features(base, dtype)
   scalar = lambda flat: checked.scalar(unflatten_features(flat.astype(dtype), leaves))
   grad = jax.grad(lambda flat: jnp.sum(scalar(flat)))
   l1_total = jnp.sum(jnp.abs(x_in - x_base), axis=1)

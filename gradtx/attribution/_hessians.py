@@ -32,25 +32,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from gradtx import _checks, _chunking, _numerics
+from gradtx import _chunking
 from gradtx.attribution import _integrated
-from gradtx.attribution._guided import flatten_features, unflatten_features
+from gradtx.attribution._guided import flat_path, unflatten_features
 
 
 def _double_rule(method: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
   """Points ``t = α_k β_l`` and weights ``w_k w_l`` of the product rule (steps² points)."""
   nodes, weights = _integrated._quadrature(method, steps)
   return np.outer(nodes, nodes).ravel(), np.outer(weights, weights).ravel()
-
-
-def _check_ih_args(steps: Any, method: Any, batch_size: Any, row_batch_size: Any,
-                   return_delta: Any) -> None:
-  _integrated._check_steps_and_method(steps, method)
-  _integrated._check_batch_size(batch_size)
-  if row_batch_size is not None:
-    _checks.check_static("row_batch_size", row_batch_size)
-    _checks.check_int("row_batch_size", row_batch_size, minimum=1)
-  _checks.check_bool("return_delta", return_delta)
 
 
 def integrated_hessians(
@@ -111,12 +101,10 @@ def integrated_hessians(
     Janizek, Sturmfels, Lee, "Explaining explanations: axiomatic feature interactions
     for deep networks", JMLR 22(104), 2021, arXiv:2002.04138.
   """
-  _check_ih_args(steps, method, batch_size, row_batch_size, return_delta)
-  checked = _integrated.prepare(fn, inputs, target)
+  _integrated.check_options(steps, return_delta, method=method, batch_size=batch_size,
+                            row_batch_size=row_batch_size)
+  checked, base, dtype, x_in, x_base = flat_path(fn, inputs, target, baseline)
   leaves = checked.leaves
-  base = _integrated.resolve_baseline(baseline, checked.paths, leaves, checked.treedef)
-  dtype = _numerics.compute_dtype(jnp.result_type(*leaves))
-  x_in, x_base = flatten_features(leaves, dtype), flatten_features(base, dtype)
   diff = x_in - x_base
   grad = jax.grad(lambda flat: jnp.sum(checked.scalar(unflatten_features(flat, leaves))))
   n, d = diff.shape

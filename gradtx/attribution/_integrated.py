@@ -70,21 +70,35 @@ def _quadrature(method: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
   return (nodes + 1.0) / 2.0, weights / 2.0
 
 
-def _check_steps_and_method(steps: Any, method: Any) -> None:
+_NO_METHOD = object()  # check_options: the function has no quadrature rule to choose
+
+
+def _check_batch_size(batch_size: Any, name: str = "batch_size") -> None:
+  if batch_size is not None:
+    _checks.check_static(name, batch_size)
+    _checks.check_int(name, batch_size, minimum=1)
+
+
+def check_options(steps: Any, return_delta: Any, *, method: Any = _NO_METHOD,
+                  **sizes: Any) -> None:
+  """The options every path method shares, checked in Python.
+
+  ``steps`` a static int >= 1 (>= 2 for ``method='riemann_trapezoid'``), ``method`` one of
+  :data:`METHODS` when the function has one, every chunk size in ``sizes`` (named by its
+  keyword) ``None`` or a static int >= 1, and ``return_delta`` a bool.
+  """
   _checks.check_static("steps", steps)
   _checks.check_int("steps", steps, minimum=1)
-  _checks.check_choice("method", method, METHODS)
-  if method == "riemann_trapezoid" and steps < 2:
-    raise ValueError(
-        f"steps must be an int >= 2 for method='riemann_trapezoid' (it evaluates both "
-        f"ends of the path), got {steps!r}"
-    )
-
-
-def _check_batch_size(batch_size: Any) -> None:
-  if batch_size is not None:
-    _checks.check_static("batch_size", batch_size)
-    _checks.check_int("batch_size", batch_size, minimum=1)
+  if method is not _NO_METHOD:
+    _checks.check_choice("method", method, METHODS)
+    if method == "riemann_trapezoid" and steps < 2:
+      raise ValueError(
+          f"steps must be an int >= 2 for method='riemann_trapezoid' (it evaluates both "
+          f"ends of the path), got {steps!r}"
+      )
+  for name, size in sizes.items():
+    _check_batch_size(size, name)
+  _checks.check_bool("return_delta", return_delta)
 
 
 def _name(argname: str, path: str) -> str:
@@ -236,6 +250,13 @@ def prepare(fn: Callable[[Any], jax.Array], inputs: Any, target: ArrayLike | Non
   return Checked(paths, leaves, treedef, batch, _scalar_fn(fn, treedef, target), bad_target)
 
 
+def prepare_path(fn: Callable[[Any], jax.Array], inputs: Any, target: ArrayLike | None,
+                 baseline: Any) -> tuple[Checked, list[jax.Array]]:
+  """:func:`prepare`, and the baseline of every leaf at its full (N, ...) shape."""
+  checked = prepare(fn, inputs, target)
+  return checked, resolve_baseline(baseline, checked.paths, checked.leaves, checked.treedef)
+
+
 def _sum_over_steps(step_fn: Callable, step_args: Any, num_steps: int,
                     batch_size: int | None) -> Any:
   """``Σ_k step_fn(step_args[k])``, vmapped over at most ``batch_size`` steps at once."""
@@ -338,13 +359,9 @@ def integrated_gradients(
     Sundararajan, Taly, Yan, "Axiomatic attribution for deep networks", ICML 2017,
     arXiv:1703.01365.
   """
-  _check_steps_and_method(steps, method)
-  _check_batch_size(batch_size)
-  _checks.check_bool("return_delta", return_delta)
-  paths, leaves, treedef, batch = _check_inputs(inputs)
-  base = resolve_baseline(baseline, paths, leaves, treedef)
-  target, bad_target = _check_target(target, _output_shape(fn, inputs), batch)
-  scalar = _scalar_fn(fn, treedef, target)
+  check_options(steps, return_delta, method=method, batch_size=batch_size)
+  checked, base = prepare_path(fn, inputs, target, baseline)
+  leaves, scalar, batch = checked.leaves, checked.scalar, checked.batch
   grad = jax.grad(lambda z: jnp.sum(scalar(z)))
   diffs = [x - b for x, b in zip(leaves, base, strict=True)]
 
@@ -358,8 +375,9 @@ def integrated_gradients(
   node_dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
   step_args = (jnp.asarray(alphas, node_dtype), jnp.asarray(weights, node_dtype))
   mean_grad = _sum_over_steps(step, step_args, steps, batch_size)
-  attrs = _nan_rows(bad_target, [d * g for d, g in zip(diffs, mean_grad, strict=True)])
-  result = jax.tree.unflatten(treedef, attrs)
+  attrs = _nan_rows(checked.bad_target,
+                    [d * g for d, g in zip(diffs, mean_grad, strict=True)])
+  result = jax.tree.unflatten(checked.treedef, attrs)
   if not return_delta:
     return result
   total = sum(jnp.sum(a.reshape(batch, -1).astype(node_dtype), axis=1) for a in attrs)

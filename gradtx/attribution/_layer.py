@@ -334,6 +334,7 @@ def layer_integrated_gradients(
     model: nnx.Module | None = None,
     baseline: Any = None,
     layer_baseline: Any = None,
+    layer_noise: Callable[[Any], Any] | None = None,
     steps: int = 50,
     method: str = "gausslegendre",
     batch_size: int | None = None,
@@ -354,6 +355,12 @@ def layer_integrated_gradients(
 
   Put models in inference mode first (``deterministic=True``, ``model.eval()`` for
   nnx): dropout's random state cannot advance inside the traced path.
+
+  SmoothGrad at the layer: token ids cannot take Gaussian noise, their embeddings can.
+  With ``layer_noise`` the attributed point is ``h̃ = layer_noise(h(x))`` instead of
+  ``h(x)`` (the path runs from ``h(x')`` to ``h̃``; the delta is ``Σ LIG − (g(h̃) −
+  g(h(x')))``). ``smooth_grad(..., noise_at="layer")`` passes it: one Gaussian draw per
+  noise sample, ``h + σ ε``.
 
   Scanned layers (a linen ``nn.scan``, an nnx stack built with ``nnx.vmap`` and run by
   ``nnx.scan``): ``layer`` names the scanned module and ``layer_index`` the iteration;
@@ -386,6 +393,9 @@ def layer_integrated_gradients(
       per-example shape (``0.0`` = a zero embedding; a (D,) vector = one embedding at
       every token); a Python scalar applies to every leaf. At most one of ``baseline``
       and ``layer_baseline``.
+    layer_noise: ``None``, or a function ``h -> h̃`` of the layer output (the
+      structure, shapes and dtypes kept) whose result is attributed instead of ``h(x)``;
+      what :func:`smooth_grad` passes with ``noise_at="layer"``.
     steps: number of quadrature nodes.
     method: quadrature, as in :func:`integrated_gradients`.
     batch_size: interpolation points evaluated at once; ``None`` = all ``steps``.
@@ -417,41 +427,91 @@ def layer_integrated_gradients(
     Sundararajan, Taly, Yan, "Axiomatic attribution for deep networks", ICML 2017,
     arXiv:1703.01365.
   """
-  model = _check_lig_args(fn, layer, model, baseline, layer_baseline, reduce)
-  _integrated._check_steps_and_method(steps, method)
-  _integrated._check_batch_size(batch_size)
-  _checks.check_bool("return_delta", return_delta)
-  in_paths, in_treedef = _paths.leaf_paths_and_treedef(inputs)
+  result = attribute(fn, inputs, layer, layer_index=layer_index, model=model,
+                     baseline=baseline, layer_baseline=layer_baseline,
+                     layer_noise=layer_noise, steps=steps, method=method,
+                     batch_size=batch_size, target=target, reduce=reduce,
+                     return_delta=return_delta)
+  return (result.attributions, result.delta) if return_delta else result.attributions
+
+
+class Attributed(NamedTuple):
+  """What :func:`attribute` returns."""
+
+  attributions: Any  # shaped like the layer output, or reduced
+  delta: jax.Array | None  # (N,) completeness delta, with return_delta
+  output: Any  # with_output: fn(inputs) with the layer output replaced by the attributed h
+
+
+def _layer_output(run: _Run, inputs: Any, layer: str) -> Any:
+  """``h(x)``, checked: floating-point leaves with the batch axis of ``inputs`` first."""
+  in_paths = _paths.leaf_paths_and_treedef(inputs)[0]
   in_leaves = jax.tree.leaves(inputs)
   if not in_leaves:
     raise ValueError("inputs must hold at least one array, got an empty pytree")
   batch = _checks.common_leading_size(
       "inputs", [(_name("inputs", p), x) for p, x in zip(in_paths, in_leaves, strict=True)])
-  run = _cut_fn(fn, layer, model, layer_index)
   _, h_x = run(inputs)
-  h_paths, h_treedef = _paths.leaf_paths_and_treedef(h_x)
-  h_leaves = jax.tree.leaves(h_x)
-  for path, h in zip(h_paths, h_leaves, strict=True):
+  for path, h in zip(_paths.leaf_paths_and_treedef(h_x)[0], jax.tree.leaves(h_x),
+                     strict=True):
     where = f"the output of layer {layer!r}" + (f" at {path!r}" if path else "")
     if not jnp.issubdtype(h.dtype, jnp.floating):
       raise TypeError(f"{where} must be floating-point to be attributed, got {h.dtype}")
     if h.shape[:1] != (batch,):
       raise ValueError(f"{where} must have the batch axis N={batch} first, got shape "
                        f"{h.shape}")
-  if layer_baseline is None:
-    base_inputs = resolve_baseline(baseline, in_paths, in_leaves, in_treedef)
-    _, layer_baseline = run(jax.tree.unflatten(in_treedef, base_inputs))
-  else:
-    if isinstance(layer_baseline, int | float) and h_treedef.num_nodes > 1:
-      layer_baseline = jax.tree.unflatten(h_treedef, [layer_baseline] * len(h_leaves))
-    layer_baseline = jax.tree.unflatten(h_treedef, resolve_baseline(
-        layer_baseline, h_paths, h_leaves, h_treedef, argname="layer_baseline",
-        of=f"the output of layer {layer!r}"))
+  return h_x
 
+
+def _layer_baseline(run: _Run, inputs: Any, layer: str, h_x: Any, baseline: Any,
+                    layer_baseline: Any) -> Any:
+  """``h(x')``: the layer output of ``baseline``, or ``layer_baseline`` broadcast."""
+  if layer_baseline is None:
+    in_paths, in_treedef = _paths.leaf_paths_and_treedef(inputs)
+    base_inputs = resolve_baseline(baseline, in_paths, jax.tree.leaves(inputs), in_treedef)
+    return run(jax.tree.unflatten(in_treedef, base_inputs))[1]
+  h_paths, h_treedef = _paths.leaf_paths_and_treedef(h_x)
+  h_leaves = jax.tree.leaves(h_x)
+  if isinstance(layer_baseline, int | float) and h_treedef.num_nodes > 1:
+    layer_baseline = jax.tree.unflatten(h_treedef, [layer_baseline] * len(h_leaves))
+  return jax.tree.unflatten(h_treedef, resolve_baseline(
+      layer_baseline, h_paths, h_leaves, h_treedef, argname="layer_baseline",
+      of=f"the output of layer {layer!r}"))
+
+
+def _perturbed(layer_noise: Callable[[Any], Any], h_x: Any, layer: str) -> Any:
+  """``layer_noise(h(x))``, which must keep the structure, shapes and dtypes of ``h(x)``."""
+  out = layer_noise(h_x)
+  of = f"the output of layer {layer!r}"
+  _checks.check_same_structure("layer_noise(h)", out, of, h_x)
+  bad = [f"{p or '<root>'}: {jnp.result_type(a)} vs {b.dtype}" for p, a, b in zip(
+      _paths.tree_paths(h_x), jax.tree.leaves(out), jax.tree.leaves(h_x), strict=True)
+         if jnp.result_type(a) != b.dtype]
+  if bad:
+    raise TypeError(f"layer_noise(h) must keep the dtypes of {of}; these differ: "
+                    + ", ".join(bad))
+  return out
+
+
+def attribute(fn: Callable[[Any], jax.Array], inputs: Any, layer: str, *,
+              layer_index: int | None, model: nnx.Module | None, baseline: Any,
+              layer_baseline: Any, layer_noise: Callable[[Any], Any] | None, steps: int,
+              method: str, batch_size: int | None, target: ArrayLike | None,
+              reduce: str | None, return_delta: bool, with_output: bool = False) -> Attributed:
+  """:func:`layer_integrated_gradients`, checked; ``with_output``: also ``fn`` at ``h``."""
+  model = _check_lig_args(fn, layer, model, baseline, layer_baseline, reduce)
+  _integrated.check_options(steps, return_delta, method=method, batch_size=batch_size)
+  if layer_noise is not None:
+    _checks.check_callable("layer_noise", layer_noise, call="layer_noise(h) -> h + noise")
+  run = _cut_fn(fn, layer, model, layer_index)
+  h_x = _layer_output(run, inputs, layer)
+  h_base = _layer_baseline(run, inputs, layer, h_x, baseline, layer_baseline)
+  if layer_noise is not None:
+    h_x = _perturbed(layer_noise, h_x, layer)
   attrs = _integrated.integrated_gradients(
-      lambda h: run(inputs, h)[0], h_x, baseline=layer_baseline, steps=steps,
-      method=method, batch_size=batch_size, target=target, return_delta=return_delta)
-  if reduce is None:
-    return attrs
-  summed = lambda tree: jax.tree.map(lambda a: jnp.sum(a, axis=-1), tree)
-  return (summed(attrs[0]), attrs[1]) if return_delta else summed(attrs)
+      lambda h: run(inputs, h)[0], h_x, baseline=h_base, steps=steps, method=method,
+      batch_size=batch_size, target=target, return_delta=return_delta)
+  attrs, delta = attrs if return_delta else (attrs, None)
+  if reduce is not None:
+    attrs = jax.tree.map(lambda a: jnp.sum(a, axis=-1), attrs)
+  return Attributed(attrs, delta, run(inputs, h_x)[0] if with_output else None)

@@ -46,6 +46,7 @@ class TokenAttributions(NamedTuple):
   scores: jax.Array  # (N, T): one score per input token
   delta: jax.Array  # (N,): Σ scores − (log_prob − baseline_log_prob)
   log_prob: jax.Array  # (N,): the target's log-probability at position p for the input
+  #   (at the perturbed embeddings with layer_noise)
   baseline_log_prob: jax.Array  # (N,): the same for the baseline
 
 
@@ -128,6 +129,7 @@ def token_attributions(
     model: nnx.Module | None = None,
     baseline: ArrayLike | None = None,
     layer_baseline: ArrayLike | None = 0.0,
+    layer_noise: Callable[[jax.Array], jax.Array] | None = None,
     steps: int = 50,
     method: str = "gausslegendre",
     batch_size: int | None = 1,
@@ -157,6 +159,10 @@ def token_attributions(
     baseline: baseline token ids (e.g. the padding id everywhere), or
     layer_baseline: the baseline embedding (``0.0`` = zeros, the default; a (D,) vector
       or a full (N, T, D) array). Pass ``layer_baseline=None`` with ``baseline=``.
+    layer_noise: ``None``, or a function of the embeddings (N, T, D) returning the
+      perturbed embeddings that are attributed instead (``log_prob`` is then the one at
+      them): what :func:`smooth_grad` passes with ``noise_at="layer"`` (SmoothGrad over
+      token attributions; noise cannot go on token ids).
     steps: quadrature nodes. method: quadrature (as :func:`integrated_gradients`).
     batch_size: interpolation points per forward-backward pass (default 1: the memory of
       one pass); ``None`` = all ``steps`` at once.
@@ -195,8 +201,9 @@ def token_attributions(
   if baseline is not None:
     layer_baseline = None
   scored = _target_fn(fn, ids, position, target_token)
-  scores, delta = _layer.layer_integrated_gradients(
-      scored, ids, layer, model=model, baseline=baseline, layer_baseline=layer_baseline,
-      steps=steps, method=method, batch_size=batch_size, reduce="sum", return_delta=True)
-  log_prob = scored(ids)
+  scores, delta, log_prob = _layer.attribute(
+      scored, ids, layer, layer_index=None, model=model, baseline=baseline,
+      layer_baseline=layer_baseline, layer_noise=layer_noise, steps=steps, method=method,
+      batch_size=batch_size, target=None, reduce="sum", return_delta=True, with_output=True)
+  assert delta is not None, "return_delta=True gives the delta"
   return TokenAttributions(scores, delta, log_prob, log_prob - (jnp.sum(scores, 1) - delta))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -40,14 +41,20 @@ class _Sizes:
   sweep: tuple[int, ...]  # step counts of the convergence figure
   sweep_methods: tuple[str, ...]
   eg_samples: int  # draws of Expected Gradients per image
+  noise_samples: int  # SmoothGrad's noise samples over Integrated Gradients
 
 
 def _sizes(quick: bool) -> _Sizes:
   if quick:
     return _Sizes(40, ("riemann_trapezoid", "gausslegendre"), (4, 16, 50),
-                  ("riemann_trapezoid", "gausslegendre"), 64)
+                  ("riemann_trapezoid", "gausslegendre"), 64, 8)
   return _Sizes(300, METHODS, (2, 4, 8, 16, 32, 50, 100),
-                ("riemann_left", "riemann_middle", "riemann_trapezoid", "gausslegendre"), 512)
+                ("riemann_left", "riemann_middle", "riemann_trapezoid", "gausslegendre"), 512,
+                32)
+
+
+_NOISE = 0.15  # SmoothGrad's noise, a fraction of each image's value range
+_MAX_SIGMA = 2.0  # Blur IG's start: the image blurred by σ = 2 pixels
 
 
 _ATTRIBUTION_ABOUT = f"""
@@ -63,8 +70,13 @@ the plain gradient term `(x − x') ⊙ ∇F(x)` (Su's first-order expansion);
 `gradtx.integrated_gradients` with each quadrature at {_STEPS} steps (two with `--quick`);
 `gradtx.expected_gradients` (baselines drawn from the training images, α ~ U(0, 1); δ
 against `F(x) − mean F(x')`, a Monte-Carlo error); `gradtx.layer_integrated_gradients`
-at the first hidden layer (`layer_0`, 64 units). Train loss and test accuracy are the
-classifier's, the same on every row.
+at the first hidden layer (`layer_0`, 64 units); the family: `gradtx.smooth_grad` over
+IG ({int(_NOISE * 100)} % noise; δ is the mean of each noisy sample's own δ),
+`gradtx.guided_integrated_gradients` (the adaptive path, a Riemann sum: δ falls as
+1/steps) and `gradtx.blur_integrated_gradients` (the path of Gaussian blurs from
+σ = {_MAX_SIGMA:g} pixels, exact blur derivative; δ against `F(x) − F(blurred x)`), each
+with "corr. with IG", the Pearson correlation of its maps with IG's (Gauss–Legendre,
+{_STEPS} steps). Train loss and test accuracy are the classifier's, the same on every row.
 """
 
 
@@ -172,6 +184,10 @@ def _attribution(ctx: Context) -> PartResult:
       lambda x, y: gradtx.layer_integrated_gradients(
           fn, x, "layer_0", baseline=base, steps=_STEPS, target=y, return_delta=True), x, y)
 
+  family = jax.device_get(run_compiled(
+      functools.partial(_family, fn, base=base, samples=sizes.noise_samples), x, y))
+  gl_map = np.asarray(ig("gausslegendre", _STEPS)[0])
+
   common = {"train_loss": float(runs.train_loss[0]), "test_acc": float(runs.test_acc[0])}
   rows = [Row("gradient × (x − x')", "first-order term at x",
               {**common, **_stats(first_order_delta, change)})]
@@ -182,13 +198,20 @@ def _attribution(ctx: Context) -> PartResult:
                   "baselines", {**common, **_stats(eg_delta, change)}))
   rows.append(Row("layer_integrated_gradients", f"layer_0 (64 units), gausslegendre, "
                   f"{_STEPS} steps", {**common, **_stats(layer_delta, change)}))
+  for technique, setting, key in _FAMILY_ROWS:
+    attr, delta, path_change = family[key]
+    rows.append(Row(technique, setting.format(samples=sizes.noise_samples), {
+        **common, **_stats(delta, np.asarray(path_change)),
+        "corr_ig": float(np.corrcoef(np.ravel(attr), gl_map.ravel())[0, 1])}))
 
   shown = len(_SHOW)
-  maps = [x - base, grad, times_input, ig("gausslegendre", _STEPS)[0], expected]
+  maps = [x - base, grad, times_input, gl_map, expected] + [
+      family[key][0] for _, _, key in _FAMILY_ROWS]
   heatmaps = Figure(
       "attribution_heatmaps", "Attributions of the true class's logit",
       [Panel("rows: x − x', gradient, gradient × (x − x'),\n"
-             f"integrated (gausslegendre, {_STEPS} steps), expected ({sizes.eg_samples} draws)"
+             f"integrated (gausslegendre, {_STEPS} steps), expected ({sizes.eg_samples} draws),"
+             "\nSmoothGrad over IG, Guided IG, Blur IG"
              "\nred raises the logit, blue lowers it; each map on its own scale",
              {}, image=_tiles([np.asarray(m)[:shown] for m in maps]),
              x=[9 * c + 3.5 for c in range(shown)], xticklabels=[str(d) for d in _SHOW],
@@ -206,7 +229,38 @@ def _attribution(ctx: Context) -> PartResult:
 
 
 _COLUMNS = [TRAIN_LOSS, TEST_ACC, Column("mean_delta", "mean |δ|", ".1e"),
-            Column("rel_delta", "relative δ", ".1e")]
+            Column("rel_delta", "relative δ", ".1e"), Column("corr_ig", "corr. with IG", ".2f")]
+
+# (technique, setting, key of _family's result) of the family's rows
+_FAMILY_ROWS = (
+    ("smooth_grad", f"over integrated_gradients, {{samples}} samples, "
+     f"{int(_NOISE * 100)} % noise", "smooth"),
+    ("guided_integrated_gradients", f"{_STEPS} steps, fraction 0.25, max_dist 0.02", "guided"),
+    ("blur_integrated_gradients", f"max_sigma {_MAX_SIGMA:g}, {_STEPS} steps", "blur"),
+)
+
+
+def _family(fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array, *,
+            base: np.ndarray, samples: int) -> dict[str, tuple[jax.Array, ...]]:
+  """``{key: (attributions (N, 64), δ (N,), F(x) − F(path start) (N,))}`` of the family."""
+  logit = lambda z: jnp.take_along_axis(fn(z), y[:, None], axis=1)[:, 0]
+  ig = functools.partial(gradtx.integrated_gradients, fn, baseline=base, steps=_STEPS,
+                         target=y, return_delta=True)
+  smooth, smooth_delta = gradtx.smooth_grad(ig, x, key=jax.random.key(1), samples=samples,
+                                            stdev=_NOISE)
+  guided, guided_delta = gradtx.guided_integrated_gradients(
+      fn, x, baseline=base, steps=_STEPS, target=y, return_delta=True)
+  images = x.reshape(-1, 8, 8, 1)
+  flat = lambda im: fn(im.reshape(im.shape[0], -1))
+  blur, blur_delta = gradtx.blur_integrated_gradients(
+      flat, images, max_sigma=_MAX_SIGMA, steps=_STEPS, grad_step=None, target=y,
+      return_delta=True)
+  blurred = gradtx.attribution.gaussian_blur(images, _MAX_SIGMA).reshape(x.shape)
+  # SmoothGrad's δ is each noisy sample's own: against F at the noisy points, whose mean
+  # is Σ SG + mean δ; so its reference change is the attributions' sum less that δ
+  return {"smooth": (smooth, smooth_delta, smooth.sum(1) - smooth_delta),
+          "guided": (guided, guided_delta, logit(x) - logit(jnp.zeros_like(x) + base)),
+          "blur": (blur.reshape(x.shape), blur_delta, logit(x) - logit(blurred))}
 
 
 def _findings(rows: list[Row], sweep: dict[str, list[float]], sizes: _Sizes) -> list[str]:
@@ -214,7 +268,13 @@ def _findings(rows: list[Row], sweep: dict[str, list[float]], sizes: _Sizes) -> 
   rel = {(r.technique, r.setting): number(r.values, "rel_delta") for r in rows}
   gl = rel["integrated_gradients", f"gausslegendre, {_STEPS} steps"]
   trap = rel["integrated_gradients", f"riemann_trapezoid, {_STEPS} steps"]
-  first, layer = number(rows[0].values, "rel_delta"), number(rows[-1].values, "rel_delta")
+  first = number(rows[0].values, "rel_delta")
+  layer = rel["layer_integrated_gradients",
+              f"layer_0 (64 units), gausslegendre, {_STEPS} steps"]
+  fam = {r.technique: r.values for r in rows[-len(_FAMILY_ROWS):]}
+  smooth, guided, blur = (fam[t] for t, _, _ in _FAMILY_ROWS)
+  corr = {t: number(fam[t], "corr_ig") for t, _, _ in _FAMILY_ROWS}
+  best = max(corr, key=corr.__getitem__)
   return [
       f"- Completeness: with {_STEPS} Gauss–Legendre nodes the attributions add up to "
       f"F(x) − F(x') within relative δ {gl:.1e} (≤ {_CHECK:g}: "
@@ -228,4 +288,14 @@ def _findings(rows: list[Row], sweep: dict[str, list[float]], sizes: _Sizes) -> 
       f"- Expected Gradients add up only in expectation (δ is Monte-Carlo error over "
       f"{sizes.eg_samples} draws); layer IG at `layer_0` has relative δ {layer:.1e}, "
       f"{direction(layer, _CHECK, 'within', 'beyond')} the {_CHECK:g} that input IG meets.",
+      f"- The family: SmoothGrad over IG ({sizes.noise_samples} samples) keeps every noisy "
+      f"sample complete (relative δ {number(smooth, 'rel_delta'):.1e}, "
+      f"{direction(number(smooth, 'rel_delta'), _CHECK, 'within', 'beyond')} {_CHECK:g}); "
+      f"Guided IG's adaptive path is a Riemann sum, relative δ "
+      f"{number(guided, 'rel_delta'):.1e} at {_STEPS} steps, "
+      f"{direction(number(guided, 'rel_delta'), gl, 'smaller', 'larger')} than "
+      f"Gauss–Legendre IG's; Blur IG {number(blur, 'rel_delta'):.1e} against "
+      f"F(x) − F(blurred x). Correlation of the maps with IG's: "
+      + ", ".join(f"{t} {c:.2f}" for t, c in corr.items())
+      + f" — {best} agrees most with IG.",
   ]

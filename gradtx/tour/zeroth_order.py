@@ -217,8 +217,8 @@ def _zeroth_order(ctx: Context) -> PartResult:
       f"{direction(number(mezo, 'test_acc'), number(es, 'test_acc'), 'below', 'above', 'equal to')}"
       f" ES on the accuracy; cross-entropy {mezo['cross_entropy']:.3f}. Its compiled step needs "
       f"{mezo['step_temp_ratio']:.2f}× the temporaries of the materialised one-pair step "
-      f"({float(mezo['step_temp_bytes'] or 0) / 1024:.1f} KiB): the noise is never stored, so what is "
-      f"left is one perturbed copy of the params and the forward pass.",
+      f"({float(mezo['step_temp_bytes'] or 0) / 1024:.1f} KiB): the noise is never stored, "
+      f"so what is left is one perturbed copy of the params and the forward pass.",
       "- 650 parameters is a small search space; the estimator's variance grows with the "
       "dimension, so ES is best kept to few parameters (with `optax.partition` and "
       "`gradtx.fill_masked`, next to true gradients for the rest: see "
