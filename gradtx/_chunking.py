@@ -59,26 +59,27 @@ def map_chunks(fn: Callable[[Any], Any], tree: Any, chunk: int) -> Any:
   return concat(out_full, out_rest)
 
 
-def sum_chunks(fn: Callable[[Any], Any], tree: Any, chunk: int) -> Any:
+def sum_chunks(fn: Callable[[Any], Any], tree: Any, chunk: int, init: Any = None) -> Any:
   """``Σ_chunks fn(chunk)``: ``fn`` of a batch of items returns their summed pytree.
 
   The full chunks run under ``lax.scan`` starting from the first chunk's sum (not from
   zeros, so the carry has ``fn``'s own type and sharding, also inside ``shard_map``); the
-  remainder is added once after the loop.
+  remainder is added once after the loop. ``init``, if given, is a pytree like ``fn``'s
+  output that the sum starts from (``init + Σ``): the loop then accumulates into it, with
+  no buffer for the first chunk's sum beside it.
   """
   chunks = split(tree, chunk)
-  total = None
+  total, start = init, 0
   if chunks.num_full:
-    first = fn(jax.tree.map(lambda x: x[0], chunks.full))
-    if chunks.num_full > 1:
+    if total is None:
+      total, start = fn(jax.tree.map(lambda x: x[0], chunks.full)), 1
+    if chunks.num_full > start:
       # Chunks are read by index, not scanned over ``full[1:]``: that slice is a copy.
       def add_chunk(acc: Any, i: jax.Array) -> tuple[Any, None]:
         chunk_i = jax.tree.map(
             lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), chunks.full)
         return jax.tree.map(jnp.add, acc, fn(chunk_i)), None
-      total = jax.lax.scan(add_chunk, first, jnp.arange(1, chunks.num_full))[0]
-    else:
-      total = first
+      total = jax.lax.scan(add_chunk, total, jnp.arange(start, chunks.num_full))[0]
   if chunks.has_rest:
     tail = fn(chunks.rest)
     total = tail if total is None else jax.tree.map(jnp.add, total, tail)

@@ -185,11 +185,12 @@ def encode_chunks(encode_fn: Callable, params: Any, inputs: Any, *, chunk_size: 
 
 
 def pull_back(encode_fn: Callable, params: Any, inputs: Any, reps_grad: Any, *,
-              chunk_size: int, rng: jax.Array | None, first_index: Any = 0) -> Any:
+              chunk_size: int, rng: jax.Array | None, first_index: Any = 0,
+              init: Any = None) -> Any:
   """The second encoder pass (step 3): ``Σ_i vjp(encode_fn(·, chunk_i, key_i))(G_i)``.
 
   The result is the encoder's share of the gradient (the loss-side share comes from
-  :func:`representation_grad`).
+  :func:`representation_grad`), added to ``init`` if given (accumulated in its buffer).
 
   ``reps_grad`` holds the rows ``G_i`` of these ``inputs`` (in order); chunks and keys
   are those of :func:`encode_chunks`.
@@ -201,7 +202,8 @@ def pull_back(encode_fn: Callable, params: Any, inputs: Any, reps_grad: Any, *,
     _, vjp = jax.vjp(lambda p: encode_fn(p, x, _chunk_key(rng, numbers)), params)
     return vjp(g)[0]
 
-  return _chunking.sum_chunks(chunk_grad, (inputs, reps_grad, chunk_numbers), chunk_size)
+  return _chunking.sum_chunks(chunk_grad, (inputs, reps_grad, chunk_numbers), chunk_size,
+                             init=init)
 
 
 # ----------------------------------------------------------------------------- public
@@ -383,6 +385,6 @@ def _two_pass(encode_fn, loss_fn, has_aux, params, inputs, *, chunk_size, rng):
   reps = encode_chunks(encode_fn, jax.lax.stop_gradient(params), inputs,
                        chunk_size=chunk_size, rng=rng)
   value, reps_grad, loss_grads = representation_grad(loss_fn, params, reps, has_aux=has_aux)
-  encoder_grads = pull_back(encode_fn, params, inputs, reps_grad, chunk_size=chunk_size,
-                            rng=rng)
-  return value, jax.tree.map(jnp.add, loss_grads, encoder_grads)
+  # The encoder's share accumulates into the loss-side gradient's buffer.
+  return value, pull_back(encode_fn, params, inputs, reps_grad, chunk_size=chunk_size,
+                          rng=rng, init=loss_grads)
