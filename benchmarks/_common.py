@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -255,3 +256,46 @@ def save_figure(fig: Any, out_dir: Path, name: str) -> None:
   out_dir.mkdir(parents=True, exist_ok=True)
   fig.savefig(out_dir / f"{name}.png", dpi=120, bbox_inches="tight")
   plt.close(fig)
+
+
+# ------------------------------------------- the MLP of overhead.py and child_tuning.py
+
+
+def layer_names(num_blocks: int) -> list[str]:
+  return ["embed"] + [f"block_{i}" for i in range(num_blocks)] + ["head"]
+
+
+def init_mlp(key: jax.Array, width: int, num_blocks: int) -> dict[str, dict[str, jax.Array]]:
+  """``embed``: 784 → width, ``block_i``: width → width, ``head``: width → 10 (He normal)."""
+  dims = [784] + [width] * (num_blocks + 1) + [10]
+  return init_dense(key, dims, layer_names(num_blocks))
+
+
+def loss_fn(params, x, y):
+  """Mean softmax cross-entropy of the ReLU MLP of :func:`init_mlp`."""
+  layers = layer_names(len(params) - 2)
+  h = x
+  for i, name in enumerate(layers):
+    h = h @ params[name]["kernel"] + params[name]["bias"]
+    if i < len(layers) - 1:
+      h = jax.nn.relu(h)
+  return optax.softmax_cross_entropy_with_integer_labels(h, y).mean()
+
+
+def gradtx_step(tx):
+  """The jitted training step ``(params, state, x, y) -> (params, state, loss)`` of ``tx``."""
+  @jax.jit
+  def step(params, state, x, y):
+    loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, loss
+  return step
+
+
+def compile_step(step, *args):
+  """The AOT-compiled step and XLA's static cost estimate of it (deterministic)."""
+  compiled = step.lower(*args).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return compiled, {"flops": float(cost.get("flops", np.nan)),
+                    "bytes_accessed": float(cost.get("bytes accessed", np.nan))}

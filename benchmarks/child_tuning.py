@@ -74,7 +74,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from overhead import compile_step, gradtx_step, init_mlp, loss_fn
+from _common import compile_step, gradtx_step, init_mlp, loss_fn
 from tqdm.auto import tqdm
 
 import gradtx

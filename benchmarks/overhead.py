@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _common import compile_step, gradtx_step, init_mlp, layer_names, loss_fn
 from tqdm.auto import tqdm
 
 import gradtx
@@ -55,26 +56,6 @@ CHECK_STEPS = 4  # steps run by both versions to compare their parameters
 
 
 # --------------------------------------------------------------------------- model
-
-
-def layer_names(num_blocks: int) -> list[str]:
-  return ["embed"] + [f"block_{i}" for i in range(num_blocks)] + ["head"]
-
-
-def init_mlp(key: jax.Array, width: int, num_blocks: int) -> dict[str, dict[str, jax.Array]]:
-  """``embed``: 784 → width, ``block_i``: width → width, ``head``: width → 10 (He normal)."""
-  dims = [784] + [width] * (num_blocks + 1) + [10]
-  return _common.init_dense(key, dims, layer_names(num_blocks))
-
-
-def loss_fn(params, x, y):
-  layers = layer_names(len(params) - 2)
-  h = x
-  for i, name in enumerate(layers):
-    h = h @ params[name]["kernel"] + params[name]["bias"]
-    if i < len(layers) - 1:
-      h = jax.nn.relu(h)
-  return optax.softmax_cross_entropy_with_integer_labels(h, y).mean()
 
 
 # ---------------------------------------------------------- hand-written equivalents
@@ -245,15 +226,6 @@ def cases(num_blocks: int) -> list[tuple[str, optax.GradientTransformation, Hand
 # ------------------------------------------------------------------------ the steps
 
 
-def gradtx_step(tx):
-  @jax.jit
-  def step(params, state, x, y):
-    loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, loss
-  return step
-
-
 def hand_step(hand: Hand):
   adam = optax.adam(LEARNING_RATE)
 
@@ -272,15 +244,6 @@ def run_steps(step, params, state, x, y, num_steps):
   for _ in range(num_steps):
     params, state, _ = step(params, state, x, y)
   return params
-
-
-def compile_step(step, *args):
-  """The AOT-compiled step and XLA's static cost estimate of it (deterministic)."""
-  compiled = step.lower(*args).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return compiled, {"flops": float(cost.get("flops", np.nan)),
-                    "bytes_accessed": float(cost.get("bytes accessed", np.nan))}
 
 
 def max_abs_diff(a, b) -> float:
