@@ -368,7 +368,7 @@ def agreement(problem, open_es) -> dict[str, Any]:
                              shaping=shaping or "none")
     out[label] = diff(ours[shaping], theirs)
     if shaping == "centered_rank" and ties:  # each matches an admissible reference
-      closest = lambda g: min(diff(g, r)["rel"] for r in references)  # noqa: E731
+      closest = lambda g: min(diff(g, r)["rel"] for r in references)
       out[label] = {**out[label], "rel": max(closest(ours[shaping]), closest(theirs))}
   pop, values, theirs, mean = evosax_own_population(open_es, params, fitness, n,
                                                     jax.random.key(11))

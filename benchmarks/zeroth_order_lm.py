@@ -168,7 +168,7 @@ def chain_method(lr, estimator, **kw):
 
   def step(state, windows, key):
     params, opt = state
-    loss_fn = lambda p: lm_loss(p, windows)  # noqa: E731
+    loss_fn = lambda p: lm_loss(p, windows)
     updates, opt = tx.update(params, opt, params, loss_fn=loss_fn)
     return (optax.apply_updates(params, updates), opt), jnp.zeros(())  # no extra pass
 
