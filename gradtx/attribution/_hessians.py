@@ -43,18 +43,10 @@ def _double_rule(method: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
   return np.outer(nodes, nodes).ravel(), np.outer(weights, weights).ravel()
 
 
-def integrated_hessians(
-    fn: Callable[[Any], jax.Array],
-    inputs: Any,
-    *,
-    baseline: Any = None,
-    steps: int = 16,
-    method: str = "gausslegendre",
-    batch_size: int | None = None,
-    row_batch_size: int | None = None,
-    target: ArrayLike | None = None,
-    return_delta: bool = False,
-) -> Any:
+def integrated_hessians(fn: Callable[[Any], jax.Array], inputs: Any, *, baseline: Any = None,
+                        steps: int = 16, method: str = "gausslegendre",
+                        batch_size: int | None = None, row_batch_size: int | None = None,
+                        target: ArrayLike | None = None, return_delta: bool = False) -> Any:
   r"""Integrated Hessians (Janizek et al. 2021): the interaction matrix of every example.
 
   .. math::
