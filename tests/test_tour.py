@@ -27,6 +27,7 @@ TECHNIQUES = (
     "expected_gradients",
     "layer_integrated_gradients",
     "eg_step_size",
+    "sophia",
     "diag_newton",
     "child_tuning_f",
     "child_tuning_d",
@@ -233,6 +234,10 @@ def test_step_size_recovers_from_a_small_learning_rate(quick_tour):
   assert clean and all(lr == pytest.approx(1e-3) for lr in clean)
   assert any(f"EGDD lower at {eg[0]:.3g}" in line
              for line in payload["parts"]["step_size"]["findings"])
+  # Sophia-G at Adam's usual lr trains the MLP; its clip keeps its step size at lr.
+  sophia = by["sophia (gnb)", clean[0]]
+  assert sophia["test_acc"] > 0.9 and _loss(sophia) < 0.1, sophia
+  assert all(by["sophia (gnb)", lr]["final_lr"] == pytest.approx(lr) for lr in lrs)
 
 
 def test_kmeans_lloyd_is_diag_newton(quick_tour):

@@ -18,12 +18,17 @@ from gradtx.tour._training import init_params, run_compiled
 
 _REFERENCE_LR = 1e-3  # Adam's usual learning rate: the rows at this lr are the clean ones
 _HD_BETA = 1e-7  # Baydin et al.'s hypergradient rate for Adam-HD
+_HD = "hypergradient_descent(scale_by_adam)"
+_EG = "eg_step_size(scale_by_adam)"
+_SOPHIA = "sophia (gnb)"
 _METHODS: dict[str, Callable[[Any], optax.GradientTransformation]] = {
     "adam": lambda lr: optax.adam(lr),
-    "hypergradient_descent(scale_by_adam)": lambda lr: gradtx.hypergradient_descent(
+    _HD: lambda lr: gradtx.hypergradient_descent(
         optax.scale_by_adam(), learning_rate=lr, hyper_lr=_HD_BETA, log_space=False),
-    "eg_step_size(scale_by_adam)": lambda lr: gradtx.eg_step_size(
+    _EG: lambda lr: gradtx.eg_step_size(
         optax.scale_by_adam(), learning_rate=lr),
+    # Sophia-G: its GNB curvature reads the model's logits (update's logits_fn, inputs).
+    _SOPHIA: lambda lr: gradtx.sophia(lr, key=jax.random.key(0), every=10),
 }
 
 
@@ -33,9 +38,8 @@ def _lrs(quick: bool) -> np.ndarray:
 
 
 def _methods(quick: bool) -> list[str]:
-  """Adam and EGDD; the hypergradient baseline too in full mode."""
-  names = list(_METHODS)
-  return [n for n in names if not n.startswith("hypergradient")] if quick else names
+  """Adam, EGDD and Sophia-G; the hypergradient baseline too in full mode."""
+  return [n for n in _METHODS if not (quick and n == _HD)]
 
 
 _STEP_SIZE_ABOUT = f"""
@@ -51,7 +55,10 @@ gains in [0.01, 100] driven by sign agreement with an EMA of past gradients, a g
 scale in [0.1, 10] driven by the cosine with the last step); in full mode also
 `gradtx.hypergradient_descent(optax.scale_by_adam(), learning_rate=lr,
 hyper_lr={_HD_BETA:g}, log_space=False)` (Baydin et al.'s additive rule and their β for
-Adam). The rows at lr {_REFERENCE_LR:g} (Adam's usual value) are the clean runs; the
+Adam); `gradtx.sophia(lr, key=..., every=10)` (Sophia-G, Liu et al. arXiv:2305.14342:
+the momentum divided by a Gauss–Newton–Bartlett curvature refreshed every 10 steps,
+clipped per coordinate, so no coordinate moves by more than lr a step).
+The rows at lr {_REFERENCE_LR:g} (Adam's usual value) are the clean runs; the
 others are runs with a wrongly set learning rate. "final lr" is the step size at the end
 (mean over seeds): the hypergradient's learned rate, EGDD's `lr · lr_scale · gain_mean`
 (read from the state); "÷ adam" is the row's final train loss divided by Adam's at the
@@ -90,7 +97,9 @@ def _sweep(make_tx: Callable[[Any], optax.GradientTransformation], lrs: np.ndarr
       params, state = carry
       batch = jax.random.randint(step_key, (batch_size,), 0, x.shape[0])
       loss, grads = jax.value_and_grad(xent)(params, x[batch], y[batch])
-      updates, state = tx.update(grads, state, params)
+      # Sophia-G's curvature needs the logits; the other methods ignore these arguments.
+      updates, state = tx.update(grads, state, params, logits_fn=model.apply,
+                                 inputs=x[batch])
       return (optax.apply_updates(params, updates), state), (loss, _effective_lr(state, lr))
 
     carry = (params, tx.init(params))
@@ -162,7 +171,7 @@ def _findings(lrs: np.ndarray, methods: list[str], finals: dict[str, np.ndarray]
   """The findings, worded from the final losses and step sizes of every method."""
   worst = {name: max(map(finite, f)) for name, f in finals.items()}
   best = {name: min(map(finite, f)) for name, f in finals.items()}
-  eg, adam = finals["eg_step_size(scale_by_adam)"], finals["adam"]
+  eg, adam, sophia = finals[_EG], finals["adam"], finals[_SOPHIA]
   better = int(np.sum(eg < adam))
   ratio = np.array([finite(e) / finite(a) for e, a in zip(eg, adam, strict=True)])
   most = int(np.nanargmin(np.where(np.isnan(ratio), np.inf, ratio)))
@@ -172,8 +181,7 @@ def _findings(lrs: np.ndarray, methods: list[str], finals: dict[str, np.ndarray]
       + "; best: " + ", ".join(f"{name} {fmt_loss(best[name])}" for name in methods) + ".",
       f"- From lr {lrs[0]:.0e} ({_REFERENCE_LR / lrs[0]:g}× too small), Adam ends at train "
       f"loss {fmt_loss(adam[0])}, EGDD {direction(eg[0], adam[0])} at {fmt_loss(eg[0])}"
-      + (f", the hypergradient at {fmt_loss(finals[methods[1]][0])}"
-         if len(methods) > 2 else "")
+      + (f", the hypergradient at {fmt_loss(finals[_HD][0])}" if _HD in finals else "")
       + f"; EGDD ends lower than Adam at {better} of the {len(lrs)} learning rates, most "
       f"so (÷ adam {ratio[most]:.3g}) from lr {lrs[most]:.0e}.",
   ]
@@ -181,8 +189,17 @@ def _findings(lrs: np.ndarray, methods: list[str], finals: dict[str, np.ndarray]
   if worse:
     lines.append("- EGDD ends more than 10× above Adam from " + ", ".join(
         f"lr {lrs[i]:.0e} (loss {fmt_loss(eg[i])} against {fmt_loss(adam[i])}; its step "
-        f"size went to {final_lrs['eg_step_size(scale_by_adam)'][i]:.2e})" for i in worse)
+        f"size went to {final_lrs[_EG][i]:.2e})" for i in worse)
         + ": growing a step that is already near the largest stable one breaks training.")
+  sophia_better = [f"{lr:.0e}" for lr, so, a in zip(lrs, sophia, adam, strict=True)
+                   if finite(so) < finite(a)]
+  lines.append(
+      f"- Sophia-G ends at train loss {', '.join(fmt_loss(v) for v in sophia)} from lr "
+      f"{', '.join(f'{lr:.0e}' for lr in lrs)} (Adam: {', '.join(fmt_loss(v) for v in adam)})"
+      f"; lower than Adam at {len(sophia_better)} of the {len(lrs)} learning rates"
+      + (f" ({', '.join(sophia_better)})" if sophia_better else "")
+      + ". Its per-coordinate clip caps each step at lr, so a too-small lr stays too small; "
+      "it adapts the direction, not the step size.")
   lines.append(
       "- EGDD's gains grow where successive gradients agree in sign and shrink where they "
       "alternate; the clip ranges bound the correction (gains 100×, scale 10×) and the "
