@@ -104,6 +104,9 @@ CASES = [
     Case("attribution-ig-return_delta-string",
          lambda: ig(linear, X, target=0, return_delta="yes"),
          TypeError, r"return_delta must be a bool, got 'yes'"),
+    Case("attribution-ig-hoist_affine-int",
+         lambda: ig(linear, X, target=0, hoist_affine=1),
+         TypeError, r"hoist_affine must be a bool, got 1"),
     # inputs: floating batches sharing N
     Case("attribution-ig-inputs-int", lambda: ig(summed, X.astype(np.int32)),
          TypeError, r"inputs must hold floating arrays.*<root> \(int32\).*floating-point.*"

@@ -199,11 +199,15 @@ def test_attribution_speed(tmp_path):
   assert isinstance(captum["available"], bool) and captum["note"]
   for row in data["rows"]:
     assert row["model"] in ("mlp", "cnn") and row["steps"] >= 2, row
-    for key in ["vs_floor", "vs_steps_x_one_gradient", "vs_loop"] + (
+    for key in ["vs_floor", "unhoisted_vs_floor", "hoisting_speedup",
+                "vs_steps_x_one_gradient", "vs_loop"] + (
         ["vs_captum"] if captum["available"] else []):
       _measured(row[key])
-    # The loop, the floor (weighted and summed) and Captum give gradtx's attributions.
+    # The loop, the floor (weighted and summed), the unhoisted IG and Captum give
+    # gradtx's attributions; hoisting the first layer removes FLOPs (deterministic).
     assert row["loop_max_abs_diff"] < 1e-4 and row["floor_max_abs_diff"] < 1e-4, row
+    assert row["unhoisted_max_abs_diff"] < 1e-4, row
+    assert row["xla_flops_vs_floor"] < row["xla_flops_unhoisted_vs_floor"], row
     if captum["available"]:
       assert row["captum_max_abs_diff"] <= data["target"]["captum_agreement_atol"], row
     else:

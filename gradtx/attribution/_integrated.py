@@ -33,6 +33,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -43,6 +44,7 @@ from jax.tree_util import PyTreeDef
 from jax.typing import ArrayLike
 
 from gradtx import _checks, _chunking, _paths, _random
+from gradtx.attribution import _affine_prefix
 
 METHODS = (
     "riemann_left",
@@ -265,6 +267,26 @@ def _sum_over_steps(step_fn: Callable, step_args: Any, num_steps: int,
   return _chunking.sum_chunks(chunk_sum, step_args, min(batch_size or num_steps, num_steps))
 
 
+def _path_gradient(scalar: Callable[[list[jax.Array]], jax.Array], start: list[jax.Array],
+                   diffs: list[jax.Array], *, steps: int, method: str,
+                   batch_size: int | None, node_dtype: Any) -> list[jax.Array]:
+  """``Σ_k w_k ∇ Σ_n scalar(start + α_k diffs)_n`` over the nodes of ``method``."""
+  grad = jax.grad(lambda z: jnp.sum(scalar(z)))
+  alphas, weights = _quadrature(method, steps)
+
+  def at(alpha):
+    return grad([s + alpha.astype(s.dtype) * d for s, d in zip(start, diffs, strict=True)])
+
+  def chunk_sum(args):
+    # The weighted sum over the chunk's steps as a contraction, not a weighted
+    # jnp.sum(axis=0): XLA:CPU runs it as a dot, which measured ~1.3x faster overall.
+    alpha, weight = args
+    return [jnp.tensordot(weight.astype(g.dtype), g, axes=1) for g in jax.vmap(at)(alpha)]
+
+  step_args = (jnp.asarray(alphas, node_dtype), jnp.asarray(weights, node_dtype))
+  return _chunking.sum_chunks(chunk_sum, step_args, min(batch_size or steps, steps))
+
+
 def _check_baselines(baselines: Any, paths: Sequence[str], leaves: Sequence[jax.Array],
                      treedef: PyTreeDef) -> list[jax.Array]:
   """Expected Gradients' reference data: per leaf a batch (M, ...) with a common M >= 1."""
@@ -300,6 +322,7 @@ def integrated_gradients(
     batch_size: int | None = None,
     target: ArrayLike | None = None,
     return_delta: bool = False,
+    hoist_affine: bool = True,
 ) -> Any:
   r"""Integrated Gradients of ``fn`` for every example of a batch.
 
@@ -316,7 +339,16 @@ def integrated_gradients(
   mapped to [0, 1].
 
   ``fn`` must treat examples independently (no batch statistics): the gradient of the
-  summed outputs is then every example's own gradient. Sharding: inputs sharded over
+  summed outputs is then every example's own gradient.
+
+  When ``fn`` starts with layers that are affine in its inputs, ``F = S ∘ A`` with
+  ``A(x) = Lx + c`` (a convolution or dense layer, its bias, reshapes), those layers
+  run once per example rather than once per step (``hoist_affine``): on the straight
+  line ``A(x_k) = A(x') + α_k (A(x) - A(x'))`` and
+  ``Σ_k w_k ∇F(x_k) = Lᵀ Σ_k w_k ∇S(A(x_k))``, the same sum rearranged. They are found
+  in ``fn``'s jaxpr (matrix products and convolutions whose other operand does not
+  depend on the inputs, with sums, reshapes, slices and casts around them); a ``fn``
+  without one is evaluated as is. Sharding: inputs sharded over
   examples (``jit`` or ``jax.shard_map``) give the one-device result. On a mesh with
   *Explicit* axes (``jax.make_mesh``'s default), convolutions need ``batch_size=1``:
   their batching rule would fold several vmapped steps into the sharded batch axis.
@@ -339,6 +371,9 @@ def integrated_gradients(
       [0, C) raises; a traced one (under ``jit``) cannot, so an example whose target is
       outside [0, C) gets NaN attributions (and a NaN delta) instead.
     return_delta: also return the per-example completeness delta ``δ`` (N,).
+    hoist_affine: evaluate ``fn``'s leading affine layers once per example instead of
+      once per step (above); ``False`` evaluates ``fn`` at every point as is. Both
+      give the same attributions up to float rounding.
 
   Returns:
     Attributions with the structure, shapes and dtypes of ``inputs``; with
@@ -360,21 +395,22 @@ def integrated_gradients(
     arXiv:1703.01365.
   """
   check_options(steps, return_delta, method=method, batch_size=batch_size)
+  _checks.check_bool("hoist_affine", hoist_affine)
   checked, base = prepare_path(fn, inputs, target, baseline)
   leaves, scalar, batch = checked.leaves, checked.scalar, checked.batch
-  grad = jax.grad(lambda z: jnp.sum(scalar(z)))
   diffs = [x - b for x, b in zip(leaves, base, strict=True)]
-
-  alphas, weights = _quadrature(method, steps)
-
-  def step(args):
-    alpha, weight = args
-    point = [b + alpha.astype(b.dtype) * d for b, d in zip(base, diffs, strict=True)]
-    return [weight.astype(g.dtype) * g for g in grad(point)]
-
   node_dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
-  step_args = (jnp.asarray(alphas, node_dtype), jnp.asarray(weights, node_dtype))
-  mean_grad = _sum_over_steps(step, step_args, steps, batch_size)
+  path = functools.partial(_path_gradient, steps=steps, method=method,
+                           batch_size=batch_size, node_dtype=node_dtype)
+  # With one or two steps the prefix would run as often hoisted as not.
+  split = _affine_prefix.split(scalar, list(leaves)) if hoist_affine and steps > 2 else None
+  if split is None:
+    mean_grad = path(scalar, base, diffs)
+  else:
+    cut_base = split.prefix(base)
+    cut_x, pull_back = jax.vjp(split.prefix, list(leaves))  # A is affine: Lᵀ anywhere
+    cut_diffs = [a - b for a, b in zip(cut_x, cut_base, strict=True)]
+    mean_grad = pull_back(path(split.suffix, cut_base, cut_diffs))[0]
   attrs = _nan_rows(checked.bad_target,
                     [d * g for d, g in zip(diffs, mean_grad, strict=True)])
   result = jax.tree.unflatten(checked.treedef, attrs)
