@@ -75,3 +75,29 @@ def split_state_key(raw_key: jax.Array, impl: Any) -> tuple[jax.Array, jax.Array
   """``(raw data of the next state key, this update's typed key)`` from a state's key data."""
   next_key, step_key = jax.random.split(jax.random.wrap_key_data(raw_key, impl=impl))
   return jax.random.key_data(next_key), step_key
+
+
+# Wellons' integer mixers, bijections of uint32 with low avalanche bias: rounds of
+# ``x = (x ^ (x >> shift)) * multiplier``, then ``x ^ (x >> final)``.
+MIXERS = {
+    "lowbias32": (((16, 0x7FEB352D), (15, 0x846CA68B)), 16),
+    "triple32": (((17, 0xED5AD4BB), (11, 0xAC4C1B51), (15, 0x31848BAB)), 14),
+}
+
+
+def mix32(x: jax.Array, mixer: str) -> jax.Array:
+  """One of :data:`MIXERS` applied to the uint32 array ``x``."""
+  rounds, final = MIXERS[mixer]
+  for shift, multiplier in rounds:
+    x = (x ^ (x >> shift)) * jnp.uint32(multiplier)
+  return x ^ (x >> final)
+
+
+def counter_hash(index: jax.Array, seed0: jax.Array, seed1: jax.Array,
+                 mixer: str) -> jax.Array:
+  """``h_k = M(M(k (s_1 | 1) + s_0) ^ s_1)`` for the uint32 counters ``k = index``.
+
+  Keyed by two uint32 words; entry ``k`` depends on ``k`` alone, not on a generator
+  state, so XLA fuses the draw into whatever consumes it.
+  """
+  return mix32(mix32(index * (seed1 | jnp.uint32(1)) + seed0, mixer) ^ seed1, mixer)

@@ -54,15 +54,6 @@ SCOPES = ("global", "per_leaf")
 # Random masks.
 
 
-def _lowbias32(x: jax.Array) -> jax.Array:
-  """Wellons' lowbias32 integer mixer (a bijection of uint32 with low avalanche bias)."""
-  x = x ^ (x >> 16)
-  x = x * jnp.uint32(0x7FEB352D)
-  x = x ^ (x >> 15)
-  x = x * jnp.uint32(0x846CA68B)
-  return x ^ (x >> 16)
-
-
 def _hash_mask(seed: jax.Array, shape: tuple[int, ...], threshold: jax.Array) -> jax.Array:
   """Bernoulli(threshold / 2^16) mask from a counter hash keyed by two uint32 words.
 
@@ -71,7 +62,7 @@ def _hash_mask(seed: jax.Array, shape: tuple[int, ...], threshold: jax.Array) ->
   """
   size = int(np.prod(shape))
   index = jax.lax.iota(jnp.uint32, (size + 1) // 2)
-  bits = _lowbias32(_lowbias32(index * (seed[1] | jnp.uint32(1)) + seed[0]) ^ seed[1])
+  bits = _random.counter_hash(index, seed[0], seed[1], "lowbias32")
   pairs = jnp.stack([(bits & jnp.uint32(0xFFFF)) < threshold, (bits >> 16) < threshold], -1)
   return pairs.reshape(-1)[:size].reshape(shape)
 

@@ -13,24 +13,16 @@ from gradtx import _checks, _numerics, _paths, _random
 from gradtx.estimators import _noise
 
 NOISES = ("gaussian", "rademacher")
-# Wellons' triple32 multipliers (the mixer of `_triple32`).
-_TRIPLE32 = ((17, 0xED5AD4BB), (11, 0xAC4C1B51), (15, 0x31848BAB))
 # The uniform in (-1, 1) of jax.random.normal: [0, 1) scaled onto [_LOW, 1).
 _LOW = np.nextafter(np.float32(-1.0), np.float32(1.0))
-
-
-def _triple32(x: jax.Array) -> jax.Array:
-  """Wellons' triple32 integer mixer: a bijection of uint32 with low avalanche bias."""
-  for shift, multiplier in _TRIPLE32:
-    x = (x ^ (x >> shift)) * jnp.uint32(multiplier)
-  return x ^ (x >> 14)
 
 
 def hashed_bits(leaf_key: jax.Array, size: int) -> jax.Array:
   """``size`` uint32 words: ``h_k = T(T(k (s_1 | 1) + s_0) ^ s_1)`` for entries ``k``.
 
-  ``T`` is :func:`_triple32` and ``(s_0, s_1) = jax.random.bits(leaf_key, (2,))`` (the
-  key's own generator, once per leaf). Entry ``k`` depends on ``k`` alone, not on an
+  ``T`` is Wellons' triple32 integer mixer and
+  ``(s_0, s_1) = jax.random.bits(leaf_key, (2,))`` (the key's own generator, once per
+  leaf); see :func:`gradtx._random.counter_hash`. Entry ``k`` depends on ``k`` alone, not on an
   RNG state: XLA fuses the draw into whatever consumes it, so ``θ + σz`` is one pass over
   ``θ`` that never materialises ``z``.
   """
@@ -39,7 +31,7 @@ def hashed_bits(leaf_key: jax.Array, size: int) -> jax.Array:
                      f"32-bit counter (at most 2**32 - 1 entries); split the leaf")
   s0, s1 = jax.random.bits(leaf_key, (2,), jnp.uint32)
   k = jax.lax.iota(jnp.uint32, size)
-  return _triple32(_triple32(k * (s1 | jnp.uint32(1)) + s0) ^ s1)
+  return _random.counter_hash(k, s0, s1, "triple32")
 
 
 def draw(leaf_key: jax.Array, shape: tuple[int, ...], noise: str, dtype: Any) -> jax.Array:
