@@ -148,3 +148,52 @@ def test_hoisting_removes_the_per_step_convolution():
   conv_flops = 2 * x.shape[0] * 22 ** 2 * 6 * 1
   saved = (2 * STEPS - 3) * conv_flops
   assert flops[False] - flops[True] >= 0.8 * saved, (flops, saved)
+
+
+def test_nnx_model_is_hoisted_and_exact():
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+      self.head = nnx.Linear(8 * 8 * 4, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.head(jnp.tanh(self.conv(x)).reshape((x.shape[0], -1)))
+
+  graph, state = nnx.split(Net(nnx.Rngs(0)))
+  fn = lambda z: nnx.merge(graph, state)(z)
+  x = jax.random.uniform(jax.random.key(9), (3, 8, 8, 1))
+  target = jnp.array([0, 2, 1])
+  assert _affine_prefix.split(lambda leaves: fn(leaves[0]), [x]) is not None
+  attr = jax.jit(lambda z: gradtx.integrated_gradients(fn, z, steps=STEPS, target=target))(x)
+  ref = _plain_ig(fn, x, jnp.zeros_like(x), target)
+  np.testing.assert_allclose(attr, ref, rtol=2e-4, atol=2e-6 * float(jnp.abs(ref).max()))
+
+
+def test_float64_hoisting_is_exact_to_rounding():
+  with jax.enable_x64(True):
+    fn, x = _conv_net()
+    x = x.astype(jnp.float64)
+    fn64 = lambda z: fn(z).astype(jnp.float64)
+    hoisted, plain = (gradtx.integrated_gradients(fn64, x, steps=STEPS, target=1,
+                                                  hoist_affine=h) for h in (True, False))
+    assert hoisted.dtype == jnp.float64
+    np.testing.assert_allclose(hoisted, _plain_ig(fn64, x, jnp.zeros_like(x), 1),
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(hoisted, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_model_keeps_its_precision():
+  (w1, w2) = _weights((6, 8), (8, 3))
+  w1, w2 = w1.astype(jnp.bfloat16), w2.astype(jnp.bfloat16)
+  # float32 inputs cast to the model's bfloat16: the cut is a bfloat16 activation
+  fn = lambda x: (jnp.tanh(x.astype(jnp.bfloat16) @ w1) @ w2).astype(jnp.float32)
+  x = jax.random.normal(jax.random.key(10), (4, 6))
+  assert _affine_prefix.split(lambda leaves: fn(leaves[0]), [x]) is not None
+  hoisted, plain = (gradtx.integrated_gradients(fn, x, steps=STEPS, target=0,
+                                                hoist_affine=h) for h in (True, False))
+  assert hoisted.dtype == jnp.float32
+  # both round the model's activations to bfloat16 (8 bits of mantissa), at other points
+  scale = float(jnp.abs(plain).max())
+  np.testing.assert_allclose(hoisted, plain, atol=0.03 * scale)
