@@ -10,7 +10,7 @@ with the interpreter), then fine-tuned on the docstrings of held-out modules by:
 (Adam), MeZO (``gradtx.zo_sgd_step``), Sparse MeZO (``mask=`` from
 ``gradtx.magnitude_mask`` on the pretrained weights), low-rank ZO (``rank=``, the subspace
 kept for ``K`` steps: LOZO), HiZOO (``zeroth_order("hizoo")`` + SGD) and ZO-SGD-Sign
-(``zeroth_order("sign")`` + SGD), at the same budget of forward passes over a batch
+(``zo_sgd_step(sign=True)``, in place like MeZO), at the same budget of forward passes over a batch
 (a backprop step counts 3: its forward and a backward of about twice the cost). Each
 method's learning rate is the best of a small grid (final held-out loss). Reported: the
 held-out loss against forward passes, the passes each method needs to reach the loss MeZO
@@ -156,7 +156,8 @@ def mezo_method(lr, **kw):
     elif "mask" in kw:
       extra = dict(mask=kw["mask"])
     params, loss = gradtx.zo_sgd_step(lambda p: lm_loss(p, windows), params, key,
-                                      sigma=SIGMA, learning_rate=lr, **extra)
+                                      sigma=SIGMA, learning_rate=lr,
+                                      sign=kw.get("sign", False), **extra)
     return (params, count + 1), loss
 
   return lambda params: (params, jnp.zeros((), jnp.int32)), step
@@ -188,7 +189,7 @@ def methods(pretrained, quick):
       ("HiZOO (α = 1e-6)", 3, zo_lrs,
        functools.partial(chain_method, estimator="hizoo", alpha=1e-6, num_samples=2)),
       ("ZO-SGD-Sign", 2, (1e-4,) if quick else (1e-4, 3e-4),
-       functools.partial(chain_method, estimator="sign", num_samples=2, lean=True)),
+       functools.partial(mezo_method, sign=True)),
   ]
 
 

@@ -302,6 +302,8 @@ CASES = [
     Case("estimators-zo_sgd_step-rank-larger-than-matrix",
          lambda: step(params=P2, rank=4), ValueError,
          r"rank=4 is larger than these matrix leaves allow: a \[3, 2\] \(min\(m, n\) = 2\)"),
+    Case("estimators-zo_sgd_step-sign-string", lambda: step(sign="yes"), TypeError,
+         r"sign must be a bool, got 'yes'"),
     Case("estimators-zo_sgd_step-noise", lambda: step(noise="uniform"), ValueError,
          r"noise must be one of 'gaussian', 'rademacher', got 'uniform'"),
     Case("estimators-es-mask-missing-path", lambda: es(params=P2, mask={"b": True}),

@@ -97,7 +97,8 @@ def _np(tree):
     {"rank": 2},
     {"mask": {"a": np.arange(18).reshape(6, 3) % 2 == 0, "b": False, "c": True}},
 ])
-def test_zo_sgd_step_equals_numpy_reference(kw):
+@pytest.mark.parametrize("sign", [False, True])
+def test_zo_sgd_step_equals_numpy_reference(kw, sign):
   key, sigma, lr = jax.random.key(7), 0.01, 0.1
   masks = None
   if "mask" in kw:
@@ -106,9 +107,12 @@ def test_zo_sgd_step_equals_numpy_reference(kw):
   theta = _np(PARAMS)
   plus = _np_mlp_loss({k: theta[k] + sigma * z[k] for k in theta})
   minus = _np_mlp_loss({k: theta[k] - sigma * z[k] for k in theta})
-  want = {k: theta[k] - lr * (plus - minus) / (2 * sigma) * z[k] for k in theta}
+  if sign:  # ZO-SGD-Sign: every perturbed entry moves by exactly lr
+    want = {k: theta[k] - lr * np.sign(plus - minus) * np.sign(z[k]) for k in theta}
+  else:
+    want = {k: theta[k] - lr * (plus - minus) / (2 * sigma) * z[k] for k in theta}
   step = jax.jit(functools.partial(gradtx.zo_sgd_step, _mlp_loss, sigma=sigma,
-                                   learning_rate=lr, **kw))
+                                   learning_rate=lr, sign=sign, **kw))
   new, loss = step(PARAMS, key)
   for k in theta:
     np.testing.assert_allclose(np.asarray(new[k]), want[k], rtol=1e-5, atol=2e-6, err_msg=k)
@@ -163,11 +167,14 @@ def test_the_counter_hash_noise_is_standard_normal_and_independent():
     assert abs(np.corrcoef(x, y)[0, 1]) < 5 * se
 
 
-def test_zo_sgd_step_is_sgd_on_the_es_estimate_of_one_pair():
+@pytest.mark.parametrize("sign", [False, True])
+def test_zo_sgd_step_is_sgd_on_the_es_estimate_of_one_pair(sign):
   key = jax.random.key(1)
   for kw in ({}, {"rank": 1}, {"mask": gradtx.magnitude_mask(0.5)}):
-    new, _ = gradtx.zo_sgd_step(_mlp_loss, PARAMS, key, sigma=0.02, learning_rate=0.3, **kw)
+    new, _ = gradtx.zo_sgd_step(_mlp_loss, PARAMS, key, sigma=0.02, learning_rate=0.3,
+                                sign=sign, **kw)
     g = gradtx.es_gradient(_mlp_loss, PARAMS, key, sigma=0.02, num_samples=2, **kw)
+    g = jax.tree.map(jnp.sign, g) if sign else g
     chex.assert_trees_all_close(new, jax.tree.map(lambda p, d: p - 0.3 * d, PARAMS, g),
                                 rtol=1e-5, atol=1e-6)
 
@@ -189,19 +196,22 @@ def _temp(fn, *args, donate=()):
   return compiled.memory_analysis().temp_size_in_bytes
 
 
-def test_zo_sgd_step_memory_is_a_forward_pass_plus_one_parameter_buffer():
+@pytest.mark.parametrize("sign", [False, True])
+def test_zo_sgd_step_memory_is_a_forward_pass_plus_one_parameter_buffer(sign):
   """Compiled temporaries (1M parameters, compile only): at most one forward pass's plus
   one parameter-sized buffer and 4 KiB of scalars (no RNG state: the noise is a counter
-  hash fused into its use); below the materialised one-pair step's."""
+  hash fused into its use); below the materialised one-pair step's (with ``sign``: below
+  the sign of the materialised estimate, ZO-SGD-Sign as a chain computes it)."""
   loss, params, x, nbytes = _packed_mlp(1_000_000)
   key = jax.random.key(0)
   forward = _temp(loss, params, x)
   step = _temp(lambda p, x, k: gradtx.zo_sgd_step(lambda q: loss(q, x), p, k, sigma=1e-3,
-                                                  learning_rate=1e-3), params, x, key, donate=(0,))
+                                                  learning_rate=1e-3, sign=sign),
+               params, x, key, donate=(0,))
 
   def materialised(p, x, k):
     g = gradtx.es_gradient(lambda q: loss(q, x), p, k, sigma=1e-3, num_samples=2)
-    return jax.tree.map(lambda a, b: a - 1e-3 * b, p, g)
+    return jax.tree.map(lambda a, b: a - 1e-3 * (jnp.sign(b) if sign else b), p, g)
 
   default = _temp(materialised, params, x, key, donate=(0,))
   assert step <= forward + nbytes + 4096, (step, forward, nbytes)

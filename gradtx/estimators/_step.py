@@ -23,12 +23,15 @@ def zo_sgd_step(
     rank: int | None = None,
     subspace_key: jax.Array | None = None,
     noise: str = "gaussian",
+    sign: bool = False,
 ) -> tuple[Any, jax.Array]:
   r"""One MeZO step (ZO-SGD with one mirrored pair), in place when jitted with donation.
 
   .. math::
     \ell_\pm = f(\theta \pm \sigma z), \qquad
     \theta' = \theta - \eta\, \frac{\ell_+ - \ell_-}{2\sigma}\, z
+    \quad \text{or (ZO-SGD-Sign)} \quad
+    \theta' = \theta - \eta\, \operatorname{sign}(\ell_+ - \ell_-)\, \operatorname{sign}(z)
 
   with ``z`` the noise of ES member 0 for ``key`` (the documented draw of
   :func:`es_gradient`: ``θ'`` equals ``θ - η · es_gradient(f, θ, key, sigma=σ,
@@ -63,6 +66,9 @@ def zo_sgd_step(
     subspace_key: the key of the low-rank ``V`` factors (keep it for ``k`` steps for
       LOZO's lazy subspace); ``None``: drawn from ``key``.
     noise: ``"gaussian"`` (MeZO) or ``"rademacher"`` (SPSA).
+    sign: take the sign of the estimate (ZO-SGD-Sign: every perturbed entry moves by
+      exactly ``η``), in the same fused pass; equal to :func:`zeroth_order` ``("sign",
+      num_samples=2)`` followed by SGD, without the stored estimate.
 
   Returns:
     ``(new_params, loss)``.
@@ -82,12 +88,14 @@ def zo_sgd_step(
     Malladi, Gao, Nichani, Damian, Lee, Chen, Arora, "Fine-tuning language models with
     just forward passes", 2023, arXiv:2305.17333 (MeZO). Liu et al., "Sparse MeZO", 2024,
     arXiv:2402.15751. Chen et al., "Enhancing zeroth-order fine-tuning for language models
-    with low-rank structures", 2024, arXiv:2410.07698 (LOZO).
+    with low-rank structures", 2024, arXiv:2410.07698 (LOZO). Liu, Chen, Chen, Hong,
+    "signSGD via zeroth-order oracle", ICLR 2019 (ZO-SGD-Sign).
   """
   _checks.check_callable("loss_fn", loss_fn, call="loss_fn(params) -> scalar")
   _checks.check_positive("sigma", sigma, allow_schedule=False)
   _checks.check_finite("learning_rate", learning_rate, allow_schedule=False)
   _checks.check_choice("noise", noise, _common.NOISES)
+  _checks.check_bool("sign", sign)
   key = _common.check_inputs(params, key)
   if subspace_key is not None:
     subspace_key = _random.as_key(subspace_key, argname="subspace_key")
@@ -104,10 +112,10 @@ def zo_sgd_step(
     loss = loss_fn(jax.tree.unflatten(treedef, perturbed))
     return _common.scalar_output("loss_fn", loss).astype(jnp.float32)
 
-  def moved(by, draw_key):
-    """``θ + by · z``, ``z`` drawn anew (fused into this pass), in each leaf's dtype."""
+  def moved(by, draw_key, of_z=lambda e: e):
+    """``θ + by · of_z(z)``, ``z`` drawn anew (fused into this pass), in each leaf's dtype."""
     z = jax.tree.leaves(_common.member_noise(draw_key, 0, params, noise, shape))
-    return each(lambda p, e: (p.astype(e.dtype) + by * e).astype(p.dtype), z)
+    return each(lambda p, e: (p.astype(e.dtype) + by * of_z(e)).astype(p.dtype), z)
 
   up = moved(sigma, key)
   plus = value(up)
@@ -125,5 +133,6 @@ def zo_sgd_step(
   # The update draws z again, fused into θ - η ĝ z in θ's donated buffer; the barrier keeps
   # XLA from merging the two draws into one stored (parameter-sized) z.
   key, minus = jax.lax.optimization_barrier((key, minus))
-  new = moved(-jnp.asarray(learning_rate, jnp.float32) * slope, key)
+  eta = jnp.asarray(learning_rate, jnp.float32)
+  new = (moved(-eta * jnp.sign(slope), key, jnp.sign) if sign else moved(-eta * slope, key))
   return jax.tree.unflatten(treedef, new), (plus + minus) / 2
