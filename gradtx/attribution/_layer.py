@@ -351,7 +351,9 @@ def layer_integrated_gradients(
   where ``h`` is the output of ``layer`` and ``g`` is the rest of ``fn`` run on the real
   ``inputs`` with the layer's output replaced; nodes and weights as in
   :func:`integrated_gradients`. The completeness delta is
-  ``Σ LIG - (g(h(x)) - g(h(x')))``.
+  ``Σ LIG - (g(h(x)) - g(h(x')))``. Affine layers right after ``layer`` (a dense or
+  convolutional layer and its bias) run once per example, not once per step, as in
+  :func:`integrated_gradients` (``hoist_affine``).
 
   Put models in inference mode first (``deterministic=True``, ``model.eval()`` for
   nnx): dropout's random state cannot advance inside the traced path.
