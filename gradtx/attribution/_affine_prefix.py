@@ -34,11 +34,11 @@ from jax.extend import core
 _LINEAR_IN_ONE = frozenset({"mul", "dot_general", "conv_general_dilated"})
 _LINEAR_JOINTLY = frozenset({"add", "add_any", "sub", "concatenate"})
 _LINEAR_UNARY = frozenset({
-    "neg", "reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims", "rev",
-    "slice", "reduce_sum", "copy", "copy_p", "cumsum"})
+    "neg", "reshape", "transpose", "broadcast_in_dim", "squeeze", "rev", "slice",
+    "reduce_sum", "copy", "cumsum"})
 _LINEAR_IN_FIRST = frozenset({"div", "pad", "dynamic_slice", "gather"})
 _HEAVY = frozenset({"dot_general", "conv_general_dilated"})
-_CALLS = frozenset({"jit", "pjit"})
+_CALLS = frozenset({"jit"})  # a nested jax.jit: affine if everything inside is
 
 
 class Split(NamedTuple):
@@ -51,9 +51,7 @@ class Split(NamedTuple):
 def _is_affine(eqn: core.JaxprEqn, depends: Sequence[bool]) -> bool:
   """Whether ``eqn``'s outputs are affine in its operands marked by ``depends``."""
   name = eqn.primitive.name
-  if name in _LINEAR_UNARY:
-    return True
-  if name in _LINEAR_JOINTLY:
+  if name in _LINEAR_UNARY or name in _LINEAR_JOINTLY:
     return True
   if name in _LINEAR_IN_ONE:
     return sum(depends) == 1
@@ -105,7 +103,7 @@ def _is_heavy(eqn: core.JaxprEqn) -> bool:
 
 def split(fn: Callable[[list[jax.Array]], Any], args: list[jax.Array]) -> Split | None:
   """``fn``'s affine prefix and the rest, or ``None`` when no heavy op can be hoisted."""
-  closed = jax.make_jaxpr(fn)(args)
+  closed, out_shapes = jax.make_jaxpr(fn, return_shape=True)(args)
   jaxpr = closed.jaxpr
   if jaxpr.effects:
     return None
@@ -116,7 +114,7 @@ def split(fn: Callable[[list[jax.Array]], Any], args: list[jax.Array]) -> Split 
                 for v in e.invars] + list(jaxpr.outvars)
   cut = list(dict.fromkeys(v for v in read_later
                            if isinstance(v, core.Var) and v in affine))
-  out_tree = jax.tree.structure(jax.eval_shape(fn, args))
+  out_tree = jax.tree.structure(out_shapes)
   debug_info = jaxpr.debug_info.with_unknown_names()  # new inputs and outputs
   part = lambda invars, outvars, keep: core.ClosedJaxpr(core.Jaxpr(
       jaxpr.constvars, invars, outvars,

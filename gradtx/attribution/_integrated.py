@@ -279,7 +279,7 @@ def _path_gradient(scalar: Callable[[list[jax.Array]], jax.Array], start: list[j
 
   def chunk_sum(args):
     # The weighted sum over the chunk's steps as a contraction, not a weighted
-    # jnp.sum(axis=0): XLA:CPU runs it as a dot, which measured ~1.3x faster overall.
+    # jnp.sum(axis=0): XLA:CPU runs it as a dot product, faster than that reduction.
     alpha, weight = args
     return [jnp.tensordot(weight.astype(g.dtype), g, axes=1) for g in jax.vmap(at)(alpha)]
 

@@ -20,11 +20,11 @@ _LOW = np.nextafter(np.float32(-1.0), np.float32(1.0))
 def hashed_bits(leaf_key: jax.Array, size: int) -> jax.Array:
   """``size`` uint32 words: ``h_k = T(T(k (s_1 | 1) + s_0) ^ s_1)`` for entries ``k``.
 
-  ``T`` is Wellons' triple32 integer mixer and
+  ``T`` is Wellons' triple32 integer mixer (:func:`gradtx._random.counter_hash`) and
   ``(s_0, s_1) = jax.random.bits(leaf_key, (2,))`` (the key's own generator, once per
-  leaf); see :func:`gradtx._random.counter_hash`. Entry ``k`` depends on ``k`` alone, not on an
-  RNG state: XLA fuses the draw into whatever consumes it, so ``θ + σz`` is one pass over
-  ``θ`` that never materialises ``z``.
+  leaf). Entry ``k`` depends on ``k`` alone, not on an RNG state: XLA fuses the draw into
+  whatever consumes it, so ``θ + σz`` is one pass over ``θ`` that never materialises
+  ``z``.
   """
   if size >= 2**32:
     raise ValueError(f"a params leaf of {size:,} entries is too large for the noise's "
